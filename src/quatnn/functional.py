@@ -1,0 +1,449 @@
+"""Fast quaternion linear maps and convolutions, and the choice between two algorithms.
+
+Both compute ``y_o = sum_i W_oi (x) x_i + b_o`` (left Hamilton product, DESIGN.md) on
+component-blocked tensors:
+
+* ``"block"``: fold ``W`` into the 16-block real matrix (:func:`block_weight`) and run one
+  real GEMM/convolution. Few kernels, so it wins on small layers and under autocast.
+* ``"rank8"``: quaternion multiplication has bilinear rank 8 (Howell & Lafon 1975), so the
+  quaternion product is formed from 8 real products of quaternion size on pre-added
+  (Hadamard) combinations of weight and input, then post-added: half the multiply-adds of
+  the real layer of the same width. Its backward is again two rank-8 quaternion products
+  (``dx = W^H (x) dy``, ``dW = dy (x) conj(x)``), so no 16-block matrix is ever formed.
+  It computes in the promoted dtype of its inputs with autocast off (the pre-added
+  combinations lose bits in 16-bit floats).
+* ``"auto"`` (default): block under autocast or for half-precision inputs, otherwise rank8
+  when one of the 8 real products is large enough to amortize the extra element-wise
+  passes (:func:`resolve_algorithm` documents the rule), else block.
+
+Example:
+    >>> import torch
+    >>> from quatnn import functional as QF
+    >>> x, w = torch.randn(2, 8), torch.randn(4, 3, 2)
+    >>> y = QF.quaternion_linear(x, w, algorithm="rank8")
+    >>> torch.allclose(y, QF.quaternion_linear(x, w, algorithm="block"), atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "ALGORITHMS",
+    "quaternion_linear",
+    "quaternion_conv",
+    "block_weight",
+    "resolve_algorithm",
+    "use_algorithm",
+    "same_padding",
+]
+
+ALGORITHMS = ("auto", "block", "rank8")
+
+# Smallest number of multiply-adds in ONE of the 8 real products for which "auto" picks
+# rank8 on each device type. Measured with `quatnn bench layers` (README): below it the
+# extra passes of the pre- and post-additions cost more than the halved arithmetic.
+RANK8_MIN_MACS = {"cpu": 2**24, "cuda": 2**26}
+
+_override: str | None = None
+
+
+@contextmanager
+def use_algorithm(name: str | None) -> Iterator[None]:
+    """Force one algorithm for every quaternion layer inside the block (for benchmarks).
+
+    >>> with use_algorithm("block"):
+    ...     pass
+    """
+    global _override
+    if name is not None and name not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {name!r}")
+    previous, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def resolve_algorithm(algorithm: str, x: Tensor, macs_per_product: int) -> str:
+    """The algorithm a call will use: the :func:`use_algorithm` override if set, else
+    ``algorithm`` unless it is ``"auto"``. ``"auto"`` picks ``"block"`` under autocast and
+    for 16-bit inputs, ``"rank8"`` when one of the 8 real products has at least
+    ``RANK8_MIN_MACS[device type]`` multiply-adds, and ``"block"`` otherwise."""
+    chosen = _override if _override not in (None, "auto") else algorithm
+    if chosen not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {chosen!r}")
+    if chosen != "auto":
+        return chosen
+    device = x.device.type
+    if torch.is_autocast_enabled(device) or x.dtype in (torch.float16, torch.bfloat16):
+        return "block"
+    return "rank8" if macs_per_product >= RANK8_MIN_MACS.get(device, 2**26) else "block"
+
+
+# --------------------------------------------------------------------------- block fold
+
+# L(a) = [[a0,-a1,-a2,-a3],[a1,a0,-a3,a2],[a2,a3,a0,-a1],[a3,-a2,a1,a0]] (DESIGN.md)
+_BLOCK_INDEX = ((0, 1, 2, 3), (1, 0, 3, 2), (2, 3, 0, 1), (3, 2, 1, 0))
+_BLOCK_SIGN = ((1, -1, -1, -1), (1, 1, -1, 1), (1, 1, 1, -1), (1, -1, 1, 1))
+
+
+def block_weight(weight: Tensor, groups: int = 1, transposed: bool = False) -> Tensor:
+    """Fold a quaternion weight into the real weight of the equivalent real layer.
+
+    ``weight`` is ``(4, O, I/g, *k)`` (``(4, I, O/g, *k)`` if ``transposed``). The result
+    is the ``torch.nn`` weight of the real layer, ``(4O, 4I/g, *k)`` (``(4I, 4O/g, *k)``).
+    With ``groups == 1`` real channels are in the blocked layout. With ``groups > 1`` they
+    are group-major ``(group, component, channel)``, so the real grouped layer must see its
+    input and output channels permuted (:func:`quaternion_conv` does that).
+    """
+    idx = torch.tensor(_BLOCK_INDEX, device=weight.device)
+    sign = torch.tensor(_BLOCK_SIGN, dtype=weight.dtype, device=weight.device)
+    blocks = weight[idx] * sign.view(4, 4, *([1] * (weight.dim() - 1)))  # (cout, cin, A, B, *k)
+    a, b = weight.shape[1], weight.shape[2]
+    kernel = weight.shape[3:]
+    if transposed:  # rows are inputs (g, cin, I/g), columns outputs (cout, O/g)
+        blocks = blocks.unflatten(2, (groups, a // groups))  # (cout, cin, g, Ig, Og, *k)
+        blocks = blocks.permute(2, 1, 3, 0, 4, *range(5, blocks.dim()))
+        return blocks.reshape(4 * a, 4 * b, *kernel)
+    blocks = blocks.unflatten(2, (groups, a // groups))  # (cout, cin, g, Og, Ig, *k)
+    blocks = blocks.permute(2, 0, 3, 1, 4, *range(5, blocks.dim()))
+    return blocks.reshape(4 * a, 4 * b, *kernel)
+
+
+def _to_group_major(x: Tensor, groups: int) -> Tensor:
+    return x.unflatten(1, (4, groups, -1)).transpose(1, 2).flatten(1, 3)
+
+
+def _from_group_major(y: Tensor, groups: int) -> Tensor:
+    return y.unflatten(1, (groups, 4, -1)).transpose(1, 2).flatten(1, 3)
+
+
+# --------------------------------------------------------------------------- rank 8
+
+_H = ((1.0, 1.0, 1.0, 1.0), (1.0, -1.0, 1.0, -1.0), (1.0, 1.0, -1.0, -1.0), (1.0, -1.0, -1.0, 1.0))
+_CONJ = (1.0, -1.0, -1.0, -1.0)
+
+
+def _coefficients(
+    conj_a: bool, conj_b: bool, scale_a: bool, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pre-addition matrices for the left (8x4) and right (8x4) operands and the 4x8
+    post-addition matrix of the rank-8 product (REFERENCES.md):
+    Q_i = (H a)_i (H b)_i, R = (a0 b0, a3 b2, a1 b3, a2 b1), G = H Q / 4,
+    a (x) b = (2 R0 - G0, G1 - 2 R1, G2 - 2 R2, G3 - 2 R3).
+    ``scale_a`` folds the 1/4 and 2 into the left operand instead of the output."""
+    h = torch.tensor(_H, dtype=torch.float64)
+    select = torch.eye(4, dtype=torch.float64)
+    left = torch.cat([h, select[[0, 3, 1, 2]]])
+    right = torch.cat([h, select[[0, 2, 3, 1]]])
+    signs = torch.tensor(_CONJ, dtype=torch.float64)
+    if conj_a:
+        left = left * signs
+    if conj_b:
+        right = right * signs
+    outer = torch.diag(torch.tensor([-1.0, 1.0, 1.0, 1.0], dtype=torch.float64))
+    post_q, post_r = outer @ h, torch.diag(signs)  # out = post_q Q + post_r R
+    if scale_a:
+        left = left * torch.tensor([0.25] * 4 + [2.0] * 4, dtype=torch.float64).unsqueeze(1)
+    else:
+        post_q, post_r = post_q * 0.25, post_r * 2.0
+    post = torch.cat([post_q, post_r], dim=1)
+    return tuple(m.to(dtype=dtype, device=device) for m in (left, right, post))
+
+
+_cached_coefficients = functools.lru_cache(maxsize=64)(_coefficients)
+
+
+def _mix(coefficients: Tensor, stacked: Tensor) -> Tensor:
+    """``coefficients (k, 4)`` applied along the leading axis of ``stacked (4, ...)``."""
+    flat = stacked.reshape(stacked.shape[0], -1)
+    return (coefficients @ flat).view(coefficients.shape[0], *stacked.shape[1:])
+
+
+def _rank8(
+    a: Tensor,
+    b: Tensor,
+    products: Callable[[Tensor, Tensor], Tensor],
+    *,
+    conj_a: bool = False,
+    conj_b: bool = False,
+    scale_a: bool = True,
+) -> Tensor:
+    """The quaternion product ``a (x) b`` (conjugating either side on request) for any
+    bilinear real product. ``a`` and ``b`` hold components on axis 0; ``products`` maps
+    the 8 stacked left and right operands to the 8 stacked real products."""
+    build = _coefficients if torch.compiler.is_compiling() else _cached_coefficients
+    left, right, post = build(conj_a, conj_b, scale_a, a.dtype, a.device)
+    return _mix(post, products(_mix(left, a), _mix(right, b)))
+
+
+@dataclass(frozen=True)
+class _Conv:
+    """Geometry of a convolution, shared by the 8 products and their gradients."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    transposed: bool
+    output_padding: tuple[int, ...]
+    groups: int
+
+    def __call__(self, x: Tensor, w: Tensor) -> Tensor:
+        return torch.convolution(
+            x,
+            w,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.transposed,
+            self.output_padding,
+            self.groups,
+        )
+
+    def backward(self, grad: Tensor, x: Tensor, w: Tensor, which: int) -> Tensor:
+        mask = [which == 0, which == 1, False]
+        return torch.ops.aten.convolution_backward(
+            grad,
+            x,
+            w,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.transposed,
+            self.output_padding,
+            self.groups,
+            mask,
+        )[which]
+
+
+def _stacked(x: Tensor, dim: int) -> Tensor:
+    """Blocked tensor -> components on a new leading axis (a view)."""
+    return x.unflatten(dim, (4, -1)).movedim(dim, 0)
+
+
+def _blocked(parts: Tensor, dim: int) -> Tensor:
+    return parts.movedim(0, dim).flatten(dim, dim + 1)
+
+
+def _no_double_backward() -> None:
+    if torch.is_grad_enabled():  # backward(create_graph=True) records a graph
+        raise RuntimeError(
+            "quatnn: the rank8 algorithm does not support double backward "
+            "(create_graph=True); use algorithm='block' for higher-order gradients"
+        )
+
+
+class _Rank8Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:  # x: (B, 4I), weight (4, O, I)
+        ctx.save_for_backward(x, weight)
+        y = _rank8(weight, _stacked(x, 1), lambda w, v: torch.bmm(v, w.transpose(1, 2)))
+        return _blocked(y, 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        _no_double_backward()
+        x, weight = ctx.saved_tensors
+        g = _stacked(grad, 1)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # dx = W^H (x) dy: per part dy @ W
+            grad_x = _blocked(_rank8(weight, g, lambda w, d: torch.bmm(d, w), conj_a=True), 1)
+        if ctx.needs_input_grad[1]:  # dW = dy (x) conj(x): per part dy^T @ x
+            grad_w = _rank8(
+                g,
+                _stacked(x, 1),
+                lambda d, v: torch.bmm(d.transpose(1, 2), v),
+                conj_b=True,
+                scale_a=False,
+            )
+        return grad_x, grad_w
+
+
+class _Rank8Conv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, conv: _Conv) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.conv = conv
+        y = _rank8(weight, _stacked(x, 1), lambda w, v: _each(conv, v, w))
+        return _blocked(y, 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        _no_double_backward()
+        x, weight = ctx.saved_tensors
+        conv: _Conv = ctx.conv
+        g, xs = _stacked(grad, 1), _stacked(x, 1)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _rank8(
+                weight,
+                g,
+                lambda w, d: torch.stack([conv.backward(d[k], xs[0], w[k], 0) for k in range(8)]),
+                conj_a=True,
+            )
+            grad_x = _blocked(grad_x, 1)
+        if ctx.needs_input_grad[1]:
+            grad_w = _rank8(
+                g,
+                xs,
+                lambda d, v: torch.stack(
+                    [conv.backward(d[k], v[k], weight[0], 1) for k in range(8)]
+                ),
+                conj_b=True,
+                scale_a=False,
+            )
+        return grad_x, grad_w, None
+
+
+def _each(conv: _Conv, inputs: Tensor, weights: Tensor) -> Tensor:
+    return torch.stack([conv(inputs[k], weights[k]) for k in range(inputs.shape[0])])
+
+
+def _rank8_apply(fn: type[torch.autograd.Function], x: Tensor, weight: Tensor, *args) -> Tensor:
+    """Run a rank-8 Function in the promoted dtype with autocast off."""
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return fn.apply(x.to(dtype), weight.to(dtype), *args)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def quaternion_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    algorithm: str = "auto",
+    folded: Tensor | None = None,
+) -> Tensor:
+    """Quaternion linear map of ``x (..., 4I)`` with ``weight (4, O, I)`` -> ``(..., 4O)``.
+
+    ``folded`` may pass a precomputed :func:`block_weight` (used by the block path only).
+
+    >>> quaternion_linear(torch.randn(5, 8), torch.randn(4, 1, 2)).shape
+    torch.Size([5, 4])
+    """
+    if weight.dim() != 3 or weight.shape[0] != 4:
+        raise ValueError(f"weight must have shape (4, out/4, in/4), got {tuple(weight.shape)}")
+    n_in = 4 * weight.shape[2]
+    if x.dim() == 0 or x.shape[-1] != n_in:
+        raise ValueError(
+            f"input has {x.shape[-1] if x.dim() else 0} features on its last axis, "
+            f"expected in_features={n_in}"
+        )
+    rows = x.numel() // n_in
+    algo = resolve_algorithm(algorithm, x, rows * weight.shape[1] * weight.shape[2])
+    if algo == "block":
+        return F.linear(x, block_weight(weight) if folded is None else folded, bias)
+    y = _rank8_apply(_Rank8Linear, x.reshape(rows, n_in), weight)
+    y = y.view(*x.shape[:-1], y.shape[-1])
+    return y if bias is None else y + bias
+
+
+def _tuple(value: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * nd
+    value = tuple(value)
+    if len(value) != nd:
+        raise ValueError(f"{name} must be an int or a tuple of {nd} ints, got {value}")
+    return value
+
+
+def same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> list[tuple[int, int]]:
+    """(left, right) padding per spatial dim that keeps the size at stride 1 (the extra
+    pixel of an odd total goes right, as in ``torch.nn.functional.conv2d(padding='same')``)."""
+    totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+    return [(t // 2, t - t // 2) for t in totals]
+
+
+def quaternion_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    *,
+    transposed: bool = False,
+    output_padding: int | Sequence[int] = 0,
+    algorithm: str = "auto",
+    folded: Tensor | None = None,
+) -> Tensor:
+    """N-d quaternion (transposed) convolution of a blocked ``x (N, 4I, *spatial)``.
+
+    ``weight`` is ``(4, O, I/g, *k)``, or ``(4, I, O/g, *k)`` when ``transposed`` (the
+    ``torch.nn`` orders). ``padding`` may be ``"same"``/``"valid"`` (not transposed).
+
+    >>> quaternion_conv(torch.randn(1, 8, 5, 5), torch.randn(4, 2, 2, 3, 3), padding=1).shape
+    torch.Size([1, 8, 5, 5])
+    """
+    nd = weight.dim() - 3
+    if weight.shape[0] != 4 or nd < 1:
+        raise ValueError(f"weight must have shape (4, A, B, *kernel), got {tuple(weight.shape)}")
+    if x.dim() != nd + 2:
+        raise ValueError(
+            f"expected a {nd + 2}-d input (N, C, *spatial), got shape {tuple(x.shape)}"
+        )
+    n_in = 4 * (weight.shape[1] if transposed else weight.shape[2] * groups)
+    if x.shape[1] != n_in:
+        raise ValueError(f"input has {x.shape[1]} channels, expected in_channels={n_in}")
+    kernel, dil = weight.shape[3:], _tuple(dilation, nd, "dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        elif padding == "same" and not transposed:
+            if any(s != 1 for s in _tuple(stride, nd, "stride")):
+                raise ValueError("padding='same' needs stride 1")
+            pads = same_padding(kernel, dil)
+            if any(lo != hi for lo, hi in pads):
+                x = F.pad(x, [p for pair in reversed(pads) for p in pair])
+                padding = 0
+            else:
+                padding = tuple(lo for lo, _ in pads)
+        else:
+            raise ValueError(f"padding must be an int, a tuple, 'valid' or 'same', got {padding!r}")
+    conv = _Conv(
+        _tuple(stride, nd, "stride"),
+        _tuple(padding, nd, "padding"),
+        dil,
+        transposed,
+        _tuple(output_padding, nd, "output_padding"),
+        groups,
+    )
+    out_positions = x.shape[0] * math.prod(x.shape[2:])  # ~ output positions x stride^nd
+    if not transposed:
+        out_positions //= math.prod(conv.stride)
+    macs = out_positions * weight.shape[1] * weight.shape[2] * math.prod(kernel)
+    algo = resolve_algorithm(algorithm, x, macs)
+    if algo == "rank8":
+        y = _rank8_apply(_Rank8Conv, x, weight, conv)
+        return y if bias is None else y + bias.view(1, -1, *([1] * nd))
+    w = block_weight(weight, groups, transposed) if folded is None else folded
+    if groups == 1:
+        return torch.convolution(
+            x,
+            w,
+            bias,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            transposed,
+            conv.output_padding,
+            1,
+        )
+    y = conv(_to_group_major(x, groups), w)
+    y = _from_group_major(y, groups)
+    return y if bias is None else y + bias.view(1, -1, *([1] * nd))

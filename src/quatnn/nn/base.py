@@ -1,0 +1,69 @@
+"""What every weighted quaternion layer shares: size checks, init, the folded-weight cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from quatnn import functional as QF
+from quatnn.nn import init
+
+
+def quaternion_units(owner: str, name: str, value: int) -> int:
+    """``value // 4``, or a ValueError naming the argument when ``value`` is no multiple of 4."""
+    if not isinstance(value, int) or value <= 0 or value % 4:
+        raise ValueError(
+            f"{owner}: {name} must be a positive multiple of 4 (4 real numbers per "
+            f"quaternion, sizes are in real units), got {value}"
+        )
+    return value // 4
+
+
+class QuaternionLayer(nn.Module):
+    """Base of the layers holding one quaternion ``weight (4, ...)`` and a real ``bias``.
+
+    Subclasses set ``weight``, ``bias``, ``algorithm``, ``init_criterion`` and
+    ``fold_cache`` and define ``_fans()`` (fans in quaternion units x kernel size) and
+    ``_fold()`` (the real weight of the equivalent real layer).
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    algorithm: str
+    init_criterion: str
+    fold_cache: bool
+
+    def _fans(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _fold(self) -> Tensor:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Polar quaternion init of the weight (:mod:`quatnn.nn.init`), zero bias."""
+        fan_in, fan_out = self._fans()
+        init.quaternion_polar_(self.weight, fan_in, fan_out, self.init_criterion)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _check_options(self) -> None:
+        if self.algorithm not in QF.ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {QF.ALGORITHMS}, got {self.algorithm!r}")
+        if self.init_criterion not in init.CRITERIA:
+            raise ValueError(
+                f"init_criterion must be one of {init.CRITERIA}, got {self.init_criterion!r}"
+            )
+
+    def folded_weight(self) -> Tensor | None:
+        """The cached folded real weight when ``fold_cache`` is on and no gradient is being
+        recorded; rebuilt whenever the weight changes (its version counter moves on every
+        in-place update, e.g. an optimizer step or ``load_state_dict``). Else ``None``."""
+        if not self.fold_cache or torch.is_grad_enabled():
+            return None
+        w = self.weight
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        if getattr(self, "_fold_key", None) != key:
+            with torch.no_grad():
+                self._folded = self._fold()
+            self._fold_key = key
+        return self._folded

@@ -1,0 +1,123 @@
+"""Quaternion max pooling: keep the whole quaternion with the largest norm in each window.
+
+(Real max pooling on a blocked tensor would pick r, i, j, k from different positions and
+build a quaternion that exists nowhere in the input.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _pick_by_norm(x: Tensor, pool, nd: int) -> Tensor:
+    """Pool the squared norms with ``pool`` (returning indices) and gather every component
+    at the winning positions."""
+    if x.dim() != nd + 2 or x.shape[1] % 4:
+        raise ValueError(
+            f"expected an (N, 4C, *{nd} spatial) input with C quaternion channels, "
+            f"got shape {tuple(x.shape)}"
+        )
+    q = x.unflatten(1, (4, -1))  # (N, 4, C, *spatial)
+    _, idx = pool(q.square().sum(1))  # (N, C, *out)
+    flat = q.flatten(3)  # (N, 4, C, L)
+    out = flat.gather(3, idx.flatten(2).unsqueeze(1).expand(-1, 4, -1, -1))
+    return out.view(x.shape[0], x.shape[1], *idx.shape[2:])
+
+
+class _QMaxPoolNd(nn.Module):
+    _nd: int
+
+    def __init__(
+        self,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        ceil_mode: bool = False,
+    ) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride or kernel_size, padding
+        self.dilation, self.ceil_mode = dilation, ceil_mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        pool = getattr(F, f"max_pool{self._nd}d")
+
+        def norms(n: Tensor) -> tuple[Tensor, Tensor]:
+            return pool(
+                n,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                self.dilation,
+                ceil_mode=self.ceil_mode,
+                return_indices=True,
+            )
+
+        return _pick_by_norm(x, norms, self._nd)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class _QAdaptiveMaxPoolNd(nn.Module):
+    _nd: int
+
+    def __init__(self, output_size: int | Sequence[int | None]) -> None:
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        pool = getattr(F, f"adaptive_max_pool{self._nd}d")
+        return _pick_by_norm(x, lambda n: pool(n, self.output_size, return_indices=True), self._nd)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
+class QMaxPool1d(_QMaxPoolNd):
+    """Norm-based quaternion ``nn.MaxPool1d``."""
+
+    _nd = 1
+
+
+class QMaxPool2d(_QMaxPoolNd):
+    """Norm-based quaternion ``nn.MaxPool2d``.
+
+    Example:
+        >>> QMaxPool2d(2)(torch.randn(1, 8, 4, 4)).shape
+        torch.Size([1, 8, 2, 2])
+    """
+
+    _nd = 2
+
+
+class QMaxPool3d(_QMaxPoolNd):
+    """Norm-based quaternion ``nn.MaxPool3d``."""
+
+    _nd = 3
+
+
+class QAdaptiveMaxPool1d(_QAdaptiveMaxPoolNd):
+    """Norm-based quaternion ``nn.AdaptiveMaxPool1d``."""
+
+    _nd = 1
+
+
+class QAdaptiveMaxPool2d(_QAdaptiveMaxPoolNd):
+    """Norm-based quaternion ``nn.AdaptiveMaxPool2d``.
+
+    Example:
+        >>> QAdaptiveMaxPool2d(1)(torch.randn(2, 8, 5, 5)).shape
+        torch.Size([2, 8, 1, 1])
+    """
+
+    _nd = 2
+
+
+class QAdaptiveMaxPool3d(_QAdaptiveMaxPoolNd):
+    """Norm-based quaternion ``nn.AdaptiveMaxPool3d``."""
+
+    _nd = 3

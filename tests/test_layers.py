@@ -1,0 +1,432 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quatnn import algebra
+from quatnn import functional as QF
+from quatnn.nn import (
+    QAdaptiveMaxPool2d,
+    QConv1d,
+    QConv2d,
+    QConv3d,
+    QConvTranspose1d,
+    QConvTranspose2d,
+    QConvTranspose3d,
+    QDropout,
+    QLinear,
+    QMaxPool2d,
+    QModReLU,
+)
+
+ALGOS = ("block", "rank8")
+CONV = {1: QConv1d, 2: QConv2d, 3: QConv3d}
+CONVT = {1: QConvTranspose1d, 2: QConvTranspose2d, 3: QConvTranspose3d}
+
+
+def f64(module):
+    return module.to(torch.float64)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("lead", [(), (3,), (2, 5)])
+def test_linear_matches_reference(algorithm, lead):
+    layer = f64(QLinear(12, 8, algorithm=algorithm))
+    nn.init.normal_(layer.bias)
+    x = (
+        torch.randn(*lead, 12, dtype=torch.float64)
+        if lead
+        else torch.randn(12, dtype=torch.float64)
+    )
+    want = algebra.reference_linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(layer(x), want)
+
+
+# (nd, kernel, stride, padding, dilation, groups, in, out)
+CONV_GRID = [
+    (1, 3, 1, 0, 1, 1, 8, 12),
+    (1, 4, 2, 1, 2, 2, 8, 16),
+    (2, 3, 1, 1, 1, 1, 4, 8),
+    (2, (3, 2), (2, 1), (1, 0), (1, 2), 2, 8, 8),
+    (2, 3, 1, 1, 1, 4, 16, 16),  # quaternion depthwise
+    (2, 1, 1, 0, 1, 1, 8, 4),
+    (3, 2, 1, 1, 1, 1, 4, 8),
+    (3, (3, 1, 2), (1, 2, 1), (1, 0, 1), 1, 2, 8, 8),
+]
+
+
+def _conv_input(nd, channels, size=7):
+    return torch.randn(2, channels, *([size] * nd), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize("nd,k,s,p,d,g,cin,cout", CONV_GRID)
+def test_conv_matches_reference(algorithm, nd, k, s, p, d, g, cin, cout):
+    layer = f64(
+        CONV[nd](cin, cout, k, stride=s, padding=p, dilation=d, groups=g, algorithm=algorithm)
+    )
+    nn.init.normal_(layer.bias)
+    x = _conv_input(nd, cin)
+    want = algebra.reference_conv(
+        x,
+        layer.weight,
+        layer.bias,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=g,
+    )
+    torch.testing.assert_close(layer(x), want)
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize(
+    "nd,k,s,p,op,d,g,cin,cout",
+    [
+        (1, 3, 2, 1, 1, 1, 1, 8, 4),
+        (2, 3, 2, 1, 1, 1, 1, 8, 12),
+        (2, (2, 3), (2, 1), (0, 1), (1, 0), (1, 2), 2, 8, 16),
+        (2, 3, 1, 1, 0, 1, 2, 8, 8),
+        (3, 2, 2, 0, 0, 1, 1, 4, 8),
+    ],
+)
+def test_conv_transpose_matches_reference(algorithm, nd, k, s, p, op, d, g, cin, cout):
+    layer = f64(CONVT[nd](cin, cout, k, s, p, op, g, True, d, algorithm=algorithm))
+    nn.init.normal_(layer.bias)
+    assert layer.weight.shape[:3] == (4, cin // 4, cout // 4 // g)
+    x = _conv_input(nd, cin, 5)
+    want = algebra.reference_conv(
+        x,
+        layer.weight,
+        layer.bias,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=g,
+        transposed=True,
+        output_padding=layer.output_padding,
+    )
+    torch.testing.assert_close(layer(x), want)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize(
+    "padding,k,d", [("same", 4, 1), ("same", 3, 2), (2, 3, 1), ("valid", 3, 1)]
+)
+def test_conv_padding_modes_match_real_conv(mode, padding, k, d):
+    """Fold the weight into a real nn.Conv2d with the same padding options: same output."""
+    layer = f64(QConv2d(8, 8, k, padding=padding, dilation=d, padding_mode=mode))
+    real = f64(nn.Conv2d(8, 8, k, padding=padding, dilation=d, padding_mode=mode))
+    with torch.no_grad():
+        real.weight.copy_(QF.block_weight(layer.weight))
+        real.bias.copy_(layer.bias)
+    x = _conv_input(2, 8, 9)
+    torch.testing.assert_close(layer(x), real(x))
+    if padding == "same":
+        assert layer(x).shape[2:] == x.shape[2:]
+
+
+def test_block_weight_is_left_multiplication_matrix():
+    w = torch.randn(4, 1, 1, dtype=torch.float64)
+    torch.testing.assert_close(QF.block_weight(w), algebra.left_matrix(w[:, 0, 0]))
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_gradcheck_linear(algorithm):
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: QF.quaternion_linear(x, w, b, algorithm), (x, w, b)
+    )
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+@pytest.mark.parametrize(
+    "nd,transposed,groups",
+    [
+        (1, False, 2),
+        (2, False, 1),
+        (2, True, 2),
+        (3, False, 1),
+        (1, True, 1),
+        (3, True, 1),
+    ],
+)
+def test_gradcheck_conv(algorithm, nd, transposed, groups):
+    x = _conv_input(nd, 8, 4).requires_grad_()
+    shape = (2, 2 // groups) if transposed else (2, 2 // groups)
+    w = torch.randn(4, *shape, *([2] * nd), dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    kw = {"stride": 2, "padding": 1, "groups": groups, "transposed": transposed}
+    if transposed:
+        kw["output_padding"] = 1
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: QF.quaternion_conv(x, w, b, algorithm=algorithm, **kw), (x, w, b)
+    )
+
+
+def test_rank8_double_backward_raises_clearly():
+    x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    y = QF.quaternion_linear(x, w, algorithm="rank8").square().sum()
+    with pytest.raises(RuntimeError, match="double backward.*algorithm='block'"):
+        torch.autograd.grad(y, x, create_graph=True)
+    (g,) = torch.autograd.grad(
+        QF.quaternion_linear(x, w, algorithm="block").square().sum(), x, create_graph=True
+    )
+    g.sum().backward()  # the block path supports it
+    assert w.grad is not None
+
+
+def test_rank8_float32_error_is_small():
+    torch.manual_seed(0)
+    x, w = torch.randn(64, 1024), torch.randn(4, 256, 256) / 32
+    ref = QF.quaternion_linear(x.double(), w.double(), algorithm="block")
+    for algorithm in ALGOS:
+        y = QF.quaternion_linear(x, w, algorithm=algorithm)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+    xc, wc = torch.randn(4, 64, 8, 8), torch.randn(4, 16, 16, 3, 3) / 12
+    ref = QF.quaternion_conv(xc.double(), wc.double(), padding=1, algorithm="block")
+    y = QF.quaternion_conv(xc, wc, padding=1, algorithm="rank8")
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_auto_rule_and_override():
+    small, big = torch.randn(2, 8), torch.randn(256, 4096)
+    assert QF.resolve_algorithm("auto", small, 2 * 2 * 2) == "block"
+    assert QF.resolve_algorithm("auto", big, 256 * 1024 * 1024) == "rank8"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert QF.resolve_algorithm("auto", big, 256 * 1024 * 1024) == "block"
+    with QF.use_algorithm("rank8"):
+        assert QF.resolve_algorithm("block", small, 1) == "rank8"
+    assert QF.resolve_algorithm("block", small, 1) == "block"
+    with pytest.raises(ValueError, match="algorithm"), QF.use_algorithm("fast"):
+        pass
+
+
+def test_parameter_counts_are_a_quarter():
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    assert count(QLinear(784, 300)) == 784 * 300 // 4 + 300
+    assert count(QLinear(784, 300, bias=False)) * 4 == count(nn.Linear(784, 300, bias=False))
+    assert count(QConv2d(64, 128, 3)) == 64 * 128 * 9 // 4 + 128
+    assert count(QConv2d(64, 64, 3, groups=16, bias=False)) * 4 == count(
+        nn.Conv2d(64, 64, 3, groups=16, bias=False)
+    )
+    assert count(QConvTranspose2d(32, 16, 4, bias=False)) * 4 == count(
+        nn.ConvTranspose2d(32, 16, 4, bias=False)
+    )
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: QLinear(30, 8), "in_features must be a positive multiple of 4.*got 30"),
+        (lambda: QLinear(8, 6), "out_features.*got 6"),
+        (lambda: QConv2d(8, 8, 3, groups=3), r"groups must divide.*in_channels/4=2.*groups=3"),
+        (lambda: QConv2d(10, 8, 3), "in_channels.*got 10"),
+        (lambda: QConv2d(8, 8, 3, stride=2, padding="same"), "stride 1"),
+        (lambda: QConv2d(8, 8, 3, padding_mode="mirror"), "padding_mode"),
+        (lambda: QLinear(8, 8, algorithm="fast"), "algorithm"),
+        (lambda: QConv2d(8, 8, 3, output_padding=1), "transposed"),
+    ],
+)
+def test_constructor_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_forward_shape_errors():
+    with pytest.raises(ValueError, match="12 features.*in_features=8"):
+        QLinear(8, 4)(torch.randn(2, 12))
+    with pytest.raises(ValueError, match="12 channels.*in_channels=8"):
+        QConv2d(8, 4, 3)(torch.randn(2, 12, 5, 5))
+    with pytest.raises(ValueError, match="4-d input"):
+        QConv2d(8, 4, 3)(torch.randn(8, 5, 5))
+
+
+@pytest.mark.parametrize(
+    "make,x",
+    [
+        (lambda: QLinear(8, 12), torch.randn(2, 8)),
+        (lambda: QConv2d(8, 4, 3, groups=1, bias=False), torch.randn(1, 8, 5, 5)),
+        (lambda: QConvTranspose1d(8, 8, 3, stride=2), torch.randn(1, 8, 5)),
+    ],
+)
+def test_state_dict_round_trip(make, x):
+    torch.manual_seed(0)
+    a = make()
+    torch.manual_seed(1)
+    b = make()
+    assert not torch.equal(a(x), b(x))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(x), b(x))
+    assert set(a.state_dict()) <= {"weight", "bias"}
+
+
+def test_device_dtype_kwargs_and_extra_repr():
+    layer = QConv2d(8, 16, 3, padding=1, groups=2, dtype=torch.float64, device="cpu")
+    assert layer.weight.dtype == torch.float64 and layer.bias.dtype == torch.float64
+    assert "groups=2" in repr(layer) and "algorithm='auto'" in repr(layer)
+    assert "in_features=8" in repr(QLinear(8, 4))
+
+
+def test_fold_cache_invalidates_after_optimizer_step():
+    layer = QLinear(16, 16, fold_cache=True, algorithm="block")
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        before = layer(x)
+        cached = layer.folded_weight()
+        assert cached is layer.folded_weight()  # reused while the weight is unchanged
+    layer(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        after = layer(x)
+    torch.testing.assert_close(
+        after, QF.quaternion_linear(x, layer.weight.detach(), layer.bias.detach())
+    )
+    assert not torch.allclose(before, after)
+    assert layer.folded_weight() is None  # grad mode: no cache
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_cpu(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(QConv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), QLinear(8 * 36, 8))
+    x = torch.randn(2, 4, 6, 6)
+    ref = model(x)
+    for algorithm in ALGOS:
+        with QF.use_algorithm(algorithm), torch.autocast("cpu", dtype=dtype):
+            y = model(x)
+        assert y.dtype == (dtype if algorithm == "block" else torch.float32)
+        torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+        y.float().sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+        model.zero_grad()
+
+
+def test_channels_last_input():
+    layer = QConv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 6, 6)
+    for algorithm in ALGOS:
+        with QF.use_algorithm(algorithm):
+            torch.testing.assert_close(
+                layer(x.contiguous(memory_format=torch.channels_last)), layer(x)
+            )
+
+
+def test_compiled_matches_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        QConv2d(4, 8, 3, padding=1, algorithm="rank8"),
+        nn.ReLU(),
+        nn.Flatten(),
+        QLinear(8 * 16, 8, algorithm="rank8"),
+    )
+    x = torch.randn(3, 4, 4, 4)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    compiled(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).sum().backward()
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_network_trains():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        QConv2d(4, 16, 3, padding=1),
+        nn.ReLU(),
+        QMaxPool2d(2),
+        nn.Flatten(),
+        QLinear(16 * 4 * 4, 32),
+        nn.ReLU(),
+        nn.Linear(32, 2),
+    )
+    x = torch.randn(64, 4, 8, 8)
+    y = (x[:, 0].mean((1, 2)) > 0).long()  # learnable rule
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (model(x).argmax(1) == y).float().mean() > 0.95
+
+
+def test_max_pool_picks_whole_quaternion_with_largest_norm():
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 4, 6, dtype=torch.float64)
+    y = QMaxPool2d(2)(x)
+    q = algebra.to_explicit(x, 1)  # (N, C, H, W, 4)
+    windows = q.unfold(2, 2, 2).unfold(3, 2, 2)  # (N, C, 2, 3, 4, 2, 2)
+    windows = windows.flatten(-2)  # (N, C, 2, 3, 4, 4 positions)
+    best = windows.norm(dim=4).argmax(-1, keepdim=True)
+    want = windows.gather(-1, best.unsqueeze(4).expand(-1, -1, -1, -1, 4, -1)).squeeze(-1)
+    torch.testing.assert_close(algebra.to_explicit(y, 1), want)
+    g = QAdaptiveMaxPool2d(1)(x)
+    norms = q.norm(dim=-1).flatten(2)
+    idx = norms.argmax(-1)
+    want = q.flatten(2, 3)[torch.arange(2)[:, None], torch.arange(3)[None], idx]
+    torch.testing.assert_close(algebra.to_explicit(g, 1)[:, :, 0, 0], want)
+    x.requires_grad_()
+    QMaxPool2d(2)(x).sum().backward()
+    assert (x.grad != 0).sum() == y.numel()
+
+
+def test_dropout_drops_whole_quaternions():
+    torch.manual_seed(0)
+    drop = QDropout(0.5)
+    x = torch.ones(64, 4 * 32)
+    y = drop(x)
+    q = algebra.to_explicit(y, 1)
+    zero = (q == 0).all(-1)
+    assert torch.equal((q == 0).any(-1), zero)  # never a partial quaternion
+    assert 0.4 < zero.float().mean() < 0.6
+    assert torch.allclose(q[~zero], torch.tensor(2.0))
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    seq = QDropout(0.5, dim=-1, spatial=False)(torch.ones(3, 5, 8))
+    assert torch.equal((seq.view(3, 5, 4, 2) == 0).any(2), (seq.view(3, 5, 4, 2) == 0).all(2))
+    chan = QDropout(0.5, spatial=True)(torch.ones(8, 16, 3, 3))
+    per_channel = algebra.to_explicit(chan, 1)
+    assert torch.equal(per_channel.amin((2, 3, 4)), per_channel.amax((2, 3, 4)))
+
+
+def test_modrelu():
+    act = QModReLU(8).double()
+    x = torch.randn(5, 8, 3, dtype=torch.float64)
+    torch.testing.assert_close(act(x), x)  # b = 0: identity
+    with torch.no_grad():
+        act.bias.fill_(-1.0)
+    q, y = algebra.to_explicit(x, 1), algebra.to_explicit(act(x), 1)
+    n = q.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(y, torch.relu(n - 1) * q / n)
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(act, (x,))
+    tokens = QModReLU(8, dim=-1)(torch.randn(2, 3, 8))
+    assert tokens.shape == (2, 3, 8)
+    with pytest.raises(ValueError, match="num_features=8"):
+        act(torch.randn(2, 12))
+
+
+def test_split_activation_is_componentwise():
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(
+        algebra.to_explicit(torch.relu(x), 1), torch.relu(algebra.to_explicit(x, 1))
+    )
+
+
+def test_all_conv_grid_configurations_counted():
+    # guard: the grid covers 1d, 2d, 3d, groups > 1 and depthwise
+    dims = {c[0] for c in CONV_GRID}
+    groups = {(c[5], c[6] // 4) for c in CONV_GRID}
+    assert dims == {1, 2, 3} and any(g == q for g, q in groups) and any(g > 1 for g, _ in groups)
+    assert len(list(itertools.product(ALGOS, CONV_GRID))) == 2 * len(CONV_GRID)
