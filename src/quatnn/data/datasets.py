@@ -1,0 +1,163 @@
+"""Loading datasets: torchvision downloads, the bundled digits, transforms and encodings.
+
+Example:
+    >>> train = load("digits-color", train=True, encoding="rgb_gray")
+    >>> image, label = train[0]
+    >>> image.shape, type(label)
+    (torch.Size([4, 32, 32]), <class 'int'>)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable
+
+import numpy as np
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+from torchvision import transforms as T
+from torchvision.datasets.utils import download_and_extract_archive
+
+from quatnn.data import bundled
+from quatnn.data.encodings import get_encoding
+from quatnn.data.registry import imagefolder_split, info, missing_error, spec
+
+
+class CifarBatches(Dataset):
+    """CIFAR-10 or CIFAR-100 read from its python batches (``cifar-10-batches-py`` etc.).
+
+    torchvision's own classes also check every batch's MD5, which rejects any other file
+    in the same format; here the archive's MD5 is checked on download instead.
+    Items are ``(transform(image), label)`` with ``image`` a uint8 (32, 32, 3) array.
+    """
+
+    def __init__(
+        self,
+        cls: type[tvd.CIFAR10],
+        root: str | os.PathLike,
+        train: bool,
+        transform: Callable | None,
+        download: bool,
+    ) -> None:
+        folder = os.path.join(root, cls.base_folder)
+        files = [f for f, _ in (cls.train_list if train else cls.test_list)]
+        needed = [os.path.join(folder, f) for f in files + [cls.meta["filename"]]]
+        if download and not all(map(os.path.isfile, needed)):
+            download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5)
+        missing = [os.path.basename(p) for p in needed if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"missing {', '.join(missing)}")
+        arrays, self.targets = [], []
+        for path in needed[:-1]:
+            entry = _unpickle(path)
+            arrays.append(entry["data"])
+            self.targets += [int(t) for t in entry.get("labels", entry.get("fine_labels"))]
+        self.data = np.concatenate(arrays).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        self.classes = list(_unpickle(needed[-1])[cls.meta["key"]])
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image = self.data[i]
+        return (self.transform(image) if self.transform else image), self.targets[i]
+
+
+def _unpickle(path: str) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def _transform(
+    name: str,
+    train: bool,
+    augment: bool | None,
+    encode: Callable[[Tensor], Tensor],
+    image_size: tuple[int, int],
+) -> T.Compose:
+    s = spec(name)
+    steps: list[Callable] = [T.Resize(image_size)] if name == "imagefolder" else []
+    if not s.bundled:
+        steps.append(T.ToTensor())
+    if train if augment is None else augment:
+        steps.append(T.RandomCrop(image_size, padding=s.padding))
+        if s.flip:
+            steps.append(T.RandomHorizontalFlip())
+    mean, std = bundled.train_stats(name) if s.bundled else (s.mean, s.std)
+    return T.Compose([*steps, T.Normalize(mean, std), encode])
+
+
+def _open(
+    name: str, root: str | os.PathLike, train: bool, transform: Callable, download: bool
+) -> Dataset:
+    if name in ("mnist", "fashion-mnist"):
+        cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
+        return cls(root, train=train, transform=transform, download=download)
+    if name in ("cifar10", "cifar100"):
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        return CifarBatches(cls, root, train, transform, download)
+    if name == "svhn":
+        split = "train" if train else "test"
+        return tvd.SVHN(os.path.join(root, "svhn"), split, transform=transform, download=download)
+    return tvd.ImageFolder(imagefolder_split(root, train), transform=transform)
+
+
+def load(
+    name: str,
+    root: str | os.PathLike = "data",
+    *,
+    train: bool,
+    encoding: str = "identity",
+    augment: bool | None = None,
+    download: bool = True,
+    image_size: int | tuple[int, int] | None = None,
+) -> Dataset:
+    """The train or test split of dataset ``name``; items are (float32 tensor, int label).
+
+    Each image goes through ``ToTensor`` (scale to [0, 1]), the standard augmentation
+    when ``augment`` is True (``None``: only for the train split), ``Normalize`` with the
+    dataset's per-channel mean/std, then the encoding (see :mod:`quatnn.data.encodings`).
+
+    Standard train augmentation (no flips for digits, whose mirror images are not digits):
+
+    - mnist, fashion-mnist, digits: RandomCrop(28, padding=2)
+    - svhn, digits-color: RandomCrop(32, padding=4)
+    - cifar10, cifar100: RandomCrop(32, padding=4), RandomHorizontalFlip
+    - imagefolder: RandomCrop(image_size, padding=4), RandomHorizontalFlip
+
+    Files live in ``root``: ``root/MNIST/raw``, ``root/FashionMNIST/raw``,
+    ``root/cifar-10-batches-py``, ``root/cifar-100-python``, ``root/svhn`` (reading SVHN
+    needs scipy). ``download=True`` fetches missing files; when that fails (offline), or
+    with ``download=False`` and missing files, :class:`DatasetMissingError` says what to
+    place where. Normalization uses the published statistics (ImageNet's for
+    ``imagefolder``; the train split's own for the bundled sets).
+
+    ``"digits"`` and ``"digits-color"`` are bundled with quatnn (``root`` and ``download``
+    are ignored). For ``"imagefolder"``, ``root`` is a tree ``root/train/<class>/...`` and
+    ``root/val/<class>/...`` (or ``test``); images are read as RGB and resized to
+    ``image_size`` (``(H, W)``, or one int for squares), by default the size of the first
+    training image, so a tree of equal-sized images is read at its own size. The other
+    datasets reject ``image_size``. Each returned dataset has ``targets`` and ``classes``.
+
+    >>> test = load("digits", train=False, encoding="group4")
+    >>> len(test), test[0][0].shape
+    (359, torch.Size([784]))
+    """
+    s = spec(name)
+    if image_size is not None and name != "imagefolder":
+        raise ValueError(f"image_size is only for 'imagefolder'; {name!r} has a fixed size")
+    encode = get_encoding(encoding, channels=s.channels)
+    size = s.image_size
+    if name == "imagefolder":
+        size = info(name, root).image_size if image_size is None else image_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+    transform = _transform(name, train, augment, encode, size)
+    if s.bundled:
+        return bundled.BundledDigits(name, train, transform)
+    try:
+        return _open(name, root, train, transform, download)
+    except (OSError, RuntimeError) as err:
+        raise missing_error(name, root, " ".join(str(err).split())) from err
