@@ -97,6 +97,16 @@ _BLOCK_INDEX = ((0, 1, 2, 3), (1, 0, 3, 2), (2, 3, 0, 1), (3, 2, 1, 0))
 _BLOCK_SIGN = ((1, -1, -1, -1), (1, 1, -1, 1), (1, 1, 1, -1), (1, -1, 1, 1))
 
 
+@functools.lru_cache(maxsize=16)
+def _fold_matrix(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(16, 4): row ``4 c_out + c_in`` picks the signed component of block (c_out, c_in)."""
+    m = torch.zeros(16, 4, dtype=torch.float64)
+    for a, (row, signs) in enumerate(zip(_BLOCK_INDEX, _BLOCK_SIGN, strict=True)):
+        for b, (k, sign) in enumerate(zip(row, signs, strict=True)):
+            m[4 * a + b, k] = sign
+    return m.to(dtype=dtype, device=device)
+
+
 def block_weight(weight: Tensor, groups: int = 1, transposed: bool = False) -> Tensor:
     """Fold a quaternion weight into the real weight of the equivalent real layer.
 
@@ -104,20 +114,18 @@ def block_weight(weight: Tensor, groups: int = 1, transposed: bool = False) -> T
     is the ``torch.nn`` weight of the real layer, ``(4O, 4I/g, *k)`` (``(4I, 4O/g, *k)``).
     With ``groups == 1`` real channels are in the blocked layout. With ``groups > 1`` they
     are group-major ``(group, component, channel)``, so the real grouped layer must see its
-    input and output channels permuted (:func:`quaternion_conv` does that).
+    input and output channels permuted (:func:`quaternion_conv` does that). One small
+    matrix product and one copy, so its backward is cheap too.
     """
-    idx = torch.tensor(_BLOCK_INDEX, device=weight.device)
-    sign = torch.tensor(_BLOCK_SIGN, dtype=weight.dtype, device=weight.device)
-    blocks = weight[idx] * sign.view(4, 4, *([1] * (weight.dim() - 1)))  # (cout, cin, A, B, *k)
-    a, b = weight.shape[1], weight.shape[2]
-    kernel = weight.shape[3:]
-    if transposed:  # rows are inputs (g, cin, I/g), columns outputs (cout, O/g)
-        blocks = blocks.unflatten(2, (groups, a // groups))  # (cout, cin, g, Ig, Og, *k)
-        blocks = blocks.permute(2, 1, 3, 0, 4, *range(5, blocks.dim()))
-        return blocks.reshape(4 * a, 4 * b, *kernel)
-    blocks = blocks.unflatten(2, (groups, a // groups))  # (cout, cin, g, Og, Ig, *k)
-    blocks = blocks.permute(2, 0, 3, 1, 4, *range(5, blocks.dim()))
-    return blocks.reshape(4 * a, 4 * b, *kernel)
+    a, b, kernel = weight.shape[1], weight.shape[2], weight.shape[3:]
+    fold = _fold_matrix(weight.dtype, weight.device)
+    with torch.autocast(weight.device.type, enabled=False):  # exact: signed copies
+        blocks = fold @ weight.reshape(4, -1)
+    blocks = blocks.view(4, 4, groups, a // groups, b, *kernel)
+    rest = range(5, 5 + len(kernel))
+    if transposed:  # rows: inputs (g, c_in, I/g); columns: outputs (c_out, O/g)
+        return blocks.permute(2, 1, 3, 0, 4, *rest).reshape(4 * a, 4 * b, *kernel)
+    return blocks.permute(2, 0, 3, 1, 4, *rest).reshape(4 * a, 4 * b, *kernel)
 
 
 def _to_group_major(x: Tensor, groups: int) -> Tensor:
@@ -198,17 +206,21 @@ class _Conv:
     output_padding: tuple[int, ...]
     groups: int
 
-    def __call__(self, x: Tensor, w: Tensor) -> Tensor:
-        return torch.convolution(
-            x,
-            w,
-            None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.transposed,
-            self.output_padding,
-            self.groups,
+    def __call__(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+        nd = len(self.stride)
+        if self.transposed:  # the torch.nn.functional entry points honour autocast
+            return getattr(F, f"conv_transpose{nd}d")(
+                x,
+                w,
+                bias,
+                self.stride,
+                self.padding,
+                self.output_padding,
+                self.groups,
+                self.dilation,
+            )
+        return getattr(F, f"conv{nd}d")(
+            x, w, bias, self.stride, self.padding, self.dilation, self.groups
         )
 
     def backward(self, grad: Tensor, x: Tensor, w: Tensor, which: int) -> Tensor:
@@ -433,17 +445,6 @@ def quaternion_conv(
         return y if bias is None else y + bias.view(1, -1, *([1] * nd))
     w = block_weight(weight, groups, transposed) if folded is None else folded
     if groups == 1:
-        return torch.convolution(
-            x,
-            w,
-            bias,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            transposed,
-            conv.output_padding,
-            1,
-        )
-    y = conv(_to_group_major(x, groups), w)
-    y = _from_group_major(y, groups)
+        return conv(x, w, bias)
+    y = _from_group_major(conv(_to_group_major(x, groups), w), groups)
     return y if bias is None else y + bias.view(1, -1, *([1] * nd))
