@@ -1,5 +1,8 @@
 """quatnn: quaternion neural networks for PyTorch.
 
+Subpackages: ``algebra``, ``functional``, ``nn`` (imported eagerly) and ``models``,
+``data``, ``train``, ``prune``, ``report``, ``export``, ``bench`` (imported on first use).
+
 Example:
     >>> import torch, quatnn
     >>> layer = quatnn.nn.QLinear(8, 4)
@@ -7,7 +10,21 @@ Example:
     torch.Size([2, 4])
 """
 
+import importlib
+
 from quatnn import algebra, functional, nn
 
 __version__ = "0.1.0"
-__all__ = ["algebra", "functional", "nn", "__version__"]
+__all__ = ["algebra", "functional", "nn", "load", "__version__"]
+
+_LAZY = ("models", "data", "train", "prune", "report", "export", "bench")
+
+
+def __getattr__(name: str):
+    if name == "load":  # quatnn.load(path): a compact checkpoint -> model
+        from quatnn.export.compact import load
+
+        return load
+    if name in _LAZY:
+        return importlib.import_module(f"quatnn.{name}")
+    raise AttributeError(f"module 'quatnn' has no attribute {name!r}")

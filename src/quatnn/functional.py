@@ -31,7 +31,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +50,11 @@ __all__ = [
 ALGORITHMS = ("auto", "block", "rank8")
 
 # Smallest number of multiply-adds in ONE of the 8 real products for which "auto" picks
-# rank8 on each device type. Measured with `quatnn bench layers` (README): below it the
-# extra passes of the pre- and post-additions cost more than the halved arithmetic.
-RANK8_MIN_MACS = {"cpu": 2**24, "cuda": 2**26}
+# rank8, per device type; measured with `quatnn bench layers` (README). On CPU, below it the
+# extra passes of the pre- and post-additions cost more than the halved arithmetic. On CUDA
+# (H200) rank8 lost at every benchmarked size (2.5x-7x the real layer, block 1.2x-2.3x):
+# cuBLAS/cuDNN are so fast there that the extra memory passes and launches dominate.
+RANK8_MIN_MACS = {"cpu": 2**24}
 
 _override: str | None = None
 
@@ -78,7 +80,8 @@ def resolve_algorithm(algorithm: str, x: Tensor, macs_per_product: int) -> str:
     """The algorithm a call will use: the :func:`use_algorithm` override if set, else
     ``algorithm`` unless it is ``"auto"``. ``"auto"`` picks ``"block"`` under autocast and
     for 16-bit inputs, ``"rank8"`` when one of the 8 real products has at least
-    ``RANK8_MIN_MACS[device type]`` multiply-adds, and ``"block"`` otherwise."""
+    ``RANK8_MIN_MACS[device type]`` multiply-adds (CPU only: no GPU threshold has been
+    measured where rank8 wins), and ``"block"`` otherwise."""
     chosen = _override if _override not in (None, "auto") else algorithm
     if chosen not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {chosen!r}")
@@ -87,7 +90,8 @@ def resolve_algorithm(algorithm: str, x: Tensor, macs_per_product: int) -> str:
     device = x.device.type
     if torch.is_autocast_enabled(device) or x.dtype in (torch.float16, torch.bfloat16):
         return "block"
-    return "rank8" if macs_per_product >= RANK8_MIN_MACS.get(device, 2**26) else "block"
+    threshold = RANK8_MIN_MACS.get(device)
+    return "rank8" if threshold is not None and macs_per_product >= threshold else "block"
 
 
 # --------------------------------------------------------------------------- block fold
@@ -119,7 +123,10 @@ def block_weight(weight: Tensor, groups: int = 1, transposed: bool = False) -> T
     """
     a, b, kernel = weight.shape[1], weight.shape[2], weight.shape[3:]
     fold = _fold_matrix(weight.dtype, weight.device)
-    with torch.autocast(weight.device.type, enabled=False):  # exact: signed copies
+    if torch.is_autocast_enabled(weight.device.type):  # keep the exact signed copies
+        with torch.autocast(weight.device.type, enabled=False):
+            blocks = fold @ weight.reshape(4, -1)
+    else:
         blocks = fold @ weight.reshape(4, -1)
     blocks = blocks.view(4, 4, groups, a // groups, b, *kernel)
     rest = range(5, 5 + len(kernel))
@@ -195,9 +202,9 @@ def _rank8(
     return _mix(post, products(_mix(left, a), _mix(right, b)))
 
 
-@dataclass(frozen=True)
-class _Conv:
-    """Geometry of a convolution, shared by the 8 products and their gradients."""
+class _Conv(NamedTuple):
+    """Geometry of a convolution, shared by the 8 products and their gradients (a plain
+    tuple, so that torch.compile treats it as a constant)."""
 
     stride: tuple[int, ...]
     padding: tuple[int, ...]
@@ -206,38 +213,32 @@ class _Conv:
     output_padding: tuple[int, ...]
     groups: int
 
-    def __call__(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
-        nd = len(self.stride)
-        if self.transposed:  # the torch.nn.functional entry points honour autocast
-            return getattr(F, f"conv_transpose{nd}d")(
-                x,
-                w,
-                bias,
-                self.stride,
-                self.padding,
-                self.output_padding,
-                self.groups,
-                self.dilation,
-            )
-        return getattr(F, f"conv{nd}d")(
-            x, w, bias, self.stride, self.padding, self.dilation, self.groups
-        )
 
-    def backward(self, grad: Tensor, x: Tensor, w: Tensor, which: int) -> Tensor:
-        mask = [which == 0, which == 1, False]
-        return torch.ops.aten.convolution_backward(
-            grad,
-            x,
-            w,
-            None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.transposed,
-            self.output_padding,
-            self.groups,
-            mask,
-        )[which]
+def _convolve(g: _Conv, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    nd = len(g.stride)
+    if g.transposed:  # the torch.nn.functional entry points honour autocast
+        return getattr(F, f"conv_transpose{nd}d")(
+            x, w, bias, g.stride, g.padding, g.output_padding, g.groups, g.dilation
+        )
+    return getattr(F, f"conv{nd}d")(x, w, bias, g.stride, g.padding, g.dilation, g.groups)
+
+
+def _convolve_backward(g: _Conv, grad: Tensor, x: Tensor, w: Tensor, which: int) -> Tensor:
+    """Gradient of a convolution w.r.t. its input (``which=0``) or weight (``which=1``)."""
+    mask = [which == 0, which == 1, False]
+    return torch.ops.aten.convolution_backward(
+        grad,
+        x,
+        w,
+        None,
+        g.stride,
+        g.padding,
+        g.dilation,
+        g.transposed,
+        g.output_padding,
+        g.groups,
+        mask,
+    )[which]
 
 
 def _stacked(x: Tensor, dim: int) -> Tensor:
@@ -302,7 +303,9 @@ class _Rank8Conv(torch.autograd.Function):
             grad_x = _rank8(
                 weight,
                 g,
-                lambda w, d: torch.stack([conv.backward(d[k], xs[0], w[k], 0) for k in range(8)]),
+                lambda w, d: torch.stack(
+                    [_convolve_backward(conv, d[k], xs[0], w[k], 0) for k in range(8)]
+                ),
                 conj_a=True,
             )
             grad_x = _blocked(grad_x, 1)
@@ -311,7 +314,7 @@ class _Rank8Conv(torch.autograd.Function):
                 g,
                 xs,
                 lambda d, v: torch.stack(
-                    [conv.backward(d[k], v[k], weight[0], 1) for k in range(8)]
+                    [_convolve_backward(conv, d[k], v[k], weight[0], 1) for k in range(8)]
                 ),
                 conj_b=True,
                 scale_a=False,
@@ -320,7 +323,7 @@ class _Rank8Conv(torch.autograd.Function):
 
 
 def _each(conv: _Conv, inputs: Tensor, weights: Tensor) -> Tensor:
-    return torch.stack([conv(inputs[k], weights[k]) for k in range(inputs.shape[0])])
+    return torch.stack([_convolve(conv, inputs[k], weights[k]) for k in range(inputs.shape[0])])
 
 
 def _rank8_apply(fn: type[torch.autograd.Function], x: Tensor, weight: Tensor, *args) -> Tensor:
@@ -445,6 +448,6 @@ def quaternion_conv(
         return y if bias is None else y + bias.view(1, -1, *([1] * nd))
     w = block_weight(weight, groups, transposed) if folded is None else folded
     if groups == 1:
-        return conv(x, w, bias)
-    y = _from_group_major(conv(_to_group_major(x, groups), w), groups)
+        return _convolve(conv, x, w, bias)
+    y = _from_group_major(_convolve(conv, _to_group_major(x, groups), w), groups)
     return y if bias is None else y + bias.view(1, -1, *([1] * nd))

@@ -12,6 +12,13 @@ from quatnn.nn.conv import (
 )
 from quatnn.nn.dropout import QDropout
 from quatnn.nn.linear import QLinear
+from quatnn.nn.norm import (
+    QBatchNorm1d,
+    QBatchNorm2d,
+    QBatchNorm3d,
+    QLayerNorm,
+    convert_batchnorm,
+)
 from quatnn.nn.pooling import (
     QAdaptiveMaxPool1d,
     QAdaptiveMaxPool2d,
@@ -30,6 +37,11 @@ __all__ = [
     "QConvTranspose1d",
     "QConvTranspose2d",
     "QConvTranspose3d",
+    "QBatchNorm1d",
+    "QBatchNorm2d",
+    "QBatchNorm3d",
+    "QLayerNorm",
+    "convert_batchnorm",
     "QModReLU",
     "QDropout",
     "QMaxPool1d",

@@ -1,0 +1,860 @@
+"""Quaternion batch and layer normalization.
+
+Inputs are plain tensors in the component-blocked layout of DESIGN.md: ``(N, 4C, *spatial)``
+for batch norm (the feature axis is dim 1) and ``(..., 4C)`` for layer norm. Sizes are real
+counts, so ``num_features`` must be divisible by 4.
+
+Three batch-norm modes (see REFERENCES.md, "Quaternion batch normalization: the math"):
+
+* ``"whiten"`` (default): per quaternion channel ``y = Gamma L^-1 (x - mu) + beta`` with
+  ``V = L L^T`` the 4x4 covariance plus ``eps I``, ``Gamma`` a learnable symmetric 4x4
+  (10 parameters, initialised to ``I/2``) and ``beta`` a quaternion. The output covariance
+  is ``Gamma Gamma^T``.
+* ``"variance"``: ``y = gamma (x - mu) / sqrt(E|x - mu|^2 + eps) + beta`` with a real
+  ``gamma`` per quaternion channel; equivariant to multiplication by unit quaternions.
+* ``"split"``: ordinary batch norm of the ``4C`` real channels (``F.batch_norm``).
+
+Example:
+    >>> import torch
+    >>> from quatnn.nn.norm import QBatchNorm2d
+    >>> bn = QBatchNorm2d(8)  # 2 quaternion channels
+    >>> bn(torch.randn(16, 8, 5, 5)).shape
+    torch.Size([16, 8, 5, 5])
+
+Behaviour follows ``torch.nn.BatchNorm``: ``momentum`` weights the new batch
+(``momentum=None``: cumulative average), running statistics use the unbiased estimate, eval
+mode uses them and updates nothing, ``track_running_stats=False`` uses batch statistics
+always. Whitening starts from ``running_mean = 0`` and ``running_cov = I``. With batch
+statistics, a NaN/Inf input (detected from the per-channel statistics, not by scanning the
+input) raises ``ValueError`` in the whiten and variance modes; ``"split"`` is exactly
+``nn.BatchNorm`` and, like it, does not check. Gradients are first order only
+(no double backward).
+
+Implementation notes. The 4x4 statistics need each quaternion's 4 components side by side,
+while the blocked layout puts them ``C`` channels apart. Instead of permuting the whole
+tensor (a full-size copy; on CPU a fresh large allocation costs more than several passes
+over the data), the whitening kernels walk the batch in cache-sized chunks: each chunk is
+centered and moved into a small channel-major ``(4C, k, *spatial)`` buffer, reduced with one
+batched matmul (covariance; shifted by the first chunk's mean, so nothing cancels) or mapped
+with one batched matmul by the fused per-channel matrix ``M = Gamma L^-1`` and written back
+into the blocked output with the shift ``beta`` added. On accelerators there is one chunk.
+Forward and backward are custom autograd functions with the analytic gradient (through the
+mean, the covariance and the Cholesky factor), so autograd keeps only the input and a few
+4x4 matrices per channel. The 4x4 algebra runs in float32 (float64 for float64 inputs) with
+autocast disabled; outputs keep the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "QBatchNorm1d",
+    "QBatchNorm2d",
+    "QBatchNorm3d",
+    "QLayerNorm",
+    "convert_batchnorm",
+]
+
+_MODES = ("whiten", "variance", "split")
+# Bytes of one chunk buffer on CPU: small enough to stay in cache and to be reused from the
+# heap (no page faults), large enough that per-chunk overhead (Python, thread start-up) is
+# small. 1-4 MiB measured within ~20% of each other on a 2-core machine; 2 MiB was best.
+_CPU_CHUNK_BYTES = 1 << 21
+# Below this many values per sample and channel (spatial size M), chunks are moved with a
+# tiled transpose plus in-place centering instead of one fused strided op (measured: the
+# fused op gathers with stride 4C and is ~6x slower at M = 1).
+_FUSED_MIN_SPATIAL = 16
+# Devices on which per-channel sums use the fused batch-norm-backward reduction.
+_FUSED_SUM_DEVICES = ("cpu",)
+# On accelerators allocation is cheap (caching allocator) and launches are not: one chunk.
+_DEVICE_CHUNK_BYTES = 1 << 62
+# Upper-triangle index of each (row, col) of a symmetric 4x4 matrix, in the order of
+# torch.triu_indices(4, 4): (0,0) (0,1) (0,2) (0,3) (1,1) (1,2) (1,3) (2,2) (2,3) (3,3).
+_SYM_INDEX = (0, 1, 2, 3, 1, 4, 5, 6, 2, 5, 7, 8, 3, 6, 8, 9)
+_TRIU_DIAG = (0, 4, 7, 9)
+
+
+# ---------------------------------------------------------------------------------------
+# shared helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (fp32, fp16, bf16) computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _no_autocast(device_type: str) -> torch.autocast:
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def _reduce_dims(x: Tensor) -> tuple[int, ...]:
+    return (0, *range(2, x.dim()))
+
+
+def _count(x: Tensor) -> int:
+    """Values per real channel: batch size times every non-channel position."""
+    return x.numel() // x.shape[1] if x.numel() else 0
+
+
+def _blocked_to_cq(v: Tensor, c: int) -> Tensor:
+    """Blocked ``(4C,)`` -> ``(C, 4)`` (component on the last axis)."""
+    return v.view(4, c).t()
+
+
+def _cq_to_blocked(v: Tensor) -> Tensor:
+    """``(C, 4)`` -> blocked ``(4C,)``."""
+    return v.t().reshape(-1)
+
+
+def _sym_from_triu(params: Tensor) -> Tensor:
+    """``(C, 10)`` upper-triangle parameters -> symmetric ``(C, 4, 4)`` (differentiable)."""
+    index = torch.tensor(_SYM_INDEX, device=params.device)
+    return params[:, index].view(-1, 4, 4)
+
+
+class _Chunks:
+    """Chunked, channel-major access to a blocked ``(N, 4C, *S)`` tensor.
+
+    A chunk of ``k`` samples is copied into a buffer of shape ``(4C * width, k, *S)``: the
+    sample axis moved behind the channel axis, so that for each quaternion channel ``c`` the
+    rows ``(w, a)`` of ``buffer.view(4 * width, C, k*M)[:, c]`` form a ``(4 * width, k*M)``
+    matrix with one uniform row stride; :meth:`matrices` returns these as a strided
+    ``(C, 4 * width, k*M)`` batch for ``bmm``. When the spatial size ``M`` is small the copy
+    is done as a (tiled, fast) transpose followed by in-place centering; otherwise one fused
+    op centers and moves the data (contiguous runs of ``M`` values).
+    """
+
+    def __init__(self, x: Tensor, c: int, dtype: torch.dtype, width: int) -> None:
+        self.n = x.shape[0]
+        self.c = c
+        self.spatial = tuple(x.shape[2:])
+        self.m = math.prod(self.spatial)
+        self.dtype = dtype
+        self.width = width
+        per_sample = 4 * c * self.m * width * dtype.itemsize
+        target = _CPU_CHUNK_BYTES if x.device.type == "cpu" else _DEVICE_CHUNK_BYTES
+        self.rows = max(1, min(self.n, target // max(per_sample, 1)))
+        self.fused = self.m >= _FUSED_MIN_SPATIAL
+        self.ones = (1,) * len(self.spatial)
+
+    def ranges(self) -> Iterator[tuple[int, int]]:
+        for n0 in range(0, self.n, self.rows):
+            yield n0, min(self.n, n0 + self.rows)
+
+    def buffer(self, device: torch.device, width: int | None = None) -> Tensor:
+        width = self.width if width is None else width
+        return torch.empty(width * 4 * self.c * self.rows * self.m, dtype=self.dtype, device=device)
+
+    def view(self, flat: Tensor, k: int, width: int | None = None) -> Tensor:
+        """A ``(4C * width, k, *S)`` view on the front of a flat buffer."""
+        width = self.width if width is None else width
+        return flat[: width * 4 * self.c * k * self.m].view(width * 4 * self.c, k, *self.spatial)
+
+    def matrices(self, buf: Tensor, rows: int = 4) -> Tensor:
+        """``(C, rows, k*M)`` per-channel matrices of a ``(rows*C, k, *S)`` buffer (a view)."""
+        return buf.view(rows, self.c, -1).transpose(0, 1)
+
+    def load(self, dst: Tensor, src: Tensor, n0: int, n1: int, center: Tensor | None) -> None:
+        """``dst (4C, k, *S) <- (src[n0:n1] - center)`` with the sample axis moved; ``center``
+        is blocked ``(4C,)``."""
+        part = src[n0:n1].transpose(0, 1)
+        if center is None:
+            dst.copy_(part)
+        elif self.fused:
+            torch.sub(part, center.view(-1, 1, *self.ones), out=dst)
+        else:
+            dst.copy_(part).sub_(center.view(-1, 1, *self.ones))
+
+    def store(
+        self, dst: Tensor, res: Tensor, n0: int, n1: int, shift: Tensor, scratch: Tensor | None
+    ) -> None:
+        """``dst[n0:n1] <- res + shift`` in the blocked layout; ``res`` is a contiguous
+        ``(C, 4, k*M)`` matmul result, ``shift`` blocked ``(4C,)``; ``scratch`` is a flat
+        one-chunk buffer, needed when not fused."""
+        k = n1 - n0
+        if self.fused:
+            part = res.view(self.c, 4, k, *self.spatial).permute(
+                2, 1, 0, *range(3, 3 + len(self.ones))
+            )
+            target = dst[n0:n1].unflatten(1, (4, self.c))
+            torch.add(part, shift.view(4, self.c, *self.ones), out=target)
+        else:
+            assert scratch is not None
+            moved = self.view(scratch, k, width=1)
+            torch.add(res.transpose(0, 1), shift.view(4, self.c, 1), out=moved.view(4, self.c, -1))
+            dst[n0:n1].copy_(moved.transpose(0, 1))
+
+
+def _cross_gram(
+    a: Tensor | None, b: Tensor, c: int, center: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Per quaternion channel ``(sum_i a_i (b_i - center)^T, sum_i a_i)``: (C, 4, 4), (C, 4).
+
+    ``center`` is blocked ``(4C,)``. With ``a=None`` it is ``(sum_i d_i d_i^T, sum_i d_i)``
+    for ``d = b - center``: the shifted sums that give the mean and covariance of ``b``.
+    """
+    width = 1 if a is None else 2
+    ch = _Chunks(b, c, dtype, width)
+    gram = torch.zeros(c, 4, 4, dtype=dtype, device=b.device)
+    total = torch.zeros(c, 4, dtype=dtype, device=b.device)
+    flat = ch.buffer(b.device)
+    half = 4 * c
+    for n0, n1 in ch.ranges():
+        buf = ch.view(flat, n1 - n0)
+        if a is None:
+            ch.load(buf, b, n0, n1, center)
+            left = right = ch.matrices(buf)
+        else:
+            ch.load(buf[:half], a, n0, n1, None)
+            ch.load(buf[half:], b, n0, n1, center)
+            mat = ch.matrices(buf, 8)
+            left, right = mat[:, :4], mat[:, 4:]
+        gram.baddbmm_(left, right.mT)
+        total += left.sum(-1)
+    return gram, total
+
+
+def _apply_4x4(
+    out: Tensor,
+    mat_a: Tensor,
+    src_a: Tensor,
+    center_a: Tensor | None,
+    shift: Tensor,
+    mat_b: Tensor | None = None,
+    src_b: Tensor | None = None,
+    center_b: Tensor | None = None,
+) -> Tensor:
+    """Blocked ``out = A (src_a - center_a) [+ B (src_b - center_b)] + shift`` per channel.
+
+    ``A``, ``B`` are ``(C, 4, 4)``; ``shift`` and the centers are blocked ``(4C,)``; all
+    tensors are blocked ``(N, 4C, *S)``. With two sources one batched matmul applies
+    ``[A B]`` to the stacked chunk.
+    """
+    c = mat_a.shape[0]
+    width = 1 if mat_b is None else 2
+    ch = _Chunks(src_a, c, mat_a.dtype, width)
+    flat = ch.buffer(src_a.device)
+    res_flat = ch.buffer(src_a.device, width=1)
+    scratch = None if ch.fused else ch.buffer(src_a.device, width=1)
+    mat = mat_a if mat_b is None else torch.cat((mat_a, mat_b), dim=2)
+    half = 4 * c
+    for n0, n1 in ch.ranges():
+        k = n1 - n0
+        buf = ch.view(flat, k)
+        ch.load(buf[:half], src_a, n0, n1, center_a)
+        if src_b is not None:
+            ch.load(buf[half:], src_b, n0, n1, center_b)
+        res = res_flat[: 4 * c * k * ch.m].view(c, 4, k * ch.m)
+        torch.bmm(mat, ch.matrices(buf, 4 * width), out=res)
+        ch.store(out, res, n0, n1, shift, scratch)
+    return out
+
+
+def _tril_grad_sym(x: Tensor) -> Tensor:
+    """``0.5 (tril(X) + tril(X, -1)^T)``: the symmetric middle factor of the Cholesky VJP."""
+    low = x.tril()
+    return 0.5 * (low + low.tril(-1).mT)
+
+
+class _WhitenBatch(torch.autograd.Function):
+    """Training-mode whitening: ``y = Gm L^-1 (x - mu) + beta`` with batch statistics.
+
+    Returns ``(y, mu (C,4), cov (C,4,4) biased, without eps)``; the statistics are not
+    differentiable outputs (their gradient flows through ``y``).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gm: Tensor, beta: Tensor, eps: float):  # type: ignore[override]
+        c = gm.shape[0]
+        n = _count(x)
+        cdt = _compute_dtype(x.dtype)
+        with _no_autocast(x.device.type):
+            # Shifted sums (shift = mean of the first chunk, so no cancellation): one sweep
+            # gives the mean and the covariance.
+            first = x[: _Chunks(x, c, cdt, 1).rows]
+            shift = first.sum(_reduce_dims(first), dtype=cdt) / _count(first)
+            gram, total = _cross_gram(None, x, c, shift, cdt)
+            delta = total / n
+            mu = _blocked_to_cq(shift, c) + delta
+            mu_blocked = _cq_to_blocked(mu)
+            cov = gram / n - delta.unsqueeze(-1) * delta.unsqueeze(-2)
+            eye = torch.eye(4, dtype=cdt, device=x.device)
+            chol, info = torch.linalg.cholesky_ex(cov + eps * eye)
+            # A NaN/Inf anywhere in x reaches every sum of its channel, so checking the
+            # covariance (one sync) is enough; large finite values that overflow are caught too.
+            if bool(~torch.isfinite(cov.sum()) | (info != 0).any()):
+                raise ValueError(
+                    "quaternion batch norm: non-finite batch statistics; the input contains "
+                    "NaN/Inf (or values too large for its dtype)"
+                )
+            w = torch.linalg.solve_triangular(chol, eye.expand(c, 4, 4), upper=False)
+            gmc = gm.to(cdt)
+            mm = gmc @ w
+            y = torch.empty_like(x)
+            _apply_4x4(y, mm, x, mu_blocked, beta.to(cdt))
+        ctx.save_for_backward(x, mu_blocked, chol, w, gmc, mm)
+        ctx.gm_dtype = gm.dtype
+        ctx.beta_dtype = beta.dtype
+        ctx.mark_non_differentiable(mu, cov)
+        return y, mu, cov
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor, _dmu: Tensor, _dcov: Tensor):  # type: ignore[override]
+        x, mu, chol, w, gm, mm = ctx.saved_tensors
+        c = gm.shape[0]
+        n = _count(x)
+        cdt = mu.dtype
+        need_x, need_gm, need_beta, _ = ctx.needs_input_grad
+        with _no_autocast(x.device.type):
+            dx = dgm = None
+            if not (need_x or need_gm):
+                dbeta = _blocked_to_cq(dy.sum(_reduce_dims(dy), dtype=cdt), c)
+            else:
+                # P = sum_i dy_i (x_i - mu)^T = dL/dM for M = Gm W (and dbeta = sum_i dy_i).
+                p, dbeta = _cross_gram(dy, x, c, mu, cdt)
+                if need_gm:
+                    dgm = (p @ w.mT).to(ctx.gm_dtype)
+                if need_x:
+                    # Through W = L^-1, the Cholesky factor (V = L L^T) and V = cov + eps I:
+                    # dx_i = M^T dy_i + (2/n) dV (x_i - mu) - (1/n) M^T sum_j dy_j.
+                    dw = gm.mT @ p
+                    dchol = -(w.mT @ dw @ w.mT)
+                    dcov = w.mT @ _tril_grad_sym(chol.mT @ dchol) @ w
+                    mat_a = mm.mT
+                    mat_b = (2.0 / n) * dcov
+                    shift = _cq_to_blocked(-(mat_a @ dbeta.unsqueeze(-1)).squeeze(-1) / n)
+                    dx = torch.empty_like(x)
+                    _apply_4x4(dx, mat_a, dy, None, shift, mat_b, x, mu)
+            dbeta_out = _cq_to_blocked(dbeta).to(ctx.beta_dtype) if need_beta else None
+        return dx, dgm, dbeta_out, None
+
+
+class _Affine4(torch.autograd.Function):
+    """``y = M (x - center) + shift`` per quaternion channel (eval mode of whitening).
+
+    ``M`` is ``(C, 4, 4)``; ``center`` (not differentiable) and ``shift`` are blocked
+    ``(4C,)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mm: Tensor, center: Tensor, shift: Tensor):  # type: ignore[override]
+        with _no_autocast(x.device.type):
+            y = torch.empty_like(x)
+            _apply_4x4(y, mm, x, center, shift.to(mm.dtype))
+        ctx.save_for_backward(x, mm, center)
+        ctx.shift_dtype = shift.dtype
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        x, mm, center = ctx.saved_tensors
+        c = mm.shape[0]
+        need_x, need_m, _, need_shift = ctx.needs_input_grad
+        dx = dm = dshift = None
+        with _no_autocast(x.device.type):
+            if need_x:
+                dx = torch.empty_like(x)
+                zero = torch.zeros(4 * c, dtype=mm.dtype, device=x.device)
+                _apply_4x4(dx, mm.mT, dy, None, zero)
+            if need_m:
+                dm, _ = _cross_gram(dy, x, c, center, mm.dtype)
+            if need_shift:
+                dshift = dy.sum(_reduce_dims(dy), dtype=mm.dtype).to(ctx.shift_dtype)
+        return dx, dm, None, dshift
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _channel_sums(grad: Tensor, inp: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+    """Per real channel ``(sum grad * (inp - center), sum grad)``.
+
+    On CPU this is one fused pass with no input-sized temporary: the reduction of the
+    eval-mode batch-norm backward (running_var=0 and eps=1 make its inverse std exactly 1).
+    Elsewhere (that op asserts on CUDA in eval mode, and temporaries are cheap there) it is
+    written out.
+    """
+    if inp.device.type in _FUSED_SUM_DEVICES:
+        ones = torch.ones_like(center)
+        zeros = torch.zeros_like(center)
+        _, dot, total = torch.ops.aten.native_batch_norm_backward(
+            grad, inp, ones, center, zeros, None, None, False, 1.0, [False, True, True]
+        )
+        return dot, total
+    dims = _reduce_dims(inp)
+    centered = inp - center.view(-1, *([1] * (inp.dim() - 2)))
+    return (grad * centered).sum(dims), grad.sum(dims)
+
+
+class _VarianceBatch(torch.autograd.Function):
+    """Training-mode variance normalization ``y = gamma (x - mu)/sqrt(E|x-mu|^2 + eps) + beta``.
+
+    Returns ``(y, mu (4C,), sigma^2 (C,) biased)``; the statistics are not differentiable
+    outputs.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gamma: Tensor, beta: Tensor, eps: float):  # type: ignore[override]
+        c = gamma.shape[0]
+        n = _count(x)
+        cdt = _compute_dtype(x.dtype)
+        shape = (1, 4 * c) + (1,) * (x.dim() - 2)
+        with _no_autocast(x.device.type):
+            xs = x if x.dtype == cdt else x.to(cdt)
+            mu = xs.sum(_reduce_dims(xs)) / n
+            sq, _ = _channel_sums(xs, xs, mu)
+            sigma2 = sq.view(4, c).sum(0) / n
+            if not bool(torch.isfinite(sigma2.sum())):  # NaN/Inf in x reach sigma2 too
+                raise ValueError(
+                    "quaternion batch norm: non-finite batch statistics; the input contains "
+                    "NaN/Inf (or values too large for its dtype)"
+                )
+            inv = torch.rsqrt(sigma2 + eps)
+            scale = (gamma.to(cdt) * inv).repeat(4)
+            shift = beta.to(cdt) - mu * scale
+            y = torch.addcmul(shift.view(shape), x, scale.view(shape), out=torch.empty_like(x))
+        ctx.save_for_backward(x, mu, inv, scale)
+        ctx.dtypes = (gamma.dtype, beta.dtype)
+        ctx.mark_non_differentiable(mu, sigma2)
+        return y, mu, sigma2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor, _dmu: Tensor, _dsigma: Tensor):  # type: ignore[override]
+        x, mu, inv, scale = ctx.saved_tensors
+        c = inv.shape[0]
+        n = _count(x)
+        cdt = mu.dtype
+        shape = (1, 4 * c) + (1,) * (x.dim() - 2)
+        need_x, need_gamma, need_beta, _ = ctx.needs_input_grad
+        with _no_autocast(x.device.type):
+            dy = dy.contiguous(memory_format=_memory_format(x))
+            xs = x if x.dtype == cdt else x.to(cdt)
+            dys = dy if dy.dtype == cdt else dy.to(cdt)
+            dot, dbeta = _channel_sums(dys, xs, mu)  # sum dy (x - mu), sum dy
+            q = dot.view(4, c).sum(0)  # sum_i <dy_i, x_i - mu>
+            dx = None
+            if need_x:
+                # dx = scale (dy - mean dy) - scale/(n s^2) q (x - mu)
+                coef = (-(scale.view(4, c)[0] * inv * inv * q) / n).repeat(4)
+                const = -(scale * dbeta) / n - coef * mu
+                dx = torch.addcmul(
+                    const.view(shape), dy, scale.view(shape), out=torch.empty_like(x)
+                )
+                dx.addcmul_(x, coef.view(shape))
+            dgamma = (q * inv).to(ctx.dtypes[0]) if need_gamma else None
+            dbeta_out = dbeta.to(ctx.dtypes[1]) if need_beta else None
+        return dx, dgamma, dbeta_out, None
+
+
+# ---------------------------------------------------------------------------------------
+# modules
+# ---------------------------------------------------------------------------------------
+
+
+class _QBatchNorm(nn.Module):
+    """Shared implementation of :class:`QBatchNorm1d`, :class:`QBatchNorm2d` and
+    :class:`QBatchNorm3d`; subclasses only fix the accepted input ranks."""
+
+    _input_dims: tuple[int, ...] = ()
+    _shape_text: str = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        mode: str = "whiten",
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(num_features, int) or num_features <= 0 or num_features % 4:
+            raise ValueError(
+                f"{name}: num_features must be a positive multiple of 4 (real units, 4 per "
+                f"quaternion), got num_features={num_features}"
+            )
+        if mode not in _MODES:
+            raise ValueError(f"{name}: mode must be one of {_MODES}, got mode={mode!r}")
+        if eps <= 0 and mode != "split":
+            raise ValueError(f"{name}: eps must be > 0 for mode={mode!r}, got eps={eps}")
+        kw = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.num_quaternions = c = num_features // 4
+        self.mode = mode
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            wshape = {"whiten": (c, 10), "variance": (c,), "split": (num_features,)}[mode]
+            self.weight = nn.Parameter(torch.empty(wshape, **kw))
+            self.bias = nn.Parameter(torch.empty(num_features, **kw))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+            if mode == "whiten":
+                self.register_buffer("running_cov", torch.empty(c, 4, 4, **kw))
+            else:
+                var_size = c if mode == "variance" else num_features
+                self.register_buffer("running_var", torch.ones(var_size, **kw))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_cov" if mode == "whiten" else "running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running covariance identity (whiten) / variance 1, count 0."""
+        if not self.track_running_stats:
+            return
+        self.running_mean.zero_()
+        if self.mode == "whiten":
+            self.running_cov.copy_(torch.eye(4).expand_as(self.running_cov))
+        else:
+            self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics and the affine parameters (Gamma = I/2 for whiten,
+        gamma = 1 otherwise, beta = 0)."""
+        self.reset_running_stats()
+        if self.affine:
+            with torch.no_grad():
+                if self.mode == "whiten":
+                    self.weight.zero_()
+                    self.weight[:, list(_TRIU_DIAG)] = 0.5
+                else:
+                    self.weight.fill_(1.0)
+                self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, mode={self.mode!r}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+    def _check_input(self, x: Tensor) -> None:
+        name = type(self).__name__
+        if x.dim() not in self._input_dims:
+            raise ValueError(
+                f"{name}: expected input of shape {self._shape_text}, got a {x.dim()}D input "
+                f"of shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{name}: input has {x.shape[1]} channels on dim 1, expected "
+                f"num_features={self.num_features}"
+            )
+
+    def _momentum_factor(self) -> float:
+        """Update the batch counter (training with tracking) and return the averaging weight."""
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                return 1.0 / float(self.num_batches_tracked)
+            return self.momentum
+        return 0.0 if self.momentum is None else self.momentum
+
+    def _gamma_matrix(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        c = self.num_quaternions
+        if self.weight is None:
+            return torch.eye(4, dtype=dtype, device=device).expand(c, 4, 4)
+        return _sym_from_triu(self.weight)
+
+    def _beta(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        if self.bias is None:
+            return torch.zeros(self.num_features, dtype=dtype, device=device)
+        return self.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        factor = self._momentum_factor()
+        if self.mode == "split":
+            use_batch = self.training or not self.track_running_stats
+            track = not self.training or self.track_running_stats
+            return F.batch_norm(
+                x,
+                self.running_mean if track else None,
+                self.running_var if track else None,
+                self.weight,
+                self.bias,
+                use_batch,
+                factor,
+                self.eps,
+            )
+        use_batch = self.training or not self.track_running_stats
+        # dtype of the stand-ins for absent affine parameters: the module's own floating dtype
+        state = self.weight if self.weight is not None else self.running_mean
+        pdtype = x.dtype if state is None else state.dtype
+        if use_batch:
+            n = _count(x)
+            if n <= 1:
+                raise ValueError(
+                    f"{type(self).__name__}: expected more than 1 value per channel when "
+                    f"using batch statistics, got input of shape {tuple(x.shape)}"
+                )
+            update = self.training and self.track_running_stats
+            if self.mode == "whiten":
+                gm = self._gamma_matrix(pdtype, x.device)
+                y, mu, stat = _WhitenBatch.apply(x, gm, self._beta(pdtype, x.device), self.eps)
+                mu = _cq_to_blocked(mu)
+            else:
+                gamma = self.weight
+                if gamma is None:
+                    gamma = torch.ones(self.num_quaternions, dtype=pdtype, device=x.device)
+                y, mu, stat = _VarianceBatch.apply(x, gamma, self._beta(pdtype, x.device), self.eps)
+            if update:
+                with torch.no_grad():
+                    running = self.running_cov if self.mode == "whiten" else self.running_var
+                    unbiased = stat * (n / (n - 1))
+                    self.running_mean.mul_(1.0 - factor).add_(
+                        mu.to(self.running_mean.dtype) * factor
+                    )
+                    running.mul_(1.0 - factor).add_(unbiased.to(running.dtype) * factor)
+            return y
+        # Running statistics (eval mode): a fixed affine map per quaternion channel.
+        if self.mode == "variance":
+            gamma = self.weight
+            if gamma is None:
+                gamma = torch.ones(self.num_quaternions, dtype=pdtype, device=x.device)
+            return F.batch_norm(
+                x,
+                self.running_mean,
+                self.running_var.repeat(4),
+                gamma.repeat(4),
+                self._beta(pdtype, x.device),
+                False,
+                0.0,
+                self.eps,
+            )
+        cdt = _compute_dtype(x.dtype)
+        with _no_autocast(x.device.type):
+            eye = torch.eye(4, dtype=cdt, device=x.device)
+            chol, info = torch.linalg.cholesky_ex(self.running_cov.to(cdt) + self.eps * eye)
+            if bool((info != 0).any()):
+                raise ValueError(
+                    f"{type(self).__name__}: running_cov + eps*I is not positive definite "
+                    "(non-finite or corrupted running statistics)"
+                )
+            w = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+            mm = self._gamma_matrix(pdtype, x.device).to(cdt) @ w
+            center = self.running_mean.to(cdt)
+            return _Affine4.apply(x, mm, center, self._beta(pdtype, x.device))
+
+
+class QBatchNorm1d(_QBatchNorm):
+    """Quaternion batch norm over ``(N, C)`` or ``(N, C, L)`` inputs (``C`` real, blocked).
+
+    Args:
+        num_features: real channels ``C`` (divisible by 4).
+        mode: ``"whiten"`` (default), ``"variance"`` or ``"split"`` (see the module docs).
+        eps, momentum, affine, track_running_stats, device, dtype: as in
+            :class:`torch.nn.BatchNorm1d` (``momentum=None``: cumulative average).
+
+    Parameters: ``weight`` is ``(C/4, 10)`` (upper triangle of the symmetric Gamma, row
+    major) for whiten, ``(C/4,)`` for variance and ``(C,)`` for split; ``bias`` is ``(C,)``.
+    Buffers: ``running_mean (C,)`` and ``running_cov (C/4, 4, 4)`` (whiten), ``running_var``
+    ``(C/4,)`` (variance) or ``(C,)`` (split), ``num_batches_tracked``.
+
+    Example:
+        >>> import torch
+        >>> from quatnn.nn.norm import QBatchNorm1d
+        >>> bn = QBatchNorm1d(12, mode="variance")
+        >>> bn(torch.randn(32, 12)).shape
+        torch.Size([32, 12])
+    """
+
+    _input_dims = (2, 3)
+    _shape_text = "(N, C) or (N, C, L)"
+
+
+class QBatchNorm2d(_QBatchNorm):
+    """Quaternion batch norm over ``(N, C, H, W)`` inputs; arguments as
+    :class:`QBatchNorm1d`.
+
+    Example:
+        >>> import torch
+        >>> from quatnn.nn.norm import QBatchNorm2d
+        >>> bn = QBatchNorm2d(16)
+        >>> y = bn(torch.randn(8, 16, 4, 4))
+        >>> y.shape
+        torch.Size([8, 16, 4, 4])
+    """
+
+    _input_dims = (4,)
+    _shape_text = "(N, C, H, W)"
+
+
+class QBatchNorm3d(_QBatchNorm):
+    """Quaternion batch norm over ``(N, C, D, H, W)`` inputs; arguments as
+    :class:`QBatchNorm1d`.
+
+    Example:
+        >>> import torch
+        >>> from quatnn.nn.norm import QBatchNorm3d
+        >>> QBatchNorm3d(8)(torch.randn(4, 8, 2, 3, 3)).shape
+        torch.Size([4, 8, 2, 3, 3])
+    """
+
+    _input_dims = (5,)
+    _shape_text = "(N, C, D, H, W)"
+
+
+class QLayerNorm(nn.Module):
+    """Per-token quaternion layer norm over the last axis (size ``4C``, blocked).
+
+    For every token: ``mu`` is the mean quaternion of its ``C`` quaternions,
+    ``sigma^2 = mean_c |q_c - mu|^2`` and ``y_c = gamma_c (q_c - mu)/sqrt(sigma^2 + eps) +
+    beta_c`` with a real ``gamma`` (``weight``, shape ``(C,)``, init 1) and a quaternion
+    ``beta`` (``bias``, blocked ``(4C,)``, init 0).
+
+    Example:
+        >>> import torch
+        >>> from quatnn.nn.norm import QLayerNorm
+        >>> ln = QLayerNorm(16)
+        >>> ln(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 5, 16])
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (
+            (normalized_shape,)
+            if isinstance(normalized_shape, int)
+            else tuple(int(s) for s in normalized_shape)
+        )
+        if len(shape) != 1 or shape[0] <= 0 or shape[0] % 4:
+            raise ValueError(
+                "QLayerNorm: normalized_shape must be one positive size divisible by 4 (the "
+                f"last, feature axis in real units), got normalized_shape={normalized_shape}"
+            )
+        self.normalized_shape = shape
+        self.num_quaternions = shape[0] // 4
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        kw = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(self.num_quaternions, **kw))
+            self.bias = nn.Parameter(torch.zeros(shape[0], **kw))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            with torch.no_grad():
+                self.weight.fill_(1.0)
+                self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.normalized_shape[0]:
+            raise ValueError(
+                f"QLayerNorm: expected the last axis of size {self.normalized_shape[0]}, got "
+                f"input of shape {tuple(x.shape)}"
+            )
+        c = self.num_quaternions
+        xq = x.unflatten(-1, (4, c))
+        var, mu = torch.var_mean(xq, dim=-1, correction=0, keepdim=True)
+        inv = torch.rsqrt(var.sum(-2, keepdim=True) + self.eps)
+        if self.weight is None:
+            return ((xq - mu) * inv).flatten(-2)
+        y = torch.addcmul(self.bias.view(4, c), xq - mu, inv * self.weight)
+        return y.flatten(-2)
+
+
+_CONVERT = {
+    nn.BatchNorm1d: QBatchNorm1d,
+    nn.BatchNorm2d: QBatchNorm2d,
+    nn.BatchNorm3d: QBatchNorm3d,
+}
+
+
+def convert_batchnorm(model: nn.Module, mode: str = "whiten") -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` with ``num_features % 4 == 0`` by the
+    quaternion batch norm of the same rank, in place; returns the model (a new module when
+    ``model`` itself is a batch norm, as :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`).
+
+    ``eps``, ``momentum``, ``affine``, ``track_running_stats``, the training flag, device and
+    dtype are copied. In ``"split"`` mode the weights, biases and running statistics are
+    copied exactly (the result computes the same function); in the other modes their shapes
+    differ, so the new layers start from their own initialization.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from quatnn.nn.norm import convert_batchnorm
+        >>> net = convert_batchnorm(nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8)))
+        >>> type(net[1]).__name__
+        'QBatchNorm2d'
+    """
+    if mode not in _MODES:
+        raise ValueError(f"convert_batchnorm: mode must be one of {_MODES}, got mode={mode!r}")
+    target = next((q for b, q in _CONVERT.items() if isinstance(model, b)), None)
+    if target is not None and model.num_features % 4 == 0:
+        ref = next(iter(model.parameters()), None)
+        if ref is None:
+            ref = next(iter(model.buffers()), None)
+        new = target(
+            model.num_features,
+            mode=mode,
+            eps=model.eps,
+            momentum=model.momentum,
+            affine=model.affine,
+            track_running_stats=model.track_running_stats,
+            device=None if ref is None else ref.device,
+            dtype=None if ref is None or not ref.is_floating_point() else ref.dtype,
+        )
+        if mode == "split":
+            with torch.no_grad():
+                if model.affine:
+                    new.weight.copy_(model.weight)
+                    new.bias.copy_(model.bias)
+                    new.weight.requires_grad_(model.weight.requires_grad)
+                    new.bias.requires_grad_(model.bias.requires_grad)
+                if model.track_running_stats:
+                    new.running_mean.copy_(model.running_mean)
+                    new.running_var.copy_(model.running_var)
+                    new.num_batches_tracked.copy_(model.num_batches_tracked)
+        new.train(model.training)
+        return new
+    for name, child in model.named_children():
+        converted = convert_batchnorm(child, mode)
+        if converted is not child:
+            setattr(model, name, converted)
+    return model
