@@ -1,0 +1,312 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from quatnn import models
+from quatnn.models.resnet import ResidualBlock
+from quatnn.nn import QConv2d, QLinear, QMaxPool2d
+
+CONVNETS = ("conv2", "conv4", "conv6")
+RESNETS = ("resnet20", "resnet56", "resnet18", "resnet34", "resnet50")
+MOBILENETS = ("mobilenet_v1", "mobilenet_v2")
+
+
+def _forward_backward(model, shape, num_classes=10):
+    """Forward a batch of 2, backpropagate, and check the output shape and every gradient."""
+    torch.manual_seed(0)
+    out = model(torch.randn(2, *shape))
+    assert out.shape == (2, num_classes)
+    nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+
+
+def _input_shape(name, variant, size=None):
+    size = size or models.spec(name).default_input_size
+    return (models.default_in_channels(name, variant), *size)
+
+
+# ------------------------------------------------------------------ published counts
+
+# Iqbal & Mishra (2023), Table 1 (REFERENCES.md); quaternion CIFAR models read 4 channels.
+PUBLISHED = [
+    ("lenet_300_100", "real", 10, 266_610),
+    ("lenet_300_100", "quaternion", 10, 67_710),
+    ("conv2", "real3", 10, 4_301_642),
+    ("conv2", "quaternion", 10, 1_077_962),
+    ("conv4", "real3", 10, 2_425_930),
+    ("conv4", "quaternion", 10, 609_226),
+    ("conv6", "real3", 10, 2_262_602),
+    ("conv6", "quaternion", 10, 568_778),
+    ("conv4", "real3", 100, 2_449_060),
+    ("conv4", "quaternion", 100, 632_356),
+    ("conv6", "real3", 100, 2_285_732),
+    ("conv6", "quaternion", 100, 591_908),
+]
+
+
+@pytest.mark.parametrize("name, variant, classes, expected", PUBLISHED)
+def test_published_parameter_counts(name, variant, classes, expected):
+    model = models.create(name, variant, num_classes=classes)
+    assert models.count_parameters(model) == expected
+
+
+def test_lenet_quaternion_reads_784_pixels_as_196_quaternions():
+    model = models.create("lenet_300_100", "quaternion", in_channels=1, input_size=(28, 28))
+    assert isinstance(model.fc1, QLinear) and model.fc1.weight.shape == (4, 75, 196)
+    _forward_backward(model, (784,))  # flat (N, F) input
+    _forward_backward(model, (1, 28, 28))  # image input, flattened
+
+
+@pytest.mark.parametrize("name", CONVNETS)
+def test_real4_adds_one_input_channel_of_first_convolution(name):
+    real3 = models.count_parameters(models.create(name, "real3"))
+    real4 = models.count_parameters(models.create(name, "real4"))
+    assert real4 - real3 == 64 * 3 * 3
+
+
+# ------------------------------------------------------------------ every model runs
+
+
+@pytest.mark.parametrize("variant", models.VARIANTS)
+@pytest.mark.parametrize("name", [n for n in models.names() if n != "resnet50"])
+def test_forward_backward_every_model_and_variant(name, variant):
+    _forward_backward(models.create(name, variant), _input_shape(name, variant))
+
+
+@pytest.mark.parametrize("variant", models.VARIANTS)
+def test_forward_backward_resnet50(variant):
+    # Full width once (quaternion, 32x32); the real variants on 8x8 to keep the file fast.
+    size = None if variant == "quaternion" else (8, 8)
+    _forward_backward(models.create("resnet50", variant), _input_shape("resnet50", variant, size))
+
+
+def test_num_classes_100():
+    _forward_backward(models.create("resnet20", "quaternion", num_classes=100), (4, 32, 32), 100)
+    model = models.create("conv2", "quaternion", num_classes=100)
+    assert model.head.out_features == 100
+
+
+# ------------------------------------------------------------------ structure
+
+
+@pytest.mark.parametrize("name", CONVNETS)
+def test_quaternion_convnet_is_quaternion_except_the_head(name):
+    model = models.create(name, "quaternion")
+    types = [type(m) for m in model.modules()]
+    assert nn.Conv2d not in types and nn.MaxPool2d not in types
+    assert types.count(QConv2d) == int(name[-1])
+    assert types.count(QMaxPool2d) == int(name[-1]) // 2
+    assert types.count(QLinear) == 2
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears == [model.head]
+
+
+def test_real_convnet_has_no_quaternion_layers():
+    types = {type(m) for m in models.create("conv4", "real4").modules()}
+    assert not types & {QConv2d, QLinear, QMaxPool2d}
+    assert {nn.Conv2d, nn.Linear, nn.MaxPool2d} <= types
+
+
+def test_quaternion_first_false_makes_only_the_first_layer_real():
+    model = models.create("conv2", "quaternion", in_channels=3, quaternion_first=False)
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, QConv2d))]
+    assert [type(c) for c in convs] == [nn.Conv2d, QConv2d]
+    assert convs[0].in_channels == 3
+    _forward_backward(model, (3, 32, 32))
+    lenet = models.create("lenet_300_100", "quaternion", input_size=(5, 5), quaternion_first=False)
+    assert type(lenet.fc1) is nn.Linear and isinstance(lenet.fc2, QLinear)
+
+
+@pytest.mark.parametrize("name", CONVNETS + RESNETS)
+def test_quaternion_has_about_a_quarter_of_real4_parameters(name):
+    real4 = models.count_parameters(models.create(name, "real4"))
+    quaternion = models.count_parameters(models.create(name, "quaternion"))
+    assert 0.24 <= quaternion / real4 <= 0.27
+
+
+@pytest.mark.parametrize("name, expected", [("mobilenet_v1", 0.268), ("mobilenet_v2", 0.287)])
+def test_mobilenets_keep_a_bit_more_than_a_quarter(name, expected):
+    # A quaternion depthwise kernel has as many reals as the real depthwise kernels it replaces.
+    real4 = models.create(name, "real4")
+    quaternion = models.create(name, "quaternion", norm="real")
+    depthwise = [
+        sum(m.weight.numel() for m in model.modules() if getattr(m, "groups", 1) > 1)
+        for model in (real4, quaternion)
+    ]
+    assert depthwise[0] == depthwise[1] > 0
+    ratio = models.count_parameters(quaternion) / models.count_parameters(real4)
+    assert ratio == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["whiten", "variance", "split"])
+def test_quaternion_norm_option_uses_qbatchnorm(mode):
+    from quatnn.nn.norm import QBatchNorm2d
+
+    model = models.create("resnet20", "quaternion", norm=mode)
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, QBatchNorm2d))]
+    assert len(norms) == 19 + 2  # stem, 2 per block, 2 projection shortcuts
+    assert all(type(m) is QBatchNorm2d and m.mode == mode for m in norms)
+
+
+def test_real_norm_option_and_real_variants_use_batchnorm2d():
+    from quatnn.nn.norm import QBatchNorm2d
+
+    for variant, norm in (("quaternion", "real"), ("real4", "whiten"), ("real3", "variance")):
+        model = models.create("mobilenet_v1", variant, width_mult=0.25, norm=norm)
+        types = [type(m) for m in model.modules()]
+        assert QBatchNorm2d not in types
+        assert types.count(nn.BatchNorm2d) == 27  # stem + 2 per separable block
+
+
+def test_mobilenet_depthwise_groups_per_variant():
+    for variant, per_group in (("quaternion", 4), ("real4", 1)):
+        model = models.create("mobilenet_v2", variant, width_mult=0.5, norm="real")
+        grouped = [m for m in model.modules() if getattr(m, "groups", 1) > 1]
+        assert len(grouped) == 17  # one depthwise convolution per inverted residual
+        for conv in grouped:
+            assert conv.in_channels == conv.out_channels
+            assert conv.groups == conv.in_channels // per_group
+            assert conv.in_channels % 8 == 0
+        _forward_backward(model, (4, 32, 32))
+
+
+def test_width_mult_rounds_to_multiples_of_8():
+    model = models.create("mobilenet_v1", "quaternion", width_mult=0.3, norm="real")
+    widths = [m.out_channels for m in model.modules() if isinstance(m, QConv2d)]
+    # 32 * 0.3 = 9.6 -> 8 is 17 % short -> 16; 1024 * 0.3 = 307.2 -> 304
+    assert widths[0] == 16 and widths[-1] == 304
+    assert all(w % 8 == 0 for w in widths)
+
+
+def test_imagenet_stem_when_small_input_false():
+    model = models.create("resnet18", "quaternion", small_input=False, norm="real")
+    stem_conv, pool = model.stem[0], model.stem[-1]
+    assert stem_conv.kernel_size == (7, 7) and stem_conv.stride == (2, 2)
+    assert isinstance(pool, QMaxPool2d)
+    assert models.create("resnet18", "real3").stem[0].kernel_size == (3, 3)
+    _forward_backward(model, (4, 64, 64))
+
+
+def test_bottleneck_and_projection_shortcuts():
+    model = models.create("resnet50", "real3")
+    assert model.head.in_features == 2048
+    first = model.stages[0][0]
+    assert isinstance(first.shortcut[0], nn.Conv2d) and first.shortcut[0].kernel_size == (1, 1)
+    assert isinstance(model.stages[0][1].shortcut, nn.Identity)
+
+
+@pytest.mark.parametrize("norm", ["whiten", "real"])
+def test_zero_init_residual_starts_blocks_as_identity(norm):
+    model = models.create("resnet20", "quaternion", norm=norm, zero_init_residual=True)
+    block = model.stages[0][0]
+    assert isinstance(block, ResidualBlock) and isinstance(block.shortcut, nn.Identity)
+    x = torch.relu(torch.randn(2, 16, 8, 8))
+    torch.testing.assert_close(block(x), x)
+    plain = models.create("resnet20", "quaternion", norm=norm).stages[0][0]
+    assert not torch.allclose(plain(x), x)
+
+
+# ------------------------------------------------------------------ validation
+
+
+def test_unknown_model_and_variant_list_the_valid_ones():
+    with pytest.raises(ValueError, match="valid models: lenet_300_100, conv2"):
+        models.create("vgg16")
+    with pytest.raises(ValueError, match="valid variants: real3, real4, real, quaternion"):
+        models.create("conv2", "complex")
+    with pytest.raises(ValueError, match="valid models"):
+        models.spec("vgg16")
+    with pytest.raises(ValueError, match="valid norms"):
+        models.create("resnet20", norm="layer")
+    with pytest.raises(TypeError, match="valid options: small_input=True"):
+        models.create("resnet20", width_mult=0.5)
+
+
+def test_quaternion_input_channels_must_be_divisible_by_4():
+    with pytest.raises(ValueError, match="in_channels = 3 must be divisible by 4"):
+        models.create("conv2", "quaternion", in_channels=3)
+    with pytest.raises(ValueError, match="in_channels = 6 must be divisible by 4"):
+        models.create("mobilenet_v2", "quaternion", in_channels=6)
+    with pytest.raises(ValueError, match=r"in_channels\*H\*W = 729"):
+        models.create("lenet_300_100", "quaternion", input_size=(27, 27))
+    models.create("conv2", "real3", in_channels=5)  # real models take any count
+
+
+def test_bad_sizes_are_rejected():
+    with pytest.raises(ValueError, match="num_classes"):
+        models.create("conv2", num_classes=0)
+    with pytest.raises(ValueError, match="too small"):
+        models.create("conv6", input_size=(4, 4))
+    with pytest.raises(ValueError, match="width_mult"):
+        models.create("mobilenet_v1", width_mult=0)
+
+
+def test_defaults_per_variant_and_spec():
+    assert models.names() == [
+        "lenet_300_100", "conv2", "conv4", "conv6", "resnet20", "resnet56", "resnet18",
+        "resnet34", "resnet50", "mobilenet_v1", "mobilenet_v2",
+    ]  # fmt: skip
+    assert models.VARIANTS == ("real3", "real4", "real", "quaternion")
+    channels = {v: models.default_in_channels("conv2", v) for v in models.VARIANTS}
+    assert channels == {"real3": 3, "real4": 4, "real": 1, "quaternion": 4}
+    assert models.default_in_channels("lenet_300_100", "quaternion") == 1
+    lenet, conv = models.spec("lenet_300_100"), models.spec("resnet18")
+    assert (lenet.input_kind, lenet.default_input_size) == ("flat", (28, 28))
+    assert (conv.input_kind, conv.default_input_size) == ("image", (32, 32))
+    assert conv.options["norm"] == "whiten" and conv.options["small_input"] is True
+    first_conv = models.create("conv2", "real").features[0]
+    assert first_conv.in_channels == 1
+
+
+# ------------------------------------------------------------------ counting
+
+
+def test_count_macs_by_hand():
+    model = nn.Sequential(
+        QConv2d(4, 8, 3, padding=1),  # 5x5 positions x 8 out x 4 in x 9 taps
+        QConv2d(8, 8, 3, groups=2),  # 3x3 positions x 8 out x (8 / 2) in x 9 taps
+        nn.Flatten(),
+        nn.Linear(72, 10),
+    )
+    model.train()
+    assert models.count_macs(model, (4, 5, 5)) == 25 * 8 * 4 * 9 + 9 * 8 * 4 * 9 + 72 * 10
+    assert model.training  # mode restored
+    # 16 real products per quaternion weight use: 2 x 1 quaternions, 9 taps, 25 positions
+    assert models.count_macs(QConv2d(4, 8, 3, padding=1), (4, 5, 5)) == 16 * 2 * 1 * 9 * 25
+
+
+def test_count_macs_of_lenet_and_conv2():
+    dense = 784 * 300 + 300 * 100 + 100 * 10
+    for variant in ("real", "quaternion"):
+        model = models.create("lenet_300_100", variant)
+        assert models.count_macs(model, (784,)) == dense
+    conv2 = 32 * 32 * 64 * (4 * 9 + 64 * 9) + 16 * 16 * 64 * 256 + 256 * 256 + 256 * 10
+    for variant in ("real4", "quaternion"):
+        assert models.count_macs(models.create("conv2", variant), (4, 32, 32)) == conv2
+
+
+def test_count_parameters_counts_shared_parameters_once():
+    layer = nn.Linear(4, 4)
+    assert models.count_parameters(nn.Sequential(layer, layer)) == 20
+
+
+def test_table_rows():
+    rows = models.table(["lenet_300_100", "conv2"])
+    got = {(r["name"], r["variant"]): r for r in rows}
+    assert list(got) == [
+        ("lenet_300_100", "real"), ("lenet_300_100", "quaternion"),
+        ("conv2", "real3"), ("conv2", "real4"), ("conv2", "quaternion"),
+    ]  # fmt: skip
+    assert got["lenet_300_100", "quaternion"]["params"] == 67_710
+    assert got["lenet_300_100", "quaternion"]["ratio_to_real"] == round(67_710 / 266_610, 4)
+    assert got["conv2", "real4"]["ratio_to_real"] == 1.0
+    assert got["conv2", "quaternion"]["ratio_to_real"] == round(1_077_962 / 4_302_218, 4)
+    assert got["conv2", "real3"]["macs"] < got["conv2", "real4"]["macs"]
+    assert set(rows[0]) == {"name", "variant", "params", "ratio_to_real", "macs"}
+    only = models.table(["conv4"], ["quaternion"])
+    assert len(only) == 1
+    assert math.isclose(only[0]["ratio_to_real"], 609_226 / 2_426_506, abs_tol=1e-4)
