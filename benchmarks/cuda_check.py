@@ -1,0 +1,100 @@
+"""CUDA path of the quaternion layers against the float64 CPU reference (run on a GPU box).
+
+    PYTHONPATH=src python benchmarks/cuda_check.py
+
+Prints one line per check and exits non-zero on any mismatch.
+"""
+
+import sys
+
+import torch
+
+from quatnn import algebra
+from quatnn import functional as QF
+from quatnn.nn import QConv2d, QLinear
+
+assert torch.cuda.is_available(), "needs a CUDA device"
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+dev = torch.device("cuda")
+torch.manual_seed(0)
+failures = 0
+
+
+def check(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    global failures
+    err = ((got.double().cpu() - want).norm() / want.norm()).item()
+    ok = err <= rtol
+    failures += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} {name}: relative error {err:.2e} (limit {rtol:.0e})")
+
+
+x, w = torch.randn(64, 1024, dtype=torch.float64), torch.randn(4, 128, 256, dtype=torch.float64)
+ref = algebra.reference_linear(x, w)
+for algo in ("block", "rank8"):
+    check(
+        f"linear {algo} float64",
+        QF.quaternion_linear(x.to(dev), w.to(dev), algorithm=algo),
+        ref,
+        1e-12,
+    )
+    check(
+        f"linear {algo} float32",
+        QF.quaternion_linear(x.float().to(dev), w.float().to(dev), algorithm=algo),
+        ref,
+        1e-5,
+    )
+for kw in ({"padding": 1}, {"stride": 2, "padding": 1, "groups": 2}, {"padding": 1, "groups": 8}):
+    xc = torch.randn(4, 32, 12, 12, dtype=torch.float64)
+    wc = torch.randn(4, 8, 8 // kw.get("groups", 1), 3, 3, dtype=torch.float64)
+    ref = algebra.reference_conv(xc, wc, **kw)
+    for algo in ("block", "rank8"):
+        check(
+            f"conv2d {kw} {algo} float64",
+            QF.quaternion_conv(xc.to(dev), wc.to(dev), algorithm=algo, **kw),
+            ref,
+            1e-12,
+        )
+        check(
+            f"conv2d {kw} {algo} float32",
+            QF.quaternion_conv(xc.float().to(dev), wc.float().to(dev), algorithm=algo, **kw),
+            ref,
+            1e-5,
+        )
+xt, wt = (
+    torch.randn(2, 16, 5, 5, 5, dtype=torch.float64),
+    torch.randn(4, 4, 2, 3, 3, 3, dtype=torch.float64),
+)
+ref = algebra.reference_conv(xt, wt, stride=2, transposed=True, output_padding=1)
+for algo in ("block", "rank8"):
+    got = QF.quaternion_conv(
+        xt.to(dev), wt.to(dev), stride=2, transposed=True, output_padding=1, algorithm=algo
+    )
+    check(f"conv_transpose3d {algo} float64", got, ref, 1e-12)
+# gradients on CUDA vs CPU float64
+for algo in ("block", "rank8"):
+    xs = torch.randn(8, 16, 6, 6, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(4, 4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    QF.quaternion_conv(xs, ws, padding=1, algorithm="block").square().sum().backward()
+    xg, wg = xs.detach().to(dev).requires_grad_(), ws.detach().to(dev).requires_grad_()
+    QF.quaternion_conv(xg, wg, padding=1, algorithm=algo).square().sum().backward()
+    check(f"conv grad input {algo}", xg.grad, xs.grad, 1e-12)
+    check(f"conv grad weight {algo}", wg.grad, ws.grad, 1e-12)
+# autocast on CUDA: auto picks block, result close to float32
+model = torch.nn.Sequential(
+    QConv2d(8, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), QLinear(32 * 64, 16)
+).to(dev)
+xa = torch.randn(16, 8, 8, 8, device=dev)
+want = model(xa).double().cpu()
+for dtype in (torch.bfloat16, torch.float16):
+    with torch.autocast("cuda", dtype=dtype):
+        got = model(xa)
+    got.float().sum().backward()
+    check(f"autocast {dtype} (dtype {got.dtype})", got.float(), want, 3e-2)
+compiled = torch.compile(
+    torch.nn.Sequential(QConv2d(8, 32, 3, padding=1, algorithm="rank8"), torch.nn.ReLU()).to(dev)
+)
+xs = torch.randn(4, 8, 8, 8, device=dev)
+check("torch.compile rank8 conv", compiled(xs), compiled._orig_mod(xs).double().cpu(), 1e-5)
+print("failures:", failures)
+sys.exit(1 if failures else 0)

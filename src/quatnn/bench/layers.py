@@ -1,0 +1,109 @@
+"""``quatnn bench layers``: quaternion layers vs the real layer of the same real width.
+
+For each size, times the real ``nn.Linear``/``nn.Conv2d`` and the quaternion layer with the
+``block``, ``rank8`` and ``auto`` algorithms side by side in one process, forward only and
+forward+backward, and prints ratios to the real layer (below 1 = faster than real).
+
+Example:
+    quatnn bench layers --quick
+    quatnn bench layers --device cuda --out bench-layers.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from quatnn import functional as QF
+from quatnn.bench.timing import interleaved_seconds, markdown_table, write_rows
+from quatnn.nn import QConv2d, QLinear
+
+ALGORITHMS = ("block", "rank8", "auto")
+LINEAR = [(256, 256), (256, 1024), (256, 4096)]  # (batch, real width)
+CONV = [(64, 64, 32), (64, 256, 32)]  # (batch, real channels, image size), 3x3, padding 1
+
+
+def _cases(
+    quick: bool,
+) -> list[tuple[str, Callable[[], nn.Module], Callable[[], nn.Module], tuple]]:
+    linear = LINEAR[:2] if quick else LINEAR
+    conv = [(16, 64, 16)] if quick else CONV
+    cases = [
+        (f"linear {w} (batch {b})", lambda w=w: nn.Linear(w, w), lambda w=w: QLinear(w, w), (b, w))
+        for b, w in linear
+    ]
+    cases += [
+        (
+            f"conv3x3 {c}ch {s}x{s} (batch {b})",
+            lambda c=c: nn.Conv2d(c, c, 3, padding=1),
+            lambda c=c: QConv2d(c, c, 3, padding=1),
+            (b, c, s, s),
+        )
+        for b, c, s in conv
+    ]
+    return cases
+
+
+def _step(module: nn.Module, x: torch.Tensor, backward: bool) -> Callable[[], None]:
+    def run() -> None:
+        if backward:
+            module.zero_grad(set_to_none=True)
+            module(x).sum().backward()
+        else:
+            with torch.no_grad():
+                module(x)
+
+    return run
+
+
+def _with_algorithm(algorithm: str, fn: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        with QF.use_algorithm(algorithm):
+            fn()
+
+    return run
+
+
+def run(device: str = "cpu", quick: bool = False, repeats: int = 5) -> list[dict]:
+    """Time every case; one row per (case, pass) with seconds and ratios to real."""
+    rows = []
+    for name, make_real, make_quat, shape in _cases(quick):
+        real, quat = make_real().to(device), make_quat().to(device)
+        x = torch.randn(*shape, device=device)
+        for backward in (False, True):
+            fns = {"real": _step(real, x, backward)}
+            for algorithm in ALGORITHMS:
+                fns[algorithm] = _with_algorithm(algorithm, _step(quat, x, backward))
+            seconds = interleaved_seconds(fns, device, repeats)
+            row: dict = {"layer": name, "pass": "fwd+bwd" if backward else "fwd"}
+            row["real_ms"] = 1e3 * seconds["real"]
+            row.update({f"{a}_x": seconds[a] / seconds["real"] for a in ALGORITHMS})
+            rows.append(row)
+            print(markdown_table([row], list(row)).splitlines()[-1], flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="quatnn bench layers",
+        description="Time quaternion layers (block, rank8, auto) against the real layer of "
+        "the same real width, side by side; prints time ratios to real (< 1 is faster).",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="small sizes only (seconds)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", default=None, help="also write the table (.csv or .json)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    rows = run(args.device, args.quick, args.repeats)
+    print(markdown_table(rows, list(rows[0])))
+    if args.out:
+        write_rows(rows, args.out)
+    return 0
