@@ -1,0 +1,561 @@
+"""The ``quatnn`` command: parses arguments and calls the packages; no logic of its own.
+
+Each subcommand is one ``_add_<name>(commands)`` function that adds its parser and sets
+``handler`` (a function of the parsed arguments returning the exit status), registered
+in :data:`COMMANDS`. Bad input ends with one line on stderr and exit status 2, an
+interruption with 130, a non-finite loss with 1.
+
+Example:
+    >>> main(["models", "--names", "lenet_300_100"])  # doctest: +NORMALIZE_WHITESPACE
+    | name | variant | params | ratio_to_real | macs |
+    |---|---|---|---|---|
+    | lenet_300_100 | real | 266610 | 1.0 | 266200 |
+    | lenet_300_100 | quaternion | 67710 | 0.254 | 266200 |
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import pkgutil
+import sys
+import textwrap
+from collections.abc import Callable, Sequence
+
+import quatnn
+from quatnn import data, models, prune, report, train
+from quatnn.report import lottery as lottery_report
+from quatnn.train.config import COMPARE_KEYS, FIELDS, parse_option
+from quatnn.train.progress import PROGRESS_MODES
+
+
+class UsageError(Exception):
+    """Bad command-line input found by a handler; the message is one line."""
+
+
+USER_ERRORS = (UsageError, train.RunError, report.ReportError, data.DatasetMissingError)
+
+
+def _add_parser(
+    commands: argparse._SubParsersAction,
+    name: str,
+    summary: str,
+    description: str,
+    examples: Sequence[str],
+    **kwargs: object,
+) -> argparse.ArgumentParser:
+    """A subcommand parser: ``summary`` for ``quatnn --help``, then its own description
+    and examples."""
+    return commands.add_parser(
+        name,
+        help=summary,
+        description=textwrap.fill(description, 80),
+        epilog="examples:\n" + "\n".join(f"  {line}" for line in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
+    )
+
+
+def _comma_list(kind: type) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
+
+    return parse
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """One flag per :class:`~quatnn.train.TrainConfig` field; only flags given on the
+    command line override the config file."""
+    group = parser.add_argument_group(
+        "run settings (defaults, overridden by --config FILE, overridden by these flags)"
+    )
+    for name, f in FIELDS.items():
+        if name in skip:
+            continue
+        default = "none" if f.default is dataclasses.MISSING else f.default
+        default = {True: "on", False: "off"}.get(default, default) if f.type == "bool" else default
+        text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
+        common = {"dest": name, "default": argparse.SUPPRESS, "help": text}
+        flag = "--" + name.replace("_", "-")
+        if f.type == "dict":
+            group.add_argument("--option", action="append", metavar="KEY=VALUE", **common)
+        elif f.type == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            group.add_argument(flag, type=kind, metavar=f.type.upper(), **common)
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML config or recipe to start from")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete a run already in the output folder and start again",
+    )
+    parser.add_argument(
+        "--progress",
+        choices=PROGRESS_MODES,
+        default="auto",
+        help="progress bars on stderr; auto: only on a terminal (default: auto)",
+    )
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log to OUT/tensorboard (needs the tensorboard package)",
+    )
+    parser.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="download a missing dataset (default: on)",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    """The settings given on the command line (config fields, variants and seeds)."""
+    values = {name: getattr(args, name) for name in (*FIELDS, *COMPARE_KEYS) if hasattr(args, name)}
+    if "options" in values:
+        values["options"] = dict(parse_option(text) for text in values["options"])
+    return values
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    return {"progress": args.progress, "tensorboard": args.tensorboard, "download": args.download}
+
+
+def _train(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    if args.resume is None:
+        cfg, _ = train.load_config(args.config, overrides)
+        out = args.out or train.default_run_dir(cfg)
+        if_exists = "overwrite" if args.overwrite else "refuse"
+    else:
+        given = {"--config": args.config, "--overwrite": args.overwrite, "--out": args.out}
+        clashes = [flag for flag, value in given.items() if value]
+        if clashes:
+            flags = ", ".join(clashes)
+            raise UsageError(f"--resume RUN_DIR continues that run as it is; drop {flags}")
+        cfg, out, if_exists = train.resume_config(args.resume, overrides), args.resume, "resume"
+    train.train(cfg, out, if_exists=if_exists, **_run_options(args))
+    return 0
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    parser = _add_parser(
+        commands,
+        "train",
+        "train one model variant on one dataset into a run folder",
+        "Train one model variant on one dataset. The run folder gets config.toml (the "
+        "resolved settings), metrics.jsonl (one row per epoch), checkpoint.pt (after every "
+        "epoch), best.pt, train.log and, at the end, summary.json. Ctrl-C or SIGTERM keeps "
+        "the checkpoint of the last completed epoch; --resume continues from it.",
+        [
+            "quatnn train --model conv6 --variant quaternion --dataset cifar10 --epochs 60 \\",
+            "    --lr 3e-4 --data-dir data --out runs/conv6-q",
+            "quatnn train --resume runs/conv6-q        # continue after Ctrl-C or a crash",
+            "quatnn train --config runs/conv6-q/config.toml --out runs/again   # run it again",
+        ],
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", help="run folder (default: runs/MODEL-VARIANT-DATASET-sSEED)"
+    )
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    )
+    _add_output_flags(parser)
+    _add_config_flags(parser)
+    parser.set_defaults(handler=_train)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    cfg, extra = train.load_config(args.config, _overrides(args), compare=True)
+    train.compare(
+        cfg,
+        args.out,
+        variants=extra.get("variants", ()),
+        seeds=extra.get("seeds", train.DEFAULT_SEEDS),
+        overwrite=args.overwrite,
+        **_run_options(args),
+    )
+    result = report.write_report([args.out])
+    print(result.table)
+    print(f"report: {args.out}/report.md")
+    return 0
+
+
+def _add_compare(commands: argparse._SubParsersAction) -> None:
+    parser = _add_parser(
+        commands,
+        "compare",
+        "train every variant x seed, then write the report (default: a 1-minute demo)",
+        "Train a model in several variants and seeds into OUT/<variant>-s<seed>/ (finished "
+        "runs are skipped and unfinished ones resumed, so the same command continues an "
+        "interrupted comparison), then write the report into OUT. Without arguments: "
+        "Lenet-300-100 real vs quaternion on the bundled digits data, 3 seeds, about a "
+        "minute on a laptop CPU. A config file may also set variants and seeds; a single "
+        "run's variant and seed in it are ignored.",
+        [
+            "quatnn compare",
+            "quatnn compare --model conv6 --dataset cifar10 --variants real3,real4,quaternion \\",
+            "    --seeds 0,1,2 --epochs 60 --lr 3e-4 --out runs/conv6-cifar10",
+            "quatnn compare --config experiments/conv4_cifar10.toml --out runs/conv4",
+        ],
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default="runs/compare",
+        help="comparison folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--variants",
+        type=_comma_list(str),
+        default=argparse.SUPPRESS,
+        help="comma-separated variants (default: real3,real4,quaternion for colour data, "
+        "real,quaternion for grayscale)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_comma_list(int),
+        default=argparse.SUPPRESS,
+        help=f"comma-separated seeds (default: {','.join(map(str, train.DEFAULT_SEEDS))})",
+    )
+    _add_output_flags(parser)
+    _add_config_flags(parser, skip=("variant", "seed"))
+    parser.set_defaults(handler=_compare)
+
+
+def _report(args: argparse.Namespace) -> int:
+    if len(args.runs) == 1 and lottery_report.is_lottery(args.runs[0]):
+        result = lottery_report.write_lottery_report(args.runs[0], args.out)
+    else:
+        result = report.write_report(args.runs, args.out)
+    print(result.table)
+    print(f"report: {result.files[0]}")
+    return 0
+
+
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    parser = _add_parser(
+        commands,
+        "report",
+        "plots and a table from run folders (reads files only)",
+        "Read run folders (or folders of them, such as a compare folder) and write "
+        "accuracy.png and loss.png (mean ± std over seeds per variant), throughput.png, "
+        "report.md (the table, also printed) and report.json.",
+        ["quatnn report runs/compare", "quatnn report runs/a runs/b --out runs/a-vs-b"],
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run or comparison folders")
+    parser.add_argument(
+        "--out", metavar="DIR", help="where to write the report (default: the one folder given)"
+    )
+    parser.set_defaults(handler=_report)
+
+
+def _models(args: argparse.Namespace) -> int:
+    try:
+        rows = models.table(args.names, args.variants)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(report.markdown_table(rows))
+    return 0
+
+
+def _add_models(commands: argparse._SubParsersAction) -> None:
+    parser = _add_parser(
+        commands,
+        "models",
+        "list the model zoo: parameters, ratio to real, MACs",
+        "Print a markdown table of the models and variants: parameters, their ratio to the "
+        "real model, and multiply-accumulates for one image.",
+        ["quatnn models --names conv2,conv4 --variants real4,quaternion"],
+    )
+    parser.add_argument("--names", type=_comma_list(str), help="comma-separated model names")
+    parser.add_argument("--variants", type=_comma_list(str), help="comma-separated variants")
+    parser.set_defaults(handler=_models)
+
+
+_LOTTERY_FLAGS = (
+    ("levels", int, "pruned levels after the dense level 0 (default: 20)"),
+    ("method", str, "magnitude or random (default: magnitude)"),
+    ("scope", str, "global or layerwise (default: global)"),
+    ("rate", float, "fraction of the remaining weights pruned per level (default: 0.2)"),
+    ("rates", _comma_list(str), "layerwise rates by layer type, e.g. conv=0.1,fc=0.2,output=0.1"),
+    ("granularity", str, "element, or quaternion: whole quaternions by norm (default: element)"),
+    ("skip", _comma_list(str), "comma-separated layers or layer types (conv, fc, output) to keep"),
+    ("rewind", str, "rewind survivors to 0 (initialization), <k>it or <k>ep (default: 0)"),
+    ("controls", _comma_list(str), "comma-separated controls: reinit, random (default: none)"),
+    ("control_levels", _comma_list(int), "levels that get the controls (default: all)"),
+    ("min_acc", float, "stop after a level whose final test accuracy is below this"),
+)
+"""The ``[lottery]`` settings as flags of ``quatnn lottery``: name, type, help."""
+
+
+def _lottery(args: argparse.Namespace) -> int:
+    settings = {name: getattr(args, name) for name, _, _ in _LOTTERY_FLAGS if hasattr(args, name)}
+    if "rates" in settings:
+        try:
+            settings["rates"] = dict(parse_option(text) for text in settings["rates"])
+        except train.RunError as err:
+            raise UsageError(str(err)) from None
+    cfg, extra, lottery = prune.load_recipe(args.config, _overrides(args), settings)
+    prune.run_lottery(
+        cfg,
+        args.out,
+        lottery,
+        variants=extra.get("variants", ()),
+        seeds=extra.get("seeds", train.DEFAULT_SEEDS),
+        overwrite=args.overwrite,
+        **_run_options(args),
+    )
+    result = lottery_report.write_lottery_report(args.out)
+    print(result.table)
+    print(f"report: {result.files[0]}")
+    return 0
+
+
+def _add_lottery(commands: argparse._SubParsersAction) -> None:
+    parser = _add_parser(
+        commands,
+        "lottery",
+        "lottery tickets: train, prune, rewind, retrain, for real and quaternion models",
+        "Iterative magnitude pruning with rewinding (Frankle & Carbin 2019) for every variant "
+        "and seed: OUT/<variant>-s<seed>/level-<LL>/ is a run folder plus masks.pt and "
+        "sparsity.json, the controls go to level-<LL>-reinit/ and level-<LL>-random/. "
+        "Finished levels are skipped and an interrupted one resumes, so the same command "
+        "continues an interrupted lottery. Then writes lottery.md and lottery.png into OUT "
+        "(also: quatnn report OUT). A config file may hold a [lottery] table of the pruning "
+        "settings below, and variants and seeds.",
+        [
+            "quatnn lottery --model lenet_300_100 --dataset digits --levels 3 --rate 0.5 \\",
+            "    --epochs 2 --seeds 0 --out runs/lottery-demo",
+            "quatnn lottery --model conv4 --dataset cifar10 --variants real4,quaternion \\",
+            "    --levels 20 --rate 0.2 --rewind 0 --seeds 0,1,2 --controls reinit,random \\",
+            "    --epochs 40 --lr 3e-4 --out runs/lottery-conv4",
+            "quatnn lottery --config experiments/lottery_conv4_cifar10.toml --out runs/conv4",
+        ],
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", default="runs/lottery", help="lottery folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--variants",
+        type=_comma_list(str),
+        default=argparse.SUPPRESS,
+        help="comma-separated variants (default: real4,quaternion for colour data, "
+        "real,quaternion for grayscale)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_comma_list(int),
+        default=argparse.SUPPRESS,
+        help=f"comma-separated seeds (default: {','.join(map(str, train.DEFAULT_SEEDS))})",
+    )
+    group = parser.add_argument_group(
+        "pruning (defaults, overridden by the [lottery] table of --config FILE, overridden "
+        "by these flags)"
+    )
+    for name, kind, text in _LOTTERY_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        group.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=text)
+    _add_output_flags(parser)
+    _add_config_flags(parser, skip=("variant", "seed"))
+    parser.set_defaults(handler=_lottery)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from quatnn import export
+
+    try:
+        result = export.export_run(
+            args.run,
+            args.format,
+            args.out,
+            fold=args.fold,
+            checkpoint="best.pt" if args.best else "checkpoint.pt",
+            check=args.check,
+            opset=args.opset,
+            exporter=args.onnx_exporter,
+            sparse=args.sparse,
+            data_dir=args.data_dir,
+        )
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise UsageError(str(err)) from None
+    how = "folded" if result["folded"] else "as is"
+    if result["format"] == "safetensors":
+        how = "compact weights"
+    line = f"{result['model']} ({how}) -> {result['path']}: {result['bytes'] / 2**20:.2f} MB"
+    if result.get("max_abs_diff") is not None:
+        runtime = "ONNX Runtime" if result["format"] == "onnx" else "reloaded"
+        line += (
+            f", {runtime} matches PyTorch (max abs diff {result['max_abs_diff']:.2g} on "
+            f"batches {', '.join(map(str, result['batches']))})"
+        )
+    print(line)
+    return 0
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    from quatnn.export.run import RUN_FORMATS
+
+    parser = _add_parser(
+        commands,
+        "export",
+        "export a run's model: ONNX, TorchScript, torch.export, compact safetensors",
+        "Rebuild the model of a run folder from its config.toml and checkpoint and export "
+        "it for inference (dynamic batch axis). Quaternion models are folded into plain real "
+        "layers first (--no-fold exports them as they are, which fails for quaternion batch "
+        "norms). The exported file is loaded back (ONNX: with ONNX Runtime) and its outputs "
+        "compared with the PyTorch model before it is written. safetensors writes the "
+        "compact checkpoint (quaternion weights, about 1/4 of the real model; load it with "
+        "quatnn.load).",
+        [
+            "quatnn export runs/conv4-q --format onnx --out conv4.onnx",
+            "quatnn export runs/conv4-q --format pt2 --best",
+            "quatnn export runs/conv4-q --format safetensors --sparse --out conv4.safetensors",
+        ],
+    )
+    parser.add_argument("run", metavar="RUN_DIR", help="the run folder")
+    parser.add_argument(
+        "--format", choices=RUN_FORMATS, default="onnx", help="output format (default: onnx)"
+    )
+    parser.add_argument(
+        "--out", metavar="FILE", help="output file (default: RUN_DIR/model.onnx, .ts, .pt2, ...)"
+    )
+    parser.add_argument(
+        "--fold",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold quaternion layers and batch norms into plain real layers (default: on)",
+    )
+    parser.add_argument(
+        "--best", action="store_true", help="export best.pt (best test accuracy), not the last"
+    )
+    parser.add_argument(
+        "--check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="load the export back and compare its outputs before writing it (default: on)",
+    )
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    parser.add_argument(
+        "--onnx-exporter",
+        choices=("dynamo", "legacy"),
+        default="dynamo",
+        help="torch.onnx exporter: dynamo (torch.export-based) or the legacy TorchScript one",
+    )
+    parser.add_argument(
+        "--sparse",
+        action="store_true",
+        help="safetensors: store mostly-zero (pruned) weights sparse",
+    )
+    parser.add_argument(
+        "--data-dir", metavar="DIR", help="dataset folder, if not the run's (imagefolder runs)"
+    )
+    parser.set_defaults(handler=_export)
+
+
+def _benchmarks() -> list[str]:
+    """The modules of :mod:`quatnn.bench` that have a ``main(argv)`` (imported to look)."""
+    try:
+        package = importlib.import_module("quatnn.bench")
+    except ImportError:
+        return []
+    names = [m.name for m in pkgutil.iter_modules(package.__path__) if not m.ispkg]
+    return [n for n in names if callable(getattr(_bench_module(n), "main", None))]
+
+
+def _bench_module(name: str) -> object:
+    return importlib.import_module(f"quatnn.bench.{name}")
+
+
+class _BenchHelp(argparse.Action):
+    """``-h``/``--help`` of ``quatnn bench``: lists the benchmarks found when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show this help and the benchmarks")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        parser.description += f" Available: {', '.join(_benchmarks()) or 'none'}."
+        parser.print_help()
+        parser.exit()
+
+
+def _bench(args: argparse.Namespace) -> int:
+    available = _benchmarks()
+    if args.name not in available:
+        raise UsageError(f"unknown benchmark {args.name!r}; available: {', '.join(available)}")
+    status = _bench_module(args.name).main(list(args.args))
+    return status if isinstance(status, int) else 0
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    parser = _add_parser(
+        commands,
+        "bench",
+        "run a benchmark: quatnn bench NAME [ARGS...]",
+        "Run benchmark NAME (a module of quatnn.bench) with its own arguments; "
+        "quatnn bench NAME --help shows them.",
+        ["quatnn bench layers --help"],
+        add_help=False,
+    )
+    parser.add_argument("-h", "--help", action=_BenchHelp)
+    parser.add_argument("name", metavar="NAME", help="the benchmark")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    parser.set_defaults(handler=_bench)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train,
+    _add_compare,
+    _add_lottery,
+    _add_report,
+    _add_export,
+    _add_models,
+    _add_bench,
+]
+"""Subcommand registrations, in the order ``quatnn --help`` lists them."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``quatnn`` argument parser with every subcommand of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="quatnn",
+        description="Quaternion neural networks: train and compare real and quaternion models.",
+        epilog="start with:  quatnn compare   (Lenet-300-100 real vs quaternion, offline, ~1 min)",
+    )
+    parser.add_argument("--version", action="version", version=f"quatnn {quatnn.__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in COMMANDS:
+        add(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``quatnn`` command with ``argv`` (default: ``sys.argv[1:]``); returns the
+    exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except USER_ERRORS as err:
+        print(f"quatnn: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except train.NonFiniteLoss as err:
+        print(f"quatnn: error: {err}", file=sys.stderr)
+        return 1
+    except train.Interrupted as err:
+        print(f"quatnn: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("quatnn: interrupted", file=sys.stderr)
+        return 130

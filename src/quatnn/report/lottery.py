@@ -1,0 +1,251 @@
+"""Reports of lottery folders (:mod:`quatnn.prune.lottery`): accuracy against the percent
+of the real model's parameters that remain, and a table per level.
+
+Reads ``lottery.toml`` and, in every ``<variant>-s<seed>/level-<LL>[-<control>]`` folder,
+``config.toml``, ``summary.json`` and ``sparsity.json``; unfinished levels are left out.
+The x axis is the paper's (Iqbal & Mishra 2023): remaining parameters (pruned weights
+removed, biases kept) over those of the real model (``real4`` for colour data, ``real``
+for grayscale), so a quaternion curve starts near 25%.
+
+Example:
+    >>> from quatnn.report import lottery
+    >>> lottery.is_lottery("runs/compare")
+    False
+    >>> result = lottery.write_lottery_report("runs/lottery")  # doctest: +SKIP
+    >>> print(result.table)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+from quatnn.models import VARIANTS
+from quatnn.report.runs import ReportError, read_run
+from quatnn.report.table import markdown_table
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["LotteryReport", "is_lottery", "read_levels", "summarize_levels", "write_lottery_report"]
+
+RECIPE = "lottery.toml"
+FILES = ("lottery.md", "lottery.json", "lottery.png")
+METRICS = ("final", "best")
+_LEVEL = re.compile(r"level-(\d+)(?:-(\w+))?")
+_STYLES = {None: "-", "reinit": "--", "random": "-."}
+
+
+@dataclass
+class LotteryReport:
+    """What :func:`write_lottery_report` wrote: the markdown ``table``, the numeric
+    ``rows`` (:func:`summarize_levels`) and the ``files``."""
+
+    table: str
+    rows: list[dict]
+    files: list[Path]
+
+
+def is_lottery(path: str | Path) -> bool:
+    """Whether ``path`` is a lottery folder (it holds ``lottery.toml``)."""
+    return (Path(path) / RECIPE).is_file()
+
+
+def read_levels(path: str | Path) -> list[dict]:
+    """One row per finished level folder: ``variant``, ``seed``, ``level``, ``control``
+    (None for the ticket), ``final_acc``, ``best_acc``, ``real_percent`` (parameters
+    left, % of the real model's), ``params_percent`` and ``weights_percent`` (% of the
+    model's own parameters and prunable weights), ``reference`` and ``path``."""
+    rows = []
+    for folder in sorted(Path(path).glob("*-s*/level-*")):
+        match = _LEVEL.fullmatch(folder.name)
+        if match is None or not (folder / "sparsity.json").is_file():
+            continue
+        run = read_run(folder)
+        if run.summary is None:
+            continue
+        try:
+            counts = json.loads((folder / "sparsity.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ReportError(f"cannot read {folder / 'sparsity.json'}: {err}") from None
+        rows.append(
+            {
+                "variant": run.variant,
+                "seed": run.seed,
+                "level": int(match[1]),
+                "control": match[2],
+                "final_acc": run.summary["final_test_acc"],
+                "best_acc": run.summary["best_test_acc"],
+                "real_percent": counts["real_params"]["percent_remaining"],
+                "params_percent": counts["params"]["percent_remaining"],
+                "weights_percent": counts["prunable"]["percent_remaining"],
+                "reference": counts["reference"],
+                "path": str(folder),
+            }
+        )
+    return rows
+
+
+def _order(variant: str) -> int:
+    return VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS)
+
+
+def summarize_levels(rows: Sequence[dict], metric: str = "final") -> list[dict]:
+    """Rows of :func:`read_levels` grouped by variant, control and level: ``runs``,
+    ``acc`` and ``acc_std`` (mean and sample std over seeds of the ``final`` or ``best``
+    test accuracy) and the mean of each percentage."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["variant"], row["control"] or "", row["level"]), []).append(row)
+    result = []
+    for (variant, control, level), members in sorted(
+        groups.items(), key=lambda kv: (_order(kv[0][0]), *kv[0])
+    ):
+        accs = [m[f"{metric}_acc"] for m in members]
+        result.append(
+            {
+                "variant": variant,
+                "control": control or None,
+                "level": level,
+                "runs": len(members),
+                "acc": statistics.fmean(accs),
+                "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                **{
+                    key: statistics.fmean(m[key] for m in members)
+                    for key in ("real_percent", "params_percent", "weights_percent")
+                },
+            }
+        )
+    return result
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    return f"{100 * row['acc']:.2f} ± {100 * row['acc_std']:.2f} (n={row['runs']})"
+
+
+def level_table(summary: Sequence[dict]) -> str:
+    """The markdown table: one row per variant and level, the ticket's accuracy and
+    each control's beside it."""
+    present = {r["control"] for r in summary}
+    controls = [c for c in _STYLES if c and c in present]
+    cells = {(r["variant"], r["control"], r["level"]): r for r in summary}
+    shown = []
+    for r in (r for r in summary if r["control"] is None):
+        key = (r["variant"], r["level"])
+        shown.append(
+            {
+                "variant": r["variant"],
+                "level": r["level"],
+                "real params left (%)": f"{r['real_percent']:.2f}",
+                "weights left (%)": f"{r['weights_percent']:.2f}",
+                "ticket acc (%)": _cell(r),
+                **{f"{c} acc (%)": _cell(cells.get((*key[:1], c, key[1]))) for c in controls},
+            }
+        )
+    return markdown_table(shown)
+
+
+def plot_lottery(summary: Sequence[dict], path: str | Path, title: str) -> None:
+    """Accuracy against the percent of real parameters left (log axis, decreasing to
+    the right): a mean +- std band per variant, controls dashed in the same colour."""
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    variants = list(dict.fromkeys(r["variant"] for r in summary))
+    for i, variant in enumerate(variants):
+        for control, style in _STYLES.items():
+            points = [r for r in summary if r["variant"] == variant and r["control"] == control]
+            if not points:
+                continue
+            points.sort(key=lambda r: r["level"])
+            x = [r["real_percent"] for r in points]
+            mean = np.array([100 * r["acc"] for r in points])
+            std = np.array([100 * r["acc_std"] for r in points])
+            n = max(r["runs"] for r in points)
+            label = f"{variant} {control or 'ticket'} (n={n})"
+            ax.plot(
+                x,
+                mean,
+                style,
+                color=f"C{i % 10}",
+                marker="o" if control is None else None,
+                markersize=3,
+                label=label,
+            )
+            ax.fill_between(
+                x, mean - std, mean + std, color=f"C{i % 10}", alpha=0.2 if control is None else 0.1
+            )
+    xs = [r["real_percent"] for r in summary]
+    ax.set_xscale("log")
+    ax.set_xlim(max(xs) * 1.15, min(xs) / 1.15)
+    ticks = [
+        t
+        for t in (100, 50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1)
+        if min(xs) / 1.15 <= t <= max(xs) * 1.15
+    ]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set(xlabel="parameters left (% of the real model's)", ylabel="test accuracy (%)")
+    ax.set_title(title, fontsize="medium")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+def _title(recipe: dict) -> str:
+    table = recipe.get("lottery", {})
+    return (
+        f"{recipe.get('model', '?')} on {recipe.get('dataset', '?')}: {table.get('scope', '?')} "
+        f"{table.get('method', '?')} pruning, {table.get('rate', '?')} per level, "
+        f"{table.get('granularity', '?')}, rewind {table.get('rewind', '?')}"
+    )
+
+
+def write_lottery_report(
+    path: str | Path, out: str | Path | None = None, metric: str = "final"
+) -> LotteryReport:
+    """Read the lottery folder ``path`` and write :data:`FILES` into ``out`` (default:
+    ``path``); ``metric`` is the ``final`` or ``best`` test accuracy of each level."""
+    path = Path(path)
+    if not is_lottery(path):
+        raise ReportError(f"{path} is not a lottery folder (no {RECIPE})")
+    try:
+        recipe = tomllib.loads((path / RECIPE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ReportError(f"cannot read {path / RECIPE}: {err}") from None
+    rows = read_levels(path)
+    if not rows:
+        raise ReportError(f"no level in {path} has finished yet")
+    summary = summarize_levels(rows, metric)
+    out = Path(out or path)
+    out.mkdir(parents=True, exist_ok=True)
+    title = _title(recipe)
+    plot_lottery(summary, out / "lottery.png", title)
+    table = level_table(summary)
+    references = sorted({r["reference"] for r in rows})
+    notes = [
+        f"Accuracy: {metric} test accuracy of each level, mean ± sample std over seeds.",
+        f"Real params left: parameters left (biases kept) over those of the {', '.join(references)}"
+        " model; weights left: the model's own prunable weights.",
+    ]
+    lines = [f"# {title}", "", table, "", *[f"- {n}" for n in notes], ""]
+    lines += ["![lottery](lottery.png)", ""]
+    (out / "lottery.md").write_text("\n".join(lines), encoding="utf-8")
+    numbers = {"recipe": recipe, "levels": rows, "summary": summary}
+    (out / "lottery.json").write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
+    return LotteryReport(table, summary, [out / name for name in FILES])

@@ -1,0 +1,79 @@
+"""Devices: choosing one, describing it, and the loader and precision settings that fit it.
+
+Example:
+    >>> resolve("cpu")
+    device(type='cpu')
+    >>> loader_options(resolve("cpu"), workers=-1, bundled=True)
+    {'num_workers': 0, 'pin_memory': False, 'persistent_workers': False}
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from quatnn.train.errors import RunError
+
+
+def resolve(name: str) -> torch.device:
+    """``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``;
+    RunError if the device is unknown or not available here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise RunError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"device {name!r}: CUDA is not available here; use --device cpu")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise RunError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RunError(f"device {name!r}: MPS is not available here; use --device cpu")
+    return device
+
+
+def describe(device: torch.device) -> str:
+    """A readable name, e.g. ``cuda:0 (NVIDIA H100 80GB HBM3)`` or ``cpu (2 threads)``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype for ``--amp``: bfloat16 where the device supports it, else
+    float16 (which needs loss scaling)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.float16 if device.type == "mps" else torch.bfloat16
+
+
+def loader_options(device: torch.device, workers: int, bundled: bool) -> dict:
+    """DataLoader settings: ``workers`` -1 means 0 on CPU or for the in-memory bundled
+    data, else half the cores up to 8; pinned memory on CUDA; persistent workers."""
+    if workers < 0:
+        workers = 0 if device.type == "cpu" or bundled else min(8, (os.cpu_count() or 2) // 2)
+    return {
+        "num_workers": workers,
+        "pin_memory": device.type == "cuda",
+        "persistent_workers": workers > 0,
+    }
+
+
+def make_deterministic() -> None:
+    """Ask torch for deterministic kernels (warning where none exists) and no autotuning."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False

@@ -1,0 +1,273 @@
+"""The training loop: epochs of optimizer steps and evaluations, with hooks around them.
+
+:class:`Trainer` knows nothing of run folders: whatever should happen after a step or an
+epoch (masks for pruning, writing metrics and checkpoints) is a :class:`Callback`.
+Losses and accuracies are summed on the device and read back every ``sync_every`` steps,
+so a GPU is not stalled after every step; a non-finite loss is still reported with the
+exact step where it first appeared.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> _ = torch.manual_seed(0)
+    >>> loader = DataLoader(TensorDataset(torch.randn(64, 8), torch.randint(0, 2, (64,))), 16)
+    >>> model = nn.Linear(8, 2)
+    >>> trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    >>> trainer.fit(loader, loader, epochs=2)
+    >>> [row["epoch"] for row in trainer.history], trainer.step
+    ([1, 2], 8)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from quatnn.train.errors import NonFiniteLoss
+from quatnn.train.progress import Progress
+from quatnn.train.seeding import rng_state, set_rng_state
+
+TIMING_KEYS = ("epoch_seconds", "eval_seconds", "samples_per_second")
+"""Keys of a metrics row that measure time and so differ between identical runs."""
+
+
+class Callback:
+    """Hooks called by :meth:`Trainer.fit`; subclass and override what you need.
+
+    A hook may raise KeyboardInterrupt to stop training as Ctrl-C would.
+    """
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Before the first epoch of every :meth:`Trainer.fit` call (also after a resume)."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """After each optimizer step: ``trainer.step`` counts the steps of the whole run and
+        ``trainer.loss`` is this step's loss tensor (reading it syncs the device)."""
+
+    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
+        """After each epoch's evaluation; ``row`` was just appended to ``trainer.history``."""
+
+
+def lr_schedule(name: str, lr: float, epochs: int) -> Callable[[int], float]:
+    """The learning rate of each epoch (counted from 1): ``none`` keeps ``lr``, ``cosine``
+    anneals from ``lr`` towards 0, ``step`` multiplies by 0.1 after 50% and 75% of the
+    epochs. A pure function of the epoch, so a resumed run needs no scheduler state.
+
+    >>> [round(lr_schedule("step", 1.0, 4)(e), 3) for e in (1, 2, 3, 4)]
+    [1.0, 1.0, 0.1, 0.01]
+    """
+    if name == "cosine":
+        return lambda epoch: lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+    if name == "step":
+        milestones = (epochs // 2, (3 * epochs) // 4)
+        return lambda epoch: lr * 0.1 ** sum(epoch > m for m in milestones)
+    if name == "none":
+        return lambda epoch: lr
+    raise ValueError(f"unknown schedule {name!r}")
+
+
+class Trainer:
+    """Trains ``model`` with ``optimizer`` on classification batches ``(x, labels)``.
+
+    Args:
+        model: the module whose state is trained and saved (already on ``device``).
+        optimizer: an optimizer over ``model``'s parameters.
+        device: where batches are moved (non-blocking).
+        amp_dtype: autocast dtype, or None for full precision; float16 adds loss scaling.
+        compile: run the forward pass through ``torch.compile``.
+        callbacks: :class:`Callback` hooks, called in order.
+        progress: bars and log lines (default: none).
+        reduce: sums a CPU float64 tensor of per-process totals (loss sum, correct,
+            samples) across processes, for distributed training; by default unchanged.
+
+    ``forward`` (the model, or its ``torch.compile`` wrapper) runs the forward pass; a
+    distributed wrapper such as DistributedDataParallel can replace it.
+        sync_every: steps between reads of the running loss (and non-finite checks).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        device: torch.device | str = "cpu",
+        amp_dtype: torch.dtype | None = None,
+        compile: bool = False,
+        callbacks: Sequence[Callback] = (),
+        progress: Progress | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        sync_every: int = 25,
+    ) -> None:
+        self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
+        self.forward = torch.compile(model) if compile else model
+        self.amp_dtype = amp_dtype
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp_dtype == torch.float16 else None
+        self.callbacks = list(callbacks)
+        self.progress = progress or Progress()
+        self.reduce = reduce or (lambda totals: totals)
+        self.sync_every = sync_every
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict] = []
+        self.loss: Tensor | None = None
+
+    def _autocast(self) -> torch.autocast:
+        dtype = self.amp_dtype or torch.float32
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None)
+
+    def fit(
+        self,
+        train_loader: DataLoader,
+        test_loader: DataLoader,
+        epochs: int,
+        *,
+        max_steps: int = 0,
+        lr_at: Callable[[int], float] | None = None,
+    ) -> None:
+        """Train from epoch ``self.epoch + 1`` to ``epochs`` (or until ``max_steps``
+        optimizer steps in all, if not 0), evaluating after each epoch. ``lr_at(epoch)``
+        sets the learning rate of each epoch. A sampler with ``set_epoch`` is told the
+        epoch before it is iterated."""
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        self.progress.start_epochs(epochs, self.epoch)
+        try:
+            while self.epoch < epochs and not (max_steps and self.step >= max_steps):
+                self.epoch += 1
+                if lr_at is not None:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr_at(self.epoch)
+                lr = self.optimizer.param_groups[0]["lr"]
+                if hasattr(train_loader.sampler, "set_epoch"):
+                    train_loader.sampler.set_epoch(self.epoch)
+                train = self.train_epoch(train_loader, max_steps)
+                test = self.evaluate(test_loader)
+                row = {"epoch": self.epoch, "step": self.step, "lr": lr, **train, **test}
+                self.history.append(row)
+                self.progress.end_epoch(test_acc=f"{test['test_acc']:.2%}")
+                for callback in self.callbacks:
+                    callback.on_epoch_end(self, row)
+        finally:
+            self.progress.close()
+
+    def train_epoch(self, loader: DataLoader, max_steps: int = 0) -> dict:
+        """One pass over ``loader`` (fewer batches if ``max_steps`` is reached):
+        ``train_loss``, ``train_acc``, ``epoch_seconds`` and ``samples_per_second``."""
+        self.model.train()
+        total = len(loader) if not max_steps else min(len(loader), max_steps - self.step)
+        self.progress.start_batches(total, self.epoch)
+        sums = torch.zeros(2, dtype=torch.float64)  # loss sum, correct
+        samples, window = 0, []
+        start = time.perf_counter()
+        for batch, (x, y) in enumerate(loader, 1):
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.forward(x)
+            loss = F.cross_entropy(logits.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is None:
+                loss.backward()
+                self.optimizer.step()
+            else:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            self.step += 1
+            self.loss = loss
+            samples += len(y)
+            correct = (logits.argmax(1) == y).sum().float()
+            window.append(torch.stack((loss.detach() * len(y), correct)))
+            for callback in self.callbacks:
+                callback.on_step_end(self)
+            if len(window) == self.sync_every or batch == total:
+                sums += self._flush(window, batch, total)
+                self.progress.update_batches(
+                    len(window),
+                    loss=f"{sums[0] / samples:.4f}",
+                    acc=f"{sums[1] / samples:.2%}",
+                    samples_s=f"{samples / (time.perf_counter() - start):.0f}",
+                )
+                window.clear()
+            if batch == total:
+                break
+        seconds = time.perf_counter() - start
+        loss_sum, correct, samples = self._reduced(sums, samples)
+        return {
+            "train_loss": loss_sum / samples,
+            "train_acc": correct / samples,
+            "epoch_seconds": seconds,
+            "samples_per_second": samples / seconds,
+        }
+
+    def _reduced(self, sums: Tensor, samples: int) -> list[float]:
+        """(loss sum, correct, samples) of this process, summed over processes."""
+        return self.reduce(torch.cat((sums, torch.tensor([samples], dtype=torch.float64)))).tolist()
+
+    def _flush(self, window: list[Tensor], batch: int, total: int) -> Tensor:
+        """Sum the window's (loss * n, correct) rows on the CPU (one device sync);
+        raise NonFiniteLoss naming the first step whose loss is NaN or infinite."""
+        values = torch.stack(window).cpu().double()
+        bad = torch.nonzero(~torch.isfinite(values[:, 0])).flatten()
+        if len(bad):
+            back = len(values) - int(bad[0]) - 1
+            value = float(values[int(bad[0]), 0])
+            raise NonFiniteLoss(
+                f"training loss became {value} in epoch {self.epoch} at step "
+                f"{self.step - back} (batch {batch - back} of {total})"
+            )
+        return values.sum(0)
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader) -> dict:
+        """Mean loss and accuracy over ``loader`` in eval mode: ``test_loss``,
+        ``test_acc`` and ``eval_seconds``."""
+        self.model.eval()
+        start = time.perf_counter()
+        rows = []
+        samples = 0
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.forward(x)
+            loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+            rows.append(torch.stack((loss_sum, (logits.argmax(1) == y).sum().float())))
+            samples += len(y)
+        sums = torch.stack(rows).cpu().double().sum(0)
+        loss_sum, correct, samples = self._reduced(sums, samples)
+        return {
+            "test_loss": loss_sum / samples,
+            "test_acc": correct / samples,
+            "eval_seconds": time.perf_counter() - start,
+        }
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: model, optimizer, loss scaler, global RNG
+        states, epoch, step and the metrics history."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": [dict(row) for row in self.history],
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.history = [dict(row) for row in state["history"]]

@@ -1,0 +1,523 @@
+"""Run folders: create, refuse or resume them, train one run, compare variants x seeds.
+
+A run folder holds ``config.toml`` (the resolved config; ``quatnn train --config`` runs
+it again), ``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (the state
+after the last completed epoch, written atomically), ``best.pt`` (the weights of the
+epoch with the best test accuracy), ``train.log`` (the log lines) and, once finished,
+``summary.json``. A compare folder holds ``compare.toml`` and one run folder per variant
+and seed, named ``<variant>-s<seed>``.
+
+Example:
+    >>> import tempfile
+    >>> cfg = TrainConfig(variant="real", epochs=1, max_steps=5)
+    >>> summary = train(cfg, tempfile.mkdtemp(), progress="off")  # doctest: +ELLIPSIS
+    lenet_300_100 real on digits ...
+    >>> summary["steps"], summary["params"]
+    (5, 266610)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import platform
+import shutil
+import signal
+import statistics
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import quatnn
+from quatnn import data, models
+from quatnn.train import checkpoint
+from quatnn.train import device as devices
+from quatnn.train.config import (
+    COMPARE_KEYS,
+    RUNTIME_FIELDS,
+    TrainConfig,
+    dumps_toml,
+    load_toml,
+    merge,
+)
+from quatnn.train.errors import Interrupted, NonFiniteLoss, RunError
+from quatnn.train.loop import Callback, Trainer, lr_schedule
+from quatnn.train.progress import Progress, bars_wanted
+from quatnn.train.seeding import EpochSampler, SeededDataset, seed_everything, seed_worker
+
+DEFAULT_SEEDS = (0, 1, 2)
+"""The seeds :func:`compare` trains unless told otherwise."""
+RUNTIME_FLAGS = tuple("--" + name.replace("_", "-") for name in RUNTIME_FIELDS)
+IF_EXISTS = ("refuse", "resume", "continue", "overwrite")
+"""What :func:`train` does with a run already in ``out``: ``refuse`` (RunError),
+``resume`` (continue it; RunError if there is none), ``continue`` (resume it, skip it if
+finished, or start a new one), ``overwrite`` (delete it and start again)."""
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Check ``cfg`` (values, model, dataset and variant names) and fill in the encoding.
+
+    >>> resolve(TrainConfig(model="conv2", dataset="digits-color", variant="real4")).encoding
+    'rgb_gray'
+    """
+    cfg.validate()
+    if cfg.variant not in models.VARIANTS:
+        raise RunError(f"unknown variant {cfg.variant!r}; variants: {', '.join(models.VARIANTS)}")
+    try:
+        flat = models.spec(cfg.model).input_kind == "flat"
+        info = data.info(cfg.dataset, cfg.data_dir)
+        encoding = data.default_encoding(info, cfg.variant, flat=flat)
+    except (ValueError, data.DatasetMissingError) as err:
+        raise RunError(str(err)) from None
+    if cfg.encoding != "auto":
+        if cfg.encoding not in data.ENCODINGS:
+            valid = ", ".join(["auto", *data.ENCODINGS])
+            raise RunError(f"unknown encoding {cfg.encoding!r}; encodings: {valid}")
+        encoding = cfg.encoding
+    return dataclasses.replace(cfg, encoding=encoding)
+
+
+def default_variants(dataset: str) -> tuple[str, ...]:
+    """``real3, real4, quaternion`` for colour data, ``real, quaternion`` for grayscale."""
+    try:
+        color = data.info(dataset).color
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    return ("real3", "real4", "quaternion") if color else ("real", "quaternion")
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    """``runs/<model>-<variant>-<dataset>-s<seed>``, where a run goes unless told."""
+    return Path("runs") / f"{cfg.model}-{cfg.variant}-{cfg.dataset}-s{cfg.seed}"
+
+
+def resume_config(run_dir: str | Path, overrides: Mapping[str, object]) -> TrainConfig:
+    """The config of the run in ``run_dir`` with ``overrides`` applied (RunError if
+    ``run_dir`` holds no run); :func:`train` then refuses overrides that change the run."""
+    saved = _saved_config(Path(run_dir))
+    if saved is None:
+        raise RunError(f"nothing to resume: {run_dir} holds no run")
+    return merge(saved, overrides, "command line")
+
+
+def _differences(saved: dict, wanted: dict) -> str:
+    keys = [k for k in dict.fromkeys([*saved, *wanted]) if saved.get(k) != wanted.get(k)]
+    return ", ".join(f"{k} = {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in keys[:3])
+
+
+def _saved_config(out: Path, marker: str = "config.toml") -> TrainConfig | None:
+    """The config of the run in ``out`` (None if ``out`` is absent or empty); RunError if
+    ``out`` holds something else."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} is a file, not a run folder")
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    path = out / marker
+    if not path.is_file():
+        raise RunError(
+            f"{out} is not empty and holds no quatnn run (no {marker}); choose another --out"
+        )
+    values = {k: v for k, v in load_toml(path).items() if k not in COMPARE_KEYS}
+    return TrainConfig.from_dict(values, source=str(path))
+
+
+def _plan(out: Path, cfg: TrainConfig, if_exists: str) -> str:
+    """``new``, ``overwrite``, ``resume`` or ``finished``: what to do with ``out``."""
+    if if_exists not in IF_EXISTS:
+        raise ValueError(f"if_exists must be one of {', '.join(IF_EXISTS)}")
+    saved = _saved_config(out)
+    if saved is None:
+        if if_exists == "resume":
+            raise RunError(f"nothing to resume: {out} holds no run")
+        return "new"
+    if if_exists == "overwrite":
+        return "overwrite"
+    finished = (out / "summary.json").is_file()
+    differences = _differences(saved.identity(), cfg.identity())
+    if differences:
+        hint = (
+            f"a resumed run continues unchanged; only {', '.join(RUNTIME_FLAGS)} may change"
+            if if_exists == "resume"
+            else "use --overwrite to replace it, or another --out"
+        )
+        raise RunError(f"{out} holds a different run ({differences}); {hint}")
+    if if_exists == "refuse":
+        if finished:
+            raise RunError(
+                f"{out} already holds this run, finished; use --overwrite to "
+                "train it again, or another --out"
+            )
+        raise RunError(
+            f"{out} already holds this run, unfinished; continue it with "
+            f"--resume {out}, or start again with --overwrite"
+        )
+    return "finished" if finished else "resume"
+
+
+def _datasets(cfg: TrainConfig, download: bool) -> tuple[data.DatasetInfo, Dataset, Dataset]:
+    try:
+        info = data.info(cfg.dataset, cfg.data_dir)
+        common = {"encoding": cfg.encoding, "download": download}
+        train_set = data.load(cfg.dataset, cfg.data_dir, train=True, augment=cfg.augment, **common)
+        test_set = data.load(cfg.dataset, cfg.data_dir, train=False, augment=False, **common)
+    except (ValueError, data.DatasetMissingError) as err:
+        raise RunError(str(err)) from None
+    return info, train_set, test_set
+
+
+def _model(cfg: TrainConfig, info: data.DatasetInfo, sample: torch.Tensor) -> torch.nn.Module:
+    """The model for ``cfg``, its input read off one encoded ``sample``."""
+    if models.spec(cfg.model).input_kind == "flat":
+        size = info.image_size
+        in_channels = sample.numel() // (size[0] * size[1])
+    else:
+        in_channels, size = sample.shape[0], tuple(sample.shape[1:])
+    try:
+        return models.create(
+            cfg.model,
+            cfg.variant,
+            num_classes=info.num_classes,
+            in_channels=in_channels,
+            input_size=size,
+            **cfg.options,
+        )
+    except (ValueError, TypeError) as err:
+        raise RunError(
+            f"cannot build {cfg.model} ({cfg.variant}) for {cfg.dataset} with "
+            f"encoding {cfg.encoding}: {err}"
+        ) from None
+
+
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params, wd = model.parameters(), cfg.weight_decay
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=wd)
+
+
+def _tensorboard_writer_class() -> type:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RunError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard"
+        ) from None
+    return SummaryWriter
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """The log line of one metrics row.
+
+    >>> row = {"epoch": 2, "train_loss": 0.5, "train_acc": 0.9, "test_loss": 0.4,
+    ...        "test_acc": 0.91, "lr": 1e-3, "epoch_seconds": 1.5, "samples_per_second": 900.0}
+    >>> for part in epoch_line(row, 10).split("  "):
+    ...     print(part)
+    epoch 2/10
+    train loss 0.5000 acc 90.00%
+    test loss 0.4000 acc 91.00%
+    lr 1.0e-03
+    1.5 s
+    900 samples/s
+    """
+    return (
+        f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} "
+        f"acc {row['train_acc']:.2%}  test loss {row['test_loss']:.4f} "
+        f"acc {row['test_acc']:.2%}  lr {row['lr']:.1e}  {row['epoch_seconds']:.1f} s  "
+        f"{row['samples_per_second']:.0f} samples/s"
+    )
+
+
+class RunWriter(Callback):
+    """Writes each epoch to the run folder: a metrics row, a log line, TensorBoard
+    scalars, ``best.pt`` on a new best test accuracy, then ``checkpoint.pt``."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, progress: Progress, tensorboard: object):
+        self.out, self.cfg, self.progress, self.tensorboard = out, cfg, progress, tensorboard
+        self.saved_epoch = 0  # the epoch checkpoint.pt holds
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.saved_epoch = trainer.epoch
+
+    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        self.progress.write(epoch_line(row, self.cfg.epochs))
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step"):
+                    self.tensorboard.add_scalar(key, value, row["epoch"])
+            self.tensorboard.flush()
+        if row["test_acc"] > max((r["test_acc"] for r in trainer.history[:-1]), default=-1.0):
+            state = {
+                "epoch": row["epoch"],
+                "test_acc": row["test_acc"],
+                "model": trainer.model.state_dict(),
+            }
+            checkpoint.save(self.out / "best.pt", self.cfg.to_dict(), state)
+        checkpoint.save(self.out / "checkpoint.pt", self.cfg.to_dict(), trainer.state_dict())
+        self.saved_epoch = row["epoch"]
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (``kill``, a cluster's time limit) into KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _summary(cfg: TrainConfig, trainer: Trainer, device: torch.device) -> dict:
+    history = trainer.history
+    best = max(history, key=lambda row: row["test_acc"])
+    timed = history[1:] or history  # the first epoch includes warm-up
+    return {
+        "model": cfg.model,
+        "variant": cfg.variant,
+        "dataset": cfg.dataset,
+        "encoding": cfg.encoding,
+        "seed": cfg.seed,
+        "params": models.count_parameters(trainer.model),
+        "epochs": len(history),
+        "steps": trainer.step,
+        "final_test_acc": history[-1]["test_acc"],
+        "final_test_loss": history[-1]["test_loss"],
+        "final_train_acc": history[-1]["train_acc"],
+        "best_test_acc": best["test_acc"],
+        "best_epoch": best["epoch"],
+        "total_seconds": sum(r["epoch_seconds"] + r["eval_seconds"] for r in history),
+        "seconds_per_epoch": statistics.fmean(r["epoch_seconds"] for r in timed),
+        "samples_per_second": statistics.fmean(r["samples_per_second"] for r in timed),
+        "device": devices.describe(device),
+        "amp": str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "off",
+        "torch": torch.__version__,
+        "quatnn": quatnn.__version__,
+        "python": platform.python_version(),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _prepare_folder(out: Path, cfg: TrainConfig, plan: str, trainer: Trainer) -> None:
+    """Create, clear or bring up to date the run folder before the first epoch."""
+    if plan == "overwrite":
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if trainer.epoch == 0:
+        (out / "config.toml").write_text(dumps_toml(cfg.to_dict()), encoding="utf-8")
+        (out / "metrics.jsonl").write_text("", encoding="utf-8")
+        for stale in ("best.pt", "summary.json"):
+            (out / stale).unlink(missing_ok=True)
+        checkpoint.save(out / "checkpoint.pt", cfg.to_dict(), trainer.state_dict())
+    else:  # the metrics of the epochs the checkpoint holds, none from a lost epoch
+        rows = "".join(json.dumps(row) + "\n" for row in trainer.history)
+        checkpoint.write_atomic(out / "metrics.jsonl", lambda f: f.write(rows), mode="w")
+
+
+def _loaders(
+    cfg: TrainConfig,
+    info: data.DatasetInfo,
+    train_set: Dataset,
+    test_set: Dataset,
+    device: torch.device,
+) -> tuple[DataLoader, DataLoader]:
+    options = devices.loader_options(device, cfg.workers, info.bundled)
+    common = {"worker_init_fn": seed_worker, **options}
+    train_loader = DataLoader(
+        SeededDataset(train_set, cfg.seed),
+        batch_size=cfg.batch_size,
+        sampler=EpochSampler(len(train_set), cfg.seed),
+        generator=torch.Generator().manual_seed(cfg.seed),
+        **common,
+    )
+    test_loader = DataLoader(
+        test_set,
+        batch_size=cfg.eval_batch_size,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        **common,
+    )
+    return train_loader, test_loader
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    if_exists: str = "refuse",
+    progress: str = "auto",
+    tensorboard: bool = False,
+    download: bool = True,
+    callbacks: Sequence[Callback] = (),
+    is_main: bool = True,
+) -> dict:
+    """Train the run ``cfg`` in folder ``out`` and return its summary.
+
+    ``if_exists`` says what to do with a run already in ``out`` (:data:`IF_EXISTS`).
+    ``progress`` is ``auto``, ``on`` or ``off`` (bars; log lines are always printed).
+    ``callbacks`` run before the folder is written at each epoch end. ``is_main=False``
+    (the other processes of a distributed run) writes nothing and prints nothing.
+    Everything is checked before the folder is touched. Raises RunError for bad input,
+    Interrupted on Ctrl-C or SIGTERM (``checkpoint.pt`` then holds the last completed
+    epoch) and NonFiniteLoss when the loss becomes NaN or infinite (training stops; the
+    checkpoint of the last good epoch is kept).
+    """
+    cfg, out = resolve(cfg), Path(out)
+    plan = _plan(out, cfg, if_exists)
+    view = Progress(bars_wanted(progress), quiet=not is_main)
+    if plan == "finished":
+        view.write(f"{out} already holds this run, finished; see {out / 'summary.json'}")
+        return json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    writer_class = _tensorboard_writer_class() if tensorboard and is_main else None
+    device = devices.resolve(cfg.device)
+    devices.make_deterministic()
+    seed_everything(cfg.seed)
+    info, train_set, test_set = _datasets(cfg, download)
+    model = _model(cfg, info, test_set[0][0]).to(device)
+    amp = devices.amp_dtype(device) if cfg.amp else None
+    trainer = Trainer(
+        model,
+        _optimizer(cfg, model),
+        device=device,
+        amp_dtype=amp,
+        compile=cfg.compile,
+        callbacks=callbacks,
+        progress=view,
+    )
+    if plan == "resume" and (out / "checkpoint.pt").is_file():
+        state = checkpoint.load(out / "checkpoint.pt", cfg.to_dict())
+        try:
+            trainer.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            reason = " ".join(str(err).split())[:200]
+            raise RunError(f"{out / 'checkpoint.pt'} does not fit this run ({reason})") from None
+    tensorboard_writer = None
+    if is_main:
+        _prepare_folder(out, cfg, plan, trainer)
+        view.log_file = out / "train.log"
+        if writer_class is not None:
+            tensorboard_writer = writer_class(str(out / "tensorboard"))
+        trainer.callbacks.append(RunWriter(out, cfg, view, tensorboard_writer))
+    start = f"resuming after epoch {trainer.epoch}" if trainer.epoch else "new run"
+    view.write(
+        f"{cfg.model} {cfg.variant} on {cfg.dataset} (encoding {cfg.encoding}): "
+        f"{models.count_parameters(model):,} parameters, {devices.describe(device)}, "
+        f"{start} -> {out}"
+    )
+    train_loader, test_loader = _loaders(cfg, info, train_set, test_set, device)
+    try:
+        with _sigterm_as_interrupt():
+            trainer.fit(
+                train_loader,
+                test_loader,
+                cfg.epochs,
+                max_steps=cfg.max_steps,
+                lr_at=lr_schedule(cfg.schedule, cfg.lr, cfg.epochs),
+            )
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted in epoch {trainer.epoch}; {out / 'checkpoint.pt'} holds epoch "
+            f"{_saved_epoch(trainer)}; resume with: quatnn train --resume {out}"
+        ) from None
+    except NonFiniteLoss as err:
+        raise NonFiniteLoss(
+            f"{err}; training stopped and {out / 'checkpoint.pt'} keeps epoch "
+            f"{_saved_epoch(trainer)} (a lower --lr may help)"
+        ) from None
+    finally:
+        if tensorboard_writer is not None:
+            tensorboard_writer.close()
+    summary = _summary(cfg, trainer, device)
+    if is_main:
+        text = json.dumps(summary, indent=2) + "\n"
+        checkpoint.write_atomic(out / "summary.json", lambda f: f.write(text), mode="w")
+    view.write(
+        f"finished {out}: test acc {summary['final_test_acc']:.2%} (best "
+        f"{summary['best_test_acc']:.2%} at epoch {summary['best_epoch']}), "
+        f"{summary['total_seconds']:.1f} s, {summary['samples_per_second']:.0f} samples/s"
+    )
+    return summary
+
+
+def _saved_epoch(trainer: Trainer) -> int:
+    """The epoch ``checkpoint.pt`` holds: the last one whose end completed the write."""
+    writer = next((c for c in trainer.callbacks if isinstance(c, RunWriter)), None)
+    return len(trainer.history) if writer is None else writer.saved_epoch
+
+
+def _compare_identity(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in cfg.identity().items() if k not in ("variant", "seed")}
+
+
+def compare(
+    base: TrainConfig,
+    out: str | Path,
+    *,
+    variants: Sequence[str] = (),
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    overwrite: bool = False,
+    progress: str = "auto",
+    tensorboard: bool = False,
+    download: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> list[Path]:
+    """Train ``base`` for every variant and seed into ``out/<variant>-s<seed>`` and return
+    those folders. Finished runs are skipped and unfinished ones resumed, so running the
+    same comparison again continues it. ``variants`` defaults to
+    :func:`default_variants` of the dataset. Every run is checked before any trains.
+    """
+    out = Path(out)
+    variants = tuple(variants) or default_variants(base.dataset)
+    if not seeds or len(set(seeds)) != len(seeds) or len(set(variants)) != len(variants):
+        raise RunError("compare needs at least one seed, and no variant or seed twice")
+    runs = [
+        (out / f"{v}-s{s}", resolve(dataclasses.replace(base, variant=v, seed=s)))
+        for v in variants
+        for s in seeds
+    ]
+    saved = _saved_config(out, marker="compare.toml")
+    if saved is not None and not overwrite:
+        differences = _differences(_compare_identity(saved), _compare_identity(base))
+        if differences:
+            raise RunError(
+                f"{out} holds a different comparison ({differences}); use "
+                "--overwrite to replace it, or another --out"
+            )
+        for path, cfg in runs:
+            _plan(path, cfg, "continue")
+    if saved is not None and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = {k: v for k, v in base.to_dict().items() if k not in ("variant", "seed")}
+    recipe |= {"variants": list(variants), "seeds": list(seeds)}
+    (out / "compare.toml").write_text(dumps_toml(recipe), encoding="utf-8")
+    for i, (path, cfg) in enumerate(runs, 1):
+        print(f"[{i}/{len(runs)}] {cfg.variant} seed {cfg.seed} -> {path}", flush=True)
+        try:
+            train(
+                cfg,
+                path,
+                if_exists="continue",
+                progress=progress,
+                tensorboard=tensorboard,
+                download=download,
+                callbacks=callbacks,
+            )
+        except Interrupted:
+            raise Interrupted(
+                f"interrupted while training {path}; its last epoch and the finished runs "
+                "are kept: run the same quatnn compare command again to continue"
+            ) from None
+    return [path for path, _ in runs]

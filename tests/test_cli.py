@@ -1,0 +1,283 @@
+"""The quatnn command end to end: help, train, compare, report, models, bench, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from quatnn import cli, report
+
+METRIC_KEYS = {
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "epoch_seconds",
+    "eval_seconds",
+    "samples_per_second",
+}
+SUMMARY_KEYS = {
+    "model",
+    "variant",
+    "dataset",
+    "params",
+    "epochs",
+    "final_test_acc",
+    "best_test_acc",
+    "total_seconds",
+    "device",
+    "torch",
+    "quatnn",
+}
+QUIET = ["--progress", "off"]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Commands run in a temporary folder, so default outputs (runs/...) land there."""
+    monkeypatch.chdir(tmp_path)
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    """A finished 2-epoch Lenet-300-100 (real) run on the bundled digits."""
+    out = tmp_path_factory.mktemp("runs") / "lenet-real"
+    assert cli.main(["train", "--variant", "real", "--epochs", "2", "--out", str(out), *QUIET]) == 0
+    return out
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    """Run the command, check it fails with status 2 and one line, and return the line."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("quatnn: error: ")
+    return err
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "report", "models", "bench"])
+def test_help_describes_each_command_with_an_example(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"quatnn {command}" in out and "examples:" in out
+
+
+def test_train_writes_a_complete_run_that_learns(digits_run):
+    names = {p.name for p in digits_run.iterdir()}
+    assert {
+        "config.toml",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "best.pt",
+        "summary.json",
+        "train.log",
+    } <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    rows = _metrics(digits_run)
+    assert [row["epoch"] for row in rows] == [1, 2]
+    for row in rows:
+        assert set(row) == METRIC_KEYS
+        assert all(0 <= row[k] <= 1 for k in ("train_acc", "test_acc"))
+        assert row["epoch_seconds"] > 0 and row["samples_per_second"] > 0
+    assert rows[-1]["test_acc"] > 0.8  # chance is 0.1
+    summary = json.loads((digits_run / "summary.json").read_text())
+    assert set(summary) >= SUMMARY_KEYS
+    assert summary["params"] == 266_610 and summary["final_test_acc"] == rows[-1]["test_acc"]
+    assert summary["best_test_acc"] == max(row["test_acc"] for row in rows)
+    assert torch.load(digits_run / "best.pt", weights_only=True)["test_acc"] == max(
+        row["test_acc"] for row in rows
+    )
+    log = (digits_run / "train.log").read_text()
+    assert "epoch 2/2" in log and "finished" in log
+
+
+def test_config_file_reruns_a_run(tmp_path, digits_run, capsys):
+    again = tmp_path / "again"
+    argv = ["train", "--config", str(digits_run / "config.toml"), "--max-steps", "3"]
+    assert cli.main([*argv, "--out", str(again), *QUIET]) == 0
+    first = _metrics(again)[0]
+    assert first["step"] == 3 and first["lr"] == _metrics(digits_run)[0]["lr"]
+
+
+def test_python_m_quatnn_train_in_a_subprocess(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--epochs", "1", "--max-steps", "3", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "quatnn", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "epoch 1/1" in done.stdout and (out / "summary.json").is_file()
+    assert done.stderr == ""  # no bars: stderr is not a terminal
+
+
+def test_ctrl_c_exits_130_with_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--variant", "real", "--epochs", "500", "--out", str(out)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "quatnn", *argv],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.endswith(f"resume with: quatnn train --resume {out}")
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    assert f"checkpoint.pt holds epoch {saved};" in last
+    # The signal may land between an epoch's metrics row and its checkpoint.
+    assert len(_metrics(out)) in (saved, saved + 1)
+
+
+def test_compare_trains_every_variant_and_seed_then_reports(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--epochs", "2", "--seeds", "0,1", "--out", str(out), *QUIET]
+    assert cli.main(argv) == 0
+    runs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert runs == ["quaternion-s0", "quaternion-s1", "real-s0", "real-s1"]
+    assert all((out / name / "summary.json").is_file() for name in runs)
+    assert {p.name for p in out.iterdir() if p.is_file()} >= set(report.FILES)
+    table = (out / "report.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert lines[1].startswith("| real | 2 | 2 | 266,610 | 1.000 |")
+    assert lines[2].startswith("| quaternion | 2 | 2 | 67,710 | 0.254 |")
+    assert "| variant |" in capsys.readouterr().out
+
+    mtime = (out / "real-s0" / "checkpoint.pt").stat().st_mtime_ns
+    assert cli.main(argv) == 0  # the same command again: every run is finished
+    assert (out / "real-s0" / "checkpoint.pt").stat().st_mtime_ns == mtime
+    assert "already holds this run, finished" in capsys.readouterr().out
+
+    line = _error_line(capsys, [*argv, "--lr", "0.1"])
+    assert "holds a different comparison (lr = 0.0012 there, 0.1 here)" in line
+
+
+def test_models_prints_the_zoo_table(capsys):
+    assert cli.main(["models", "--names", "lenet_300_100"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| name | variant | params |")
+    assert "| lenet_300_100 | quaternion | 67710 |" in out[3]
+
+
+def test_bench_dispatches_to_the_named_module(monkeypatch, capsys):
+    calls = []
+
+    class Fake:
+        @staticmethod
+        def main(argv):
+            calls.append(argv)
+            return 3
+
+    monkeypatch.setattr(cli, "_benchmarks", lambda: ["fake"])
+    monkeypatch.setattr(cli, "_bench_module", lambda name: Fake)
+    assert cli.main(["bench", "fake", "--size", "8", "--help"]) == 3
+    assert calls == [["--size", "8", "--help"]]
+    assert "unknown benchmark 'nope'; available: fake" in _error_line(capsys, ["bench", "nope"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--model", "lenet"], "unknown model 'lenet'; valid models: lenet_300_100"),
+        (["train", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["train", "--variant", "real3"], "variant 'real3' does not fit grayscale dataset"),
+        (["train", "--variant", "octonion"], "unknown variant 'octonion'"),
+        (["train", "--encoding", "hsv"], "unknown encoding 'hsv'"),
+        (["train", "--epochs", "0"], "epochs must be at least 1"),
+        (["train", "--optimizer", "rmsprop"], "optimizer must be one of adam, adamw, sgd"),
+        (["train", "--device", "tpu"], "unknown device 'tpu'"),
+        (["train", "--option", "width"], "must look like KEY=VALUE"),
+        (["train", "--option", "depth=3"], "unknown option(s) depth"),
+        (["train", "--resume", "X", "--overwrite"], "drop --overwrite"),
+        (["train", "--resume", "X", "--config", "c.toml"], "drop --config"),
+        (["train", "--config", "missing.toml"], "config file missing.toml does not exist"),
+        (["compare", "--seeds", "1,1"], "no variant or seed twice"),
+        (["models", "--names", "nope"], "unknown model 'nope'"),
+    ],
+)
+def test_bad_input_gives_one_line_and_status_2(capsys, argv, message):
+    assert message in _error_line(capsys, argv)
+
+
+def test_run_folder_errors(tmp_path, capsys, digits_run):
+    def run(*argv: str) -> str:
+        return _error_line(capsys, ["train", *argv, *QUIET])
+
+    same = ["--variant", "real", "--epochs", "2", "--out", str(digits_run)]
+    assert "holds a different run (lr = 0.0012 there, 0.1 here)" in run(*same, "--lr", "0.1")
+    assert "already holds this run, finished; use --overwrite" in run(*same)
+    assert f"nothing to resume: {tmp_path} holds no run" in run("--resume", str(tmp_path))
+    (tmp_path / "notes.txt").write_text("mine")
+    line = run("--out", str(tmp_path), "--overwrite")
+    assert "is not empty and holds no quatnn run" in line
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    line = run("--dataset", "mnist", "--data-dir", str(tmp_path / "none"), "--no-download")
+    assert "dataset 'mnist' not found" in line
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochs = ")
+    assert "cannot read config file" in run("--config", str(bad))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda path: path.write_bytes(b"PK\x03\x04 not a zip"), "is corrupt or not a checkpoint"),
+        (lambda path: torch.save({"model": {}}, path), "is not a quatnn checkpoint"),
+        (lambda path: path.write_bytes(b""), "is corrupt or not a checkpoint"),
+    ],
+)
+def test_damaged_checkpoint_is_refused_on_resume(tmp_path, capsys, damage, message):
+    out = tmp_path / "run"
+    argv = ["train", "--variant", "real", "--epochs", "2", "--max-steps", "2", "--out", str(out)]
+    assert cli.main([*argv, *QUIET]) == 0
+    (out / "summary.json").unlink()  # as if it had been interrupted
+    damage(out / "checkpoint.pt")
+    line = _error_line(capsys, ["train", "--resume", str(out), *QUIET])
+    assert message in line
+    assert (out / "config.toml").is_file() and len(_metrics(out)) == 1  # nothing lost
+
+
+def test_foreign_checkpoint_is_refused(tmp_path, capsys):
+    runs = {}
+    for variant in ("real", "quaternion"):
+        runs[variant] = tmp_path / variant
+        argv = ["train", "--variant", variant, "--max-steps", "2", "--out", str(runs[variant])]
+        assert cli.main([*argv, *QUIET]) == 0
+        (runs[variant] / "summary.json").unlink()
+    os.replace(runs["quaternion"] / "checkpoint.pt", runs["real"] / "checkpoint.pt")
+    line = _error_line(capsys, ["train", "--resume", str(runs["real"]), *QUIET])
+    assert "belongs to another run (lenet_300_100/quaternion/digits, expected" in line
+
+
+def test_tensorboard_flag(tmp_path, capsys):
+    argv = ["train", "--max-steps", "2", "--tensorboard", "--out", str(tmp_path / "r"), *QUIET]
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        assert "needs the tensorboard package" in _error_line(capsys, argv)
+        assert not (tmp_path / "r").exists()
+    else:
+        assert cli.main(argv) == 0
+        assert any((tmp_path / "r" / "tensorboard").iterdir())

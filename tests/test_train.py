@@ -1,0 +1,185 @@
+"""Training library: configs, the loop, checkpoints, resume exactness, NaN handling."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures_data import write_cifar10, write_mnist
+
+from quatnn import data, models, train
+from quatnn.train import checkpoint
+from quatnn.train.config import dumps_toml, load_config, parse_option, tomllib
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+# Lenet-300-100 on the bundled digits: 1438 training images, 24 steps of 60 per epoch.
+STEPS_PER_EPOCH = 24
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in train.TIMING_KEYS} for row in rows]
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+class StopAt(train.Callback):
+    """Raise ``error`` (a KeyboardInterrupt, say) after optimizer step ``step``."""
+
+    def __init__(self, step: int, error: BaseException) -> None:
+        self.step, self.error = step, error
+
+    def on_step_end(self, trainer: train.Trainer) -> None:
+        if trainer.step == self.step:
+            raise self.error
+
+
+class PoisonAt(train.Callback):
+    """Set a weight to NaN after optimizer step ``step``, so the next loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: train.Trainer) -> None:
+        if trainer.step == self.step:
+            with torch.no_grad():
+                next(trainer.model.parameters()).view(-1)[0] = math.nan
+
+
+def test_config_toml_round_trip_and_precedence(tmp_path):
+    cfg = train.TrainConfig(model="resnet18", lr=3e-4, options={"norm": "whiten"})
+    text = dumps_toml(cfg.to_dict())
+    assert train.TrainConfig.from_dict(tomllib.loads(text)) == cfg
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('model = "conv4"\nlr = 0.0003\nseeds = [0, 1]\n[options]\nnorm = "split"\n')
+    cfg, extra = load_config(recipe, {"lr": 1e-3, "options": {"width": 2}}, compare=True)
+    assert (cfg.model, cfg.lr, cfg.options) == ("conv4", 1e-3, {"norm": "split", "width": 2})
+    assert extra == {"seeds": [0, 1]}
+    with pytest.raises(train.RunError, match="compare recipe"):
+        load_config(recipe, {})
+    assert parse_option("small_input=false") == ("small_input", False)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"learning_rate": 0.1}, "unknown key"),
+        ({"epochs": "ten"}, "epochs must be of type int"),
+        ({"epochs": 0}, "epochs must be at least 1"),
+        ({"optimizer": "rmsprop"}, "optimizer must be one of"),
+    ],
+)
+def test_config_errors(values, message):
+    with pytest.raises(train.RunError, match=message):
+        train.TrainConfig.from_dict(values).validate()
+
+
+def test_lr_schedules():
+    cosine = train.lr_schedule("cosine", 1.0, 4)
+    assert [cosine(e) for e in (1, 3)] == [1.0, pytest.approx(0.5)]
+    assert train.lr_schedule("none", 0.1, 4)(4) == 0.1
+
+
+def test_resume_after_interrupt_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    cfg = train.TrainConfig(variant="quaternion", epochs=3, device="cpu")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train.train(cfg, whole, progress="off")
+
+    stop = StopAt(STEPS_PER_EPOCH + 6, KeyboardInterrupt())  # inside epoch 2
+    with pytest.raises(train.Interrupted, match=f"resume with: quatnn train --resume {parts}"):
+        train.train(cfg, parts, progress="off", callbacks=[stop])
+    assert torch.load(parts / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert len(_metrics(parts)) == 1 and not (parts / "summary.json").exists()
+    # A row whose checkpoint never made it to disk (killed in between) must not survive.
+    with open(parts / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "test_acc": 0.0}) + "\n")
+
+    with pytest.raises(train.RunError, match="unfinished; continue it with --resume"):
+        train.train(cfg, parts, progress="off")
+    train.train(cfg, parts, if_exists="resume", progress="off")
+
+    assert _untimed(_metrics(parts)) == _untimed(_metrics(whole))
+    a, b = _weights(whole / "checkpoint.pt"), _weights(parts / "checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "resuming after epoch 1" in (parts / "train.log").read_text()
+
+
+def test_loader_workers_do_not_change_results(tmp_path):
+    cfg = train.TrainConfig(variant="real", epochs=1, max_steps=8, device="cpu")
+    train.train(cfg, tmp_path / "w0", progress="off")
+    train.train(train.merge(cfg, {"workers": 2}), tmp_path / "w2", progress="off")
+    assert _untimed(_metrics(tmp_path / "w0")) == _untimed(_metrics(tmp_path / "w2"))
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = train.TrainConfig(variant="real", epochs=3, device="cpu")
+    poison = PoisonAt(STEPS_PER_EPOCH + 4)  # the loss of step 29 (epoch 2, batch 5) is NaN
+    with pytest.raises(train.NonFiniteLoss, match=r"nan in epoch 2 at step 29 \(batch 5 of 24\)"):
+        train.train(cfg, tmp_path, progress="off", callbacks=[poison])
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert len(_metrics(tmp_path)) == 1 and not (tmp_path / "summary.json").exists()
+
+
+def test_checkpoint_validation(tmp_path):
+    run = {"model": "conv2", "variant": "real4", "dataset": "cifar10"}
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save(path, run, {"epoch": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+    with pytest.raises(train.RunError, match="belongs to another run"):
+        checkpoint.load(path, {**run, "variant": "quaternion"})
+    torch.save({"epoch": 1}, path)
+    with pytest.raises(train.RunError, match="not a quatnn checkpoint"):
+        checkpoint.load(path, run)
+    path.write_bytes(b"\x00garbage")
+    with pytest.raises(train.RunError, match="corrupt or not a checkpoint"):
+        checkpoint.load(path, run)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "model", "writer", "shape"),
+    [
+        ("mnist", "lenet_300_100", write_mnist, [784]),
+        ("cifar10", "conv2", write_cifar10, [4, 32, 32]),
+    ],
+)
+def test_trains_on_files_in_the_real_formats(tmp_path, dataset, model, writer, shape):
+    root = writer(tmp_path / "data")
+    cfg = train.TrainConfig(
+        model=model,
+        dataset=dataset,
+        data_dir=str(root),
+        epochs=2,
+        batch_size=8,
+        max_steps=3,
+        device="cpu",
+    )
+    summary = train.train(cfg, tmp_path / "run", progress="off", download=False)
+    assert summary["steps"] == 3 and summary["epochs"] == 1  # max_steps ends epoch 1 early
+    rows = _metrics(tmp_path / "run")
+    assert len(rows) == 1 and rows[0]["step"] == 3
+    test_set = data.load(dataset, root, train=False, encoding=summary["encoding"], download=False)
+    assert list(test_set[0][0].shape) == shape
+
+
+RECIPES = ["lenet_mnist", "conv2_cifar10", "conv4_cifar10", "conv6_cifar10", "conv4_cifar100",
+           "conv6_cifar100", "resnet18_cifar100"]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_experiment_recipes_load_and_build(recipe):
+    cfg, extra = load_config(EXPERIMENTS / f"{recipe}.toml", {}, compare=True)
+    assert extra["variants"] and len(extra["seeds"]) >= 3
+    info = data.info(cfg.dataset)
+    for variant in extra["variants"]:
+        train.resolve(train.merge(cfg, {"variant": variant}))
+        models.create(cfg.model, variant, num_classes=info.num_classes, **cfg.options)
