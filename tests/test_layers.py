@@ -196,15 +196,40 @@ def test_rank8_float32_error_is_small():
 
 def test_auto_rule_and_override():
     small, big = torch.randn(2, 8), torch.randn(256, 4096)
-    assert QF.resolve_algorithm("auto", small, 2 * 2 * 2) == "block"
-    assert QF.resolve_algorithm("auto", big, 256 * 1024 * 1024) == "rank8"
+    assert QF.resolve_algorithm("auto", small, 2 * 2 * 2, 2) == "block"
+    assert QF.resolve_algorithm("auto", big, 256 * 1024 * 1024, 1024) == "rank8"
+    assert QF.resolve_algorithm("auto", big, 256 * 1024 * 1024, 8) == "block"  # narrow
+    assert QF.resolve_algorithm("auto", big, 2**30, 64, "conv") == "rank8"
+    with torch.no_grad():  # a convolution's forward alone: block
+        assert QF.resolve_algorithm("auto", big, 2**30, 64, "conv") == "block"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert QF.resolve_algorithm("auto", big, 256 * 1024 * 1024) == "block"
+        assert QF.resolve_algorithm("auto", big, 256 * 1024 * 1024, 1024) == "block"
+    assert QF.resolve_algorithm("auto", big.half(), 256 * 1024 * 1024, 1024) == "block"
     with QF.use_algorithm("rank8"):
-        assert QF.resolve_algorithm("block", small, 1) == "rank8"
-    assert QF.resolve_algorithm("block", small, 1) == "block"
+        assert QF.resolve_algorithm("block", small, 1, 1) == "rank8"
+    assert QF.resolve_algorithm("block", small, 1, 1) == "block"
     with pytest.raises(ValueError, match="algorithm"), QF.use_algorithm("fast"):
         pass
+
+
+def test_auto_picks_per_layer_shape():
+    """The layers pass their real sizes to the rule: wide layers get rank8 on CPU."""
+    seen = []
+    original = QF.resolve_algorithm
+
+    def spy(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    QF.resolve_algorithm = spy
+    try:
+        QLinear(1024, 1024)(torch.randn(256, 1024))
+        QLinear(64, 64)(torch.randn(256, 64))
+        QConv2d(256, 256, 3, padding=1)(torch.randn(64, 256, 4, 4))  # 64 channels, 2^24 MACs
+        QConv2d(256, 256, 3, padding=1, groups=4)(torch.randn(64, 256, 4, 4))  # 16 per group
+    finally:
+        QF.resolve_algorithm = original
+    assert seen == ["rank8", "block", "rank8", "block"]
 
 
 def test_parameter_counts_are_a_quarter():
@@ -430,3 +455,20 @@ def test_all_conv_grid_configurations_counted():
     groups = {(c[5], c[6] // 4) for c in CONV_GRID}
     assert dims == {1, 2, 3} and any(g == q for g, q in groups) and any(g > 1 for g, _ in groups)
     assert len(list(itertools.product(ALGOS, CONV_GRID))) == 2 * len(CONV_GRID)
+
+
+def test_module_to_channels_last():
+    model = nn.Sequential(
+        QConv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), QConv2d(8, 8, 3)
+    )
+    x = torch.randn(2, 4, 7, 7)
+    want = model(x)
+    model.to(memory_format=torch.channels_last)
+    assert model[0].weight[1].is_contiguous(memory_format=torch.channels_last)
+    assert model[2].weight.is_contiguous(memory_format=torch.channels_last)
+    for algorithm in ALGOS:
+        with QF.use_algorithm(algorithm):
+            got = model(x.contiguous(memory_format=torch.channels_last))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    model.to(torch.float64)  # plain conversions still take the usual path
+    assert model[0].weight.dtype == torch.float64

@@ -49,12 +49,15 @@ __all__ = [
 
 ALGORITHMS = ("auto", "block", "rank8")
 
-# Smallest number of multiply-adds in ONE of the 8 real products for which "auto" picks
-# rank8, per device type; measured with `quatnn bench layers` (README). On CPU, below it the
-# extra passes of the pre- and post-additions cost more than the halved arithmetic. On CUDA
-# (H200) rank8 lost at every benchmarked size (2.5x-7x the real layer, block 1.2x-2.3x):
-# cuBLAS/cuDNN are so fast there that the extra memory passes and launches dominate.
-RANK8_MIN_MACS = {"cpu": 2**24}
+# When "auto" picks rank8, per device type and kind of layer: (least multiply-adds in ONE of
+# the 8 real products, least quaternion channels per group on either side of it). Measured
+# with `quatnn bench layers` on 2 CPU threads (README): smaller products lose more to the
+# extra passes of the pre- and post-additions than the halved arithmetic saves, and oneDNN
+# runs narrow convolutions less efficiently; a convolution's forward alone never won (1.1x
+# the block method at 256 real channels; forward+backward 0.93x), so convolutions use it
+# only while gradients are recorded. On CUDA (H200) rank8 lost at every benchmarked size
+# (2.5x-7x the real layer, block 1.2x-2.3x), so there is no CUDA rule.
+RANK8_RULES = {"cpu": {"linear": (2**22, 128), "conv": (2**24, 64)}}
 
 _override: str | None = None
 
@@ -76,12 +79,15 @@ def use_algorithm(name: str | None) -> Iterator[None]:
         _override = previous
 
 
-def resolve_algorithm(algorithm: str, x: Tensor, macs_per_product: int) -> str:
+def resolve_algorithm(
+    algorithm: str, x: Tensor, macs_per_product: int, channels: int, kind: str = "linear"
+) -> str:
     """The algorithm a call will use: the :func:`use_algorithm` override if set, else
     ``algorithm`` unless it is ``"auto"``. ``"auto"`` picks ``"block"`` under autocast and
-    for 16-bit inputs, ``"rank8"`` when one of the 8 real products has at least
-    ``RANK8_MIN_MACS[device type]`` multiply-adds (CPU only: no GPU threshold has been
-    measured where rank8 wins), and ``"block"`` otherwise."""
+    for 16-bit inputs, ``"rank8"`` where :data:`RANK8_RULES` says it wins (one real product
+    has at least that many multiply-adds, ``channels`` = the fewer quaternion channels per
+    group of input and output reaches the minimum; convolutions only with grad enabled),
+    and ``"block"`` otherwise. ``kind`` is ``"linear"`` or ``"conv"``."""
     chosen = _override if _override not in (None, "auto") else algorithm
     if chosen not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {chosen!r}")
@@ -90,8 +96,11 @@ def resolve_algorithm(algorithm: str, x: Tensor, macs_per_product: int) -> str:
     device = x.device.type
     if torch.is_autocast_enabled(device) or x.dtype in (torch.float16, torch.bfloat16):
         return "block"
-    threshold = RANK8_MIN_MACS.get(device)
-    return "rank8" if threshold is not None and macs_per_product >= threshold else "block"
+    rule = RANK8_RULES.get(device, {}).get(kind)
+    if rule is None or (kind == "conv" and not torch.is_grad_enabled()):
+        return "block"
+    min_macs, min_channels = rule
+    return "rank8" if macs_per_product >= min_macs and channels >= min_channels else "block"
 
 
 # --------------------------------------------------------------------------- block fold
@@ -149,31 +158,31 @@ _H = ((1.0, 1.0, 1.0, 1.0), (1.0, -1.0, 1.0, -1.0), (1.0, 1.0, -1.0, -1.0), (1.0
 _CONJ = (1.0, -1.0, -1.0, -1.0)
 
 
+# R products pair a_k with b_PAIR[k]: (a0 b0, a1 b3, a2 b1, a3 b2), so the weight side of
+# the R half is the weight itself, never a copy. OUT_R[k] = (output component, coefficient).
+_PAIR = (0, 3, 1, 2)
+_OUT_R = ((0, 2.0), (2, -2.0), (3, -2.0), (1, -2.0))
+
+
 def _coefficients(
-    conj_a: bool, conj_b: bool, scale_a: bool, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Pre-addition matrices for the left (8x4) and right (8x4) operands and the 4x8
-    post-addition matrix of the rank-8 product (REFERENCES.md):
-    Q_i = (H a)_i (H b)_i, R = (a0 b0, a3 b2, a1 b3, a2 b1), G = H Q / 4,
-    a (x) b = (2 R0 - G0, G1 - 2 R1, G2 - 2 R2, G3 - 2 R3).
-    ``scale_a`` folds the 1/4 and 2 into the left operand instead of the output."""
+    conj_a: bool, conj_b: bool, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pre-addition matrices of the left and right operands (4x4 each, for the Q half)
+    and the post-addition matrices of the Q and R halves (4x4 each) of the rank-8 product
+    (REFERENCES.md): Q_i = (H a)_i (H b)_i, R = (a0 b0, a3 b2, a1 b3, a2 b1), G = H Q / 4,
+    a (x) b = (2 R0 - G0, G1 - 2 R1, G2 - 2 R2, G3 - 2 R3). Conjugating an operand flips
+    the signs of its imaginary components: in the pre-additions for Q, in the post-additions
+    for R (whose operands are used as they are)."""
     h = torch.tensor(_H, dtype=torch.float64)
-    select = torch.eye(4, dtype=torch.float64)
-    left = torch.cat([h, select[[0, 3, 1, 2]]])
-    right = torch.cat([h, select[[0, 2, 3, 1]]])
     signs = torch.tensor(_CONJ, dtype=torch.float64)
-    if conj_a:
-        left = left * signs
-    if conj_b:
-        right = right * signs
-    outer = torch.diag(torch.tensor([-1.0, 1.0, 1.0, 1.0], dtype=torch.float64))
-    post_q, post_r = outer @ h, torch.diag(signs)  # out = post_q Q + post_r R
-    if scale_a:
-        left = left * torch.tensor([0.25] * 4 + [2.0] * 4, dtype=torch.float64).unsqueeze(1)
-    else:
-        post_q, post_r = post_q * 0.25, post_r * 2.0
-    post = torch.cat([post_q, post_r], dim=1)
-    return tuple(m.to(dtype=dtype, device=device) for m in (left, right, post))
+    ones = torch.ones(4, dtype=torch.float64)
+    sign_a, sign_b = (signs if conj_a else ones), (signs if conj_b else ones)
+    post_q = torch.diag(torch.tensor([-0.25, 0.25, 0.25, 0.25], dtype=torch.float64)) @ h
+    post_r = torch.zeros(4, 4, dtype=torch.float64)
+    for k, (out, coefficient) in enumerate(_OUT_R):
+        post_r[out, k] = coefficient * sign_a[k] * sign_b[_PAIR[k]]
+    mats = (h * sign_a, h * sign_b, post_q, post_r)
+    return tuple(m.to(dtype=dtype, device=device) for m in mats)
 
 
 _cached_coefficients = functools.lru_cache(maxsize=64)(_coefficients)
@@ -192,14 +201,16 @@ def _rank8(
     *,
     conj_a: bool = False,
     conj_b: bool = False,
-    scale_a: bool = True,
 ) -> Tensor:
     """The quaternion product ``a (x) b`` (conjugating either side on request) for any
-    bilinear real product. ``a`` and ``b`` hold components on axis 0; ``products`` maps
-    the 8 stacked left and right operands to the 8 stacked real products."""
+    bilinear real product. ``a`` and ``b`` hold components on axis 0; ``products`` maps 4
+    stacked left and right operands to the 4 stacked real products; it is called twice:
+    on the Hadamard combinations (Q) and on ``a`` with reordered ``b`` (R)."""
     build = _coefficients if torch.compiler.is_compiling() else _cached_coefficients
-    left, right, post = build(conj_a, conj_b, scale_a, a.dtype, a.device)
-    return _mix(post, products(_mix(left, a), _mix(right, b)))
+    left, right, post_q, post_r = build(conj_a, conj_b, a.dtype, a.device)
+    q = products(_mix(left, a), _mix(right, b))
+    r = products(a, b[list(_PAIR)])
+    return torch.addmm(post_q @ q.flatten(1), post_r, r.flatten(1)).view(q.shape)
 
 
 class _Conv(NamedTuple):
@@ -279,7 +290,6 @@ class _Rank8Linear(torch.autograd.Function):
                 _stacked(x, 1),
                 lambda d, v: torch.bmm(d.transpose(1, 2), v),
                 conj_b=True,
-                scale_a=False,
             )
         return grad_x, grad_w
 
@@ -304,7 +314,7 @@ class _Rank8Conv(torch.autograd.Function):
                 weight,
                 g,
                 lambda w, d: torch.stack(
-                    [_convolve_backward(conv, d[k], xs[0], w[k], 0) for k in range(8)]
+                    [_convolve_backward(conv, d[k], xs[0], w[k], 0) for k in range(4)]
                 ),
                 conj_a=True,
             )
@@ -314,16 +324,15 @@ class _Rank8Conv(torch.autograd.Function):
                 g,
                 xs,
                 lambda d, v: torch.stack(
-                    [_convolve_backward(conv, d[k], v[k], weight[0], 1) for k in range(8)]
+                    [_convolve_backward(conv, d[k], v[k], weight[0], 1) for k in range(4)]
                 ),
                 conj_b=True,
-                scale_a=False,
             )
         return grad_x, grad_w, None
 
 
 def _each(conv: _Conv, inputs: Tensor, weights: Tensor) -> Tensor:
-    return torch.stack([_convolve(conv, inputs[k], weights[k]) for k in range(inputs.shape[0])])
+    return torch.stack([_convolve(conv, inputs[k], weights[k]) for k in range(4)])
 
 
 def _rank8_apply(fn: type[torch.autograd.Function], x: Tensor, weight: Tensor, *args) -> Tensor:
@@ -359,7 +368,8 @@ def quaternion_linear(
             f"expected in_features={n_in}"
         )
     rows = x.numel() // n_in
-    algo = resolve_algorithm(algorithm, x, rows * weight.shape[1] * weight.shape[2])
+    macs = rows * weight.shape[1] * weight.shape[2]
+    algo = resolve_algorithm(algorithm, x, macs, min(weight.shape[1], weight.shape[2]))
     if algo == "block":
         return F.linear(x, block_weight(weight) if folded is None else folded, bias)
     y = _rank8_apply(_Rank8Linear, x.reshape(rows, n_in), weight)
@@ -442,7 +452,9 @@ def quaternion_conv(
     if not transposed:
         out_positions //= math.prod(conv.stride)
     macs = out_positions * weight.shape[1] * weight.shape[2] * math.prod(kernel)
-    algo = resolve_algorithm(algorithm, x, macs)
+    per_group = weight.shape[2] if transposed else weight.shape[1] // groups
+    channels = min(per_group, weight.shape[1] // groups if transposed else weight.shape[2])
+    algo = resolve_algorithm(algorithm, x, macs, channels, "conv")
     if algo == "rank8":
         y = _rank8_apply(_Rank8Conv, x, weight, conv)
         return y if bias is None else y + bias.view(1, -1, *([1] * nd))

@@ -77,7 +77,7 @@ def run(device: str = "cpu", quick: bool = False, repeats: int = 5) -> list[dict
             fns = {"real": _step(real, x, backward)}
             for algorithm in ALGORITHMS:
                 fns[algorithm] = _with_algorithm(algorithm, _step(quat, x, backward))
-            seconds = interleaved_seconds(fns, device, repeats)
+            seconds = interleaved_seconds(fns, device, repeats, min_seconds=1.0)
             row: dict = {"layer": name, "pass": "fwd+bwd" if backward else "fwd"}
             row["real_ms"] = 1e3 * seconds["real"]
             row.update({f"{a}_x": seconds[a] / seconds["real"] for a in ALGORITHMS})

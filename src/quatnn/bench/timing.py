@@ -38,12 +38,20 @@ def interleaved_seconds(
     device: torch.device | str = "cpu",
     repeats: int = 7,
     warmup: int = 2,
+    min_seconds: float = 0.0,
 ) -> dict[str, float]:
     """Median wall time of each ``fn``, timing them round-robin so that a change in machine
-    load during the measurement hits every contender alike."""
+    load during the measurement hits every contender alike. Fast functions get more
+    repeats: enough for each to run about ``min_seconds`` in total."""
+    slowest = 0.0
     for fn in fns.values():
         for _ in range(warmup):
+            sync(device)
+            start = time.perf_counter()
             fn()
+            sync(device)
+            slowest = max(slowest, time.perf_counter() - start)
+    repeats = max(repeats, int(min_seconds / max(slowest, 1e-9)))
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
