@@ -5,6 +5,10 @@ Each subcommand is one ``_add_<name>(commands)`` function that adds its parser a
 in :data:`COMMANDS`. Bad input ends with one line on stderr and exit status 2, an
 interruption with 130, a non-finite loss with 1.
 
+``train``, ``compare`` and ``lottery`` launched by torchrun train data-parallel
+(:mod:`quatnn.train.distributed`): only rank 0 prints results; the other ranks print only
+their errors, marked with their rank.
+
 Example:
     >>> main(["models", "--names", "lenet_300_100"])  # doctest: +NORMALIZE_WHITESPACE
     | name | variant | params | ratio_to_real | macs |
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import pkgutil
 import sys
 import textwrap
@@ -27,6 +32,7 @@ from collections.abc import Callable, Sequence
 import quatnn
 from quatnn import data, models, prune, report, train
 from quatnn.report import lottery as lottery_report
+from quatnn.train import distributed
 from quatnn.train.config import COMPARE_KEYS, FIELDS, parse_option
 from quatnn.train.progress import PROGRESS_MODES
 
@@ -129,6 +135,17 @@ def _run_options(args: argparse.Namespace) -> dict:
     return {"progress": args.progress, "tensorboard": args.tensorboard, "download": args.download}
 
 
+def _add_jobs_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"train {what} at a time, each in its own process (with GPUs: one GPU each, "
+        "round-robin; on CPU the threads are split) (default: 1)",
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     if args.resume is None:
@@ -142,7 +159,8 @@ def _train(args: argparse.Namespace) -> int:
             flags = ", ".join(clashes)
             raise UsageError(f"--resume RUN_DIR continues that run as it is; drop {flags}")
         cfg, out, if_exists = train.resume_config(args.resume, overrides), args.resume, "resume"
-    train.train(cfg, out, if_exists=if_exists, **_run_options(args))
+    with distributed.session(cfg.backend, cfg.device):
+        train.train(cfg, out, if_exists=if_exists, **_run_options(args))
     return 0
 
 
@@ -160,6 +178,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
             "    --lr 3e-4 --data-dir data --out runs/conv6-q",
             "quatnn train --resume runs/conv6-q        # continue after Ctrl-C or a crash",
             "quatnn train --config runs/conv6-q/config.toml --out runs/again   # run it again",
+            "torchrun --nproc_per_node 4 -m quatnn train --model resnet18 --dataset cifar10 \\",
+            "    --batch-size 256 --amp --sync-bn --out runs/r18   # 4 GPUs, global batch 256",
         ],
     )
     parser.add_argument(
@@ -175,14 +195,18 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 def _compare(args: argparse.Namespace) -> int:
     cfg, extra = train.load_config(args.config, _overrides(args), compare=True)
-    train.compare(
-        cfg,
-        args.out,
-        variants=extra.get("variants", ()),
-        seeds=extra.get("seeds", train.DEFAULT_SEEDS),
-        overwrite=args.overwrite,
-        **_run_options(args),
-    )
+    with distributed.session(cfg.backend, cfg.device) as ctx:
+        train.compare(
+            cfg,
+            args.out,
+            variants=extra.get("variants", ()),
+            seeds=extra.get("seeds", train.DEFAULT_SEEDS),
+            overwrite=args.overwrite,
+            jobs=args.jobs,
+            **_run_options(args),
+        )
+    if not ctx.is_main:
+        return 0
     result = report.write_report([args.out])
     print(result.table)
     print(f"report: {args.out}/report.md")
@@ -205,6 +229,7 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
             "quatnn compare --model conv6 --dataset cifar10 --variants real3,real4,quaternion \\",
             "    --seeds 0,1,2 --epochs 60 --lr 3e-4 --out runs/conv6-cifar10",
             "quatnn compare --config experiments/conv4_cifar10.toml --out runs/conv4",
+            "quatnn compare --config experiments/conv4_cifar10.toml --jobs 4   # 4 GPUs at once",
         ],
     )
     parser.add_argument(
@@ -226,6 +251,7 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
         default=argparse.SUPPRESS,
         help=f"comma-separated seeds (default: {','.join(map(str, train.DEFAULT_SEEDS))})",
     )
+    _add_jobs_flag(parser, "N runs")
     _add_output_flags(parser)
     _add_config_flags(parser, skip=("variant", "seed"))
     parser.set_defaults(handler=_compare)
@@ -305,15 +331,19 @@ def _lottery(args: argparse.Namespace) -> int:
         except train.RunError as err:
             raise UsageError(str(err)) from None
     cfg, extra, lottery = prune.load_recipe(args.config, _overrides(args), settings)
-    prune.run_lottery(
-        cfg,
-        args.out,
-        lottery,
-        variants=extra.get("variants", ()),
-        seeds=extra.get("seeds", train.DEFAULT_SEEDS),
-        overwrite=args.overwrite,
-        **_run_options(args),
-    )
+    with distributed.session(cfg.backend, cfg.device) as ctx:
+        prune.run_lottery(
+            cfg,
+            args.out,
+            lottery,
+            variants=extra.get("variants", ()),
+            seeds=extra.get("seeds", train.DEFAULT_SEEDS),
+            overwrite=args.overwrite,
+            jobs=args.jobs,
+            **_run_options(args),
+        )
+    if not ctx.is_main:
+        return 0
     result = lottery_report.write_lottery_report(args.out)
     print(result.table)
     print(f"report: {result.files[0]}")
@@ -364,6 +394,7 @@ def _add_lottery(commands: argparse._SubParsersAction) -> None:
     for name, kind, text in _LOTTERY_FLAGS:
         flag = "--" + name.replace("_", "-")
         group.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=text)
+    _add_jobs_flag(parser, "N variant-and-seed chains of levels")
     _add_output_flags(parser)
     _add_config_flags(parser, skip=("variant", "seed"))
     parser.set_defaults(handler=_lottery)
@@ -545,17 +576,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
+    rank = distributed.env_rank() if "WORLD_SIZE" in os.environ else 0
+    who = f"quatnn (rank {rank})" if rank else "quatnn"
     try:
         return args.handler(args)
     except USER_ERRORS as err:
-        print(f"quatnn: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"{who}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    except train.NonFiniteLoss as err:
-        print(f"quatnn: error: {err}", file=sys.stderr)
+    except train.NonFiniteLoss as err:  # every rank stops at the same step: rank 0 says it
+        if not rank:
+            print(f"quatnn: error: {err}", file=sys.stderr)
         return 1
     except train.Interrupted as err:
-        print(f"quatnn: {err}", file=sys.stderr)
+        if not rank:
+            print(f"quatnn: {err}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("quatnn: interrupted", file=sys.stderr)
+        print(f"{who}: interrupted", file=sys.stderr)
         return 130

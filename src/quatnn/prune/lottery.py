@@ -46,11 +46,11 @@ from quatnn.data.registry import spec
 from quatnn.prune.masks import attach, dense_masks, enforce, load_masks, save_masks
 from quatnn.prune.sparsity import sparsity
 from quatnn.prune.strategies import PruneSpec, prune, random_like
-from quatnn.train import checkpoint
+from quatnn.train import checkpoint, distributed
 from quatnn.train.config import COMPARE_KEYS, TrainConfig, dumps_toml, load_toml, merge
 from quatnn.train.errors import Interrupted, RunError
 from quatnn.train.loop import Callback, Trainer
-from quatnn.train.runner import DEFAULT_SEEDS, resolve, train
+from quatnn.train.runner import DEFAULT_SEEDS, _check_jobs, _datasets, resolve, train, uses_gpu
 from quatnn.train.seeding import mix
 
 __all__ = [
@@ -230,8 +230,11 @@ def load_recipe(
     return cfg, extra, LotteryConfig.from_dict({**table, **lottery_overrides})
 
 
-def _write_recipe(out: Path, base: TrainConfig, lottery: LotteryConfig, variants, seeds) -> None:
-    """Write ``out/lottery.toml``, refusing a folder that holds another lottery."""
+def _write_recipe(
+    out: Path, base: TrainConfig, lottery: LotteryConfig, variants, seeds, write: bool = True
+) -> None:
+    """Write ``out/lottery.toml`` (or, with ``write=False``, only check that it could be),
+    refusing a folder that holds another lottery."""
     recipe = {k: v for k, v in base.to_dict().items() if k not in ("variant", "seed")}
     path = out / RECIPE
     if path.is_file():
@@ -244,6 +247,8 @@ def _write_recipe(out: Path, base: TrainConfig, lottery: LotteryConfig, variants
             raise RunError(f"{out} holds a different lottery ({shown}); use another --out")
     elif out.is_dir() and any(out.iterdir()):
         raise RunError(f"{out} is not empty and holds no lottery (no {RECIPE}); use another --out")
+    if not write:
+        return
     text = dumps_toml({**recipe, "variants": list(variants), "seeds": list(seeds)})
     text += "\n" + _toml_table("lottery", lottery.to_dict())
     out.mkdir(parents=True, exist_ok=True)
@@ -278,6 +283,7 @@ class _Level(Callback):
         self.lottery, self.reference = lottery, reference
         self.folder = self._sibling(level, control)
         self.run = {"model": cfg.model, "variant": cfg.variant, "dataset": cfg.dataset}
+        self.is_main = distributed.current().is_main  # only rank 0 writes files
         self.rewind = parse_rewind(lottery.rewind) if level == 0 and control is None else None
 
     def _sibling(self, level: int, control: str | None = None) -> Path:
@@ -312,17 +318,21 @@ class _Level(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         if trainer.step == 0:
             masks = self._start(trainer.model)
-            save_masks(self.folder / "masks.pt", masks)
-            variant, params = self.reference
-            report = sparsity(trainer.model, masks, params)
-            report = {"level": self.level, "control": self.control, "reference": variant, **report}
-            text = json.dumps(report, indent=2)
-            checkpoint.write_atomic(self.folder / "sparsity.json", lambda f: f.write(text), "w")
+            if self.is_main:
+                save_masks(self.folder / "masks.pt", masks)
+                self._write_sparsity(trainer.model, masks)
             if self.rewind is not None and self.rewind[0] == 0:
                 self._save_rewind(trainer)
         else:
             masks = load_masks(self.folder / "masks.pt")
         attach(trainer.model, masks)
+
+    def _write_sparsity(self, model: nn.Module, masks: dict) -> None:
+        variant, params = self.reference
+        report = sparsity(model, masks, params)
+        report = {"level": self.level, "control": self.control, "reference": variant, **report}
+        text = json.dumps(report, indent=2)
+        checkpoint.write_atomic(self.folder / "sparsity.json", lambda f: f.write(text), "w")
 
     def on_step_end(self, trainer: Trainer) -> None:
         enforce(trainer.model)
@@ -334,8 +344,10 @@ class _Level(Callback):
             self._save_rewind(trainer)
 
     def _save_rewind(self, trainer: Trainer) -> None:
-        state = {"step": trainer.step, "epoch": trainer.epoch, "model": trainer.model.state_dict()}
-        checkpoint.save(self.folder / "rewind.pt", self.run, state)
+        if self.is_main:
+            model = trainer.model.state_dict()
+            state = {"step": trainer.step, "epoch": trainer.epoch, "model": model}
+            checkpoint.save(self.folder / "rewind.pt", self.run, state)
 
 
 def _complete(folder: Path) -> bool:
@@ -354,6 +366,7 @@ def run_lottery(
     tensorboard: bool = False,
     download: bool = True,
     callbacks: Sequence[Callback] = (),
+    jobs: int = 1,
 ) -> list[dict]:
     """Run (or continue) the lottery of ``base`` into ``out`` for every variant and seed
     (``variants`` default: the real reference and ``quaternion``) and return one row
@@ -362,31 +375,86 @@ def run_lottery(
     ``overwrite`` deletes a lottery already in ``out`` first; ``progress``,
     ``tensorboard`` and ``download`` are passed to :func:`quatnn.train.train`, and
     ``callbacks`` join every level's training, after the one that sets up its masks and
-    weights. Raises RunError for bad input and Interrupted on Ctrl-C or SIGTERM."""
+    weights. Raises RunError for bad input and Interrupted on Ctrl-C or SIGTERM.
+
+    ``jobs`` > 1 runs that many variant-and-seed chains of levels at a time, each in a
+    process of its own (:func:`quatnn.train.distributed.run_jobs`; ``callbacks`` must then
+    pickle). Under torchrun every level trains on all processes and only rank 0 writes."""
     out = Path(out)
+    ctx = distributed.current()
     variants = tuple(variants) or (reference_variant(base.dataset), "quaternion")
     if not seeds or len(set(seeds)) != len(seeds) or len(set(variants)) != len(variants):
         raise RunError("a lottery needs at least one seed, and no variant or seed twice")
+    _check_jobs(jobs, ctx)
     runs = [resolve(dataclasses.replace(base, variant=v, seed=s)) for v in variants for s in seeds]
     reference = _reference(runs[0], lottery.prune)
-    if overwrite and (out / RECIPE).is_file():
-        shutil.rmtree(out)
-    _write_recipe(out, base, lottery, variants, seeds)
+    replace = overwrite and (out / RECIPE).is_file()
+    if not replace:
+        _write_recipe(out, base, lottery, variants, seeds, write=False)  # check it everywhere
+    ctx.barrier()  # every process has checked the folder before rank 0 changes it
+    if ctx.is_main:
+        if replace:
+            shutil.rmtree(out)
+        _write_recipe(out, base, lottery, variants, seeds)
+    ctx.barrier()
     options = {"progress": progress, "tensorboard": tensorboard, "download": download}
+    if jobs == 1:
+        return [
+            row
+            for cfg in runs
+            for row in _run_chain(cfg, out, lottery, reference, callbacks, options)
+        ]
+    _datasets(runs[0], download)  # download once, before the jobs start
+    tasks = [
+        distributed.Job(
+            f"{cfg.variant} seed {cfg.seed}",
+            _run_chain,
+            (cfg, out, lottery, reference, list(callbacks), {**options, "progress": "off"}),
+            gpu=uses_gpu(cfg),
+        )
+        for cfg in runs
+    ]
+
+    def started(i: int, job: distributed.Job) -> None:
+        print(f"[lottery] {job.name}: levels 0-{lottery.levels} (started)", flush=True)
+
+    def ended(i: int, job: distributed.Job, rows: list[dict]) -> None:
+        accs = ", ".join(f"{row['final_test_acc']:.2%}" for row in rows if not row["control"])
+        print(f"[lottery] {job.name} finished: test acc by level {accs}", flush=True)
+
+    try:
+        chains = distributed.run_jobs(tasks, jobs, on_start=started, on_end=ended)
+    except Interrupted:
+        raise Interrupted(
+            "interrupted; finished levels and the last epoch of the others are kept: run the "
+            "same quatnn lottery command again to continue"
+        ) from None
+    return [row for rows in chains for row in rows]
+
+
+def _run_chain(
+    cfg: TrainConfig,
+    out: Path,
+    lottery: LotteryConfig,
+    reference: tuple[str, int],
+    callbacks: Sequence[Callback],
+    options: dict,
+) -> list[dict]:
+    """The levels (and controls) of one variant and seed; their rows of
+    :func:`run_lottery`."""
     rows: list[dict] = []
-    for cfg in runs:
-        for level in range(lottery.levels + 1):
-            controls = lottery.controls if lottery.has_control(level) else ()
-            for control in (None, *controls):
-                step = _Level(cfg, out, level, control, lottery, reference)
-                rows.append(_train_level(cfg, step, callbacks, options))
-            if level == 0 and not (step.folder / "rewind.pt").is_file():
-                raise RunError(
-                    f"{step.folder}: training ended before the rewind point "
-                    f"{lottery.rewind}; rewind earlier"
-                )
-            if rows[-1 - len(controls)]["final_test_acc"] < lottery.min_acc:
-                break
+    for level in range(lottery.levels + 1):
+        controls = lottery.controls if lottery.has_control(level) else ()
+        for control in (None, *controls):
+            step = _Level(cfg, out, level, control, lottery, reference)
+            rows.append(_train_level(cfg, step, callbacks, options))
+        if level == 0 and not (step.folder / "rewind.pt").is_file():
+            raise RunError(
+                f"{step.folder}: training ended before the rewind point "
+                f"{lottery.rewind}; rewind earlier"
+            )
+        if rows[-1 - len(controls)]["final_test_acc"] < lottery.min_acc:
+            break
     return rows
 
 
@@ -405,7 +473,8 @@ def _train_level(
     }
     if row["trained"]:
         name = f"level {step.level}" + (f" {step.control}" if step.control else "")
-        print(f"[lottery] {cfg.variant} seed {cfg.seed} {name} -> {folder}", flush=True)
+        if step.is_main:
+            print(f"[lottery] {cfg.variant} seed {cfg.seed} {name} -> {folder}", flush=True)
         try:
             summary = train(
                 cfg, folder, if_exists="continue", callbacks=[step, *callbacks], **options

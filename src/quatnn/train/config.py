@@ -47,7 +47,8 @@ class TrainConfig:
     bundled ``digits`` data with the lottery-ticket recipe (Adam 1.2e-3, batch 60).
 
     Fields marked runtime (where the data is, which device, how many loader workers,
-    compiling) may change when a run is resumed; the others define the run.
+    compiling, memory format, distributed settings) may change when a run is resumed; the
+    others define the run.
     """
 
     model: str = _field("lenet_300_100", "model name (see `quatnn models`)")
@@ -71,12 +72,31 @@ class TrainConfig:
     )
     seed: int = _field(0, "seed of initialization, shuffling and augmentation")
     max_steps: int = _field(0, "stop after this many optimizer steps in all (0: no limit)")
-    amp: bool = _field(False, "mixed precision: bfloat16, or float16 with loss scaling")
+    amp: bool = _field(
+        False,
+        "mixed precision: bfloat16 where supported (CPU, most GPUs), else float16 with "
+        "loss scaling",
+    )
     device: str = _field("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps", True)
     workers: int = _field(
-        -1, "DataLoader worker processes; -1: 0 on CPU or bundled data, else up to 8", True
+        -1,
+        "DataLoader worker processes (per process under torchrun); -1: 0 on CPU or bundled "
+        "data, else up to 8, sharing the cores among a node's processes",
+        True,
     )
     compile: bool = _field(False, "torch.compile the model", True)
+    channels_last: bool = _field(
+        False, "channels-last (NHWC) memory format for image models and batches", True
+    )
+    sync_bn: bool = _field(
+        False,
+        "under torchrun: batch norm statistics over the global batch (quaternion and real "
+        "batch norms; real ones need CUDA)",
+        True,
+    )
+    backend: str = _field(
+        "auto", "torch.distributed backend under torchrun; auto: nccl on CUDA, else gloo", True
+    )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, object], source: str = "config") -> TrainConfig:

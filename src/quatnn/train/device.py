@@ -60,11 +60,13 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "mps" else torch.bfloat16
 
 
-def loader_options(device: torch.device, workers: int, bundled: bool) -> dict:
+def loader_options(device: torch.device, workers: int, bundled: bool, processes: int = 1) -> dict:
     """DataLoader settings: ``workers`` -1 means 0 on CPU or for the in-memory bundled
-    data, else half the cores up to 8; pinned memory on CUDA; persistent workers."""
+    data, else half the cores up to 8 (shared by the ``processes`` training processes of
+    this machine); pinned memory on CUDA; persistent workers."""
     if workers < 0:
-        workers = 0 if device.type == "cpu" or bundled else min(8, (os.cpu_count() or 2) // 2)
+        cores = (os.cpu_count() or 2) // max(1, processes)
+        workers = 0 if device.type == "cpu" or bundled else min(8, cores // 2)
     return {
         "num_workers": workers,
         "pin_memory": device.type == "cuda",

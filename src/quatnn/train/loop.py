@@ -51,6 +51,9 @@ class Callback:
         """After each optimizer step: ``trainer.step`` counts the steps of the whole run and
         ``trainer.loss`` is this step's loss tensor (reading it syncs the device)."""
 
+    def on_evaluate(self, trainer: Trainer) -> None:
+        """Before each epoch's evaluation, after its last optimizer step."""
+
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         """After each epoch's evaluation; ``row`` was just appended to ``trainer.history``."""
 
@@ -84,12 +87,19 @@ class Trainer:
         compile: run the forward pass through ``torch.compile``.
         callbacks: :class:`Callback` hooks, called in order.
         progress: bars and log lines (default: none).
-        reduce: sums a CPU float64 tensor of per-process totals (loss sum, correct,
-            samples) across processes, for distributed training; by default unchanged.
-
-    ``forward`` (the model, or its ``torch.compile`` wrapper) runs the forward pass; a
-    distributed wrapper such as DistributedDataParallel can replace it.
+        reduce: sums a CPU float64 tensor of per-process values (loss sums, correct and
+            sample counts, seconds) over processes, for distributed training; by default
+            unchanged. Called at the same points in every process.
         sync_every: steps between reads of the running loss (and non-finite checks).
+        channels_last: move 4D input batches to the device in channels-last layout.
+
+    ``forward`` (the model, or its ``torch.compile`` wrapper) runs the training forward
+    pass; a distributed wrapper such as DistributedDataParallel can replace it.
+    ``eval_forward`` (by default the same) runs the evaluation.
+
+    A batch sampler with ``loss_weight(batch)`` (a process's share of global batches, see
+    :class:`quatnn.train.distributed.ShardedBatchSampler`) makes each step's loss the sum
+    of the per-sample losses times that weight instead of their mean.
     """
 
     def __init__(
@@ -104,19 +114,27 @@ class Trainer:
         progress: Progress | None = None,
         reduce: Callable[[Tensor], Tensor] | None = None,
         sync_every: int = 25,
+        channels_last: bool = False,
     ) -> None:
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
         self.forward = torch.compile(model) if compile else model
+        self.eval_forward = self.forward
         self.amp_dtype = amp_dtype
         self.scaler = torch.amp.GradScaler(self.device.type) if amp_dtype == torch.float16 else None
         self.callbacks = list(callbacks)
         self.progress = progress or Progress()
         self.reduce = reduce or (lambda totals: totals)
         self.sync_every = sync_every
+        self.channels_last = channels_last
         self.epoch = 0
         self.step = 0
         self.history: list[dict] = []
         self.loss: Tensor | None = None
+
+    def _to_device(self, x: Tensor) -> Tensor:
+        if self.channels_last and x.dim() == 4:
+            return x.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        return x.to(self.device, non_blocking=True)
 
     def _autocast(self) -> torch.autocast:
         dtype = self.amp_dtype or torch.float32
@@ -133,8 +151,8 @@ class Trainer:
     ) -> None:
         """Train from epoch ``self.epoch + 1`` to ``epochs`` (or until ``max_steps``
         optimizer steps in all, if not 0), evaluating after each epoch. ``lr_at(epoch)``
-        sets the learning rate of each epoch. A sampler with ``set_epoch`` is told the
-        epoch before it is iterated."""
+        sets the learning rate of each epoch. A sampler or batch sampler with ``set_epoch``
+        is told the epoch before it is iterated."""
         for callback in self.callbacks:
             callback.on_train_start(self)
         self.progress.start_epochs(epochs, self.epoch)
@@ -145,9 +163,12 @@ class Trainer:
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr_at(self.epoch)
                 lr = self.optimizer.param_groups[0]["lr"]
-                if hasattr(train_loader.sampler, "set_epoch"):
-                    train_loader.sampler.set_epoch(self.epoch)
+                for sampler in (train_loader.sampler, train_loader.batch_sampler):
+                    if hasattr(sampler, "set_epoch"):
+                        sampler.set_epoch(self.epoch)
                 train = self.train_epoch(train_loader, max_steps)
+                for callback in self.callbacks:
+                    callback.on_evaluate(self)
                 test = self.evaluate(test_loader)
                 row = {"epoch": self.epoch, "step": self.step, "lr": lr, **train, **test}
                 self.history.append(row)
@@ -163,15 +184,22 @@ class Trainer:
         self.model.train()
         total = len(loader) if not max_steps else min(len(loader), max_steps - self.step)
         self.progress.start_batches(total, self.epoch)
-        sums = torch.zeros(2, dtype=torch.float64)  # loss sum, correct
-        samples, window = 0, []
+        share = getattr(loader.batch_sampler, "loss_weight", None)
+        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples (all processes)
+        window, sizes = [], []
         start = time.perf_counter()
         for batch, (x, y) in enumerate(loader, 1):
-            x = x.to(self.device, non_blocking=True)
+            x = self._to_device(x)
             y = y.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.forward(x)
-            loss = F.cross_entropy(logits.float(), y)
+            if share is None:
+                loss = F.cross_entropy(logits.float(), y)
+                loss_sum = loss.detach() * len(y)
+            else:  # this process's share of the global batch mean
+                loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+                loss = loss_sum * share(batch - 1)
+                loss_sum = loss_sum.detach()
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is None:
                 loss.backward()
@@ -182,24 +210,28 @@ class Trainer:
                 self.scaler.update()
             self.step += 1
             self.loss = loss
-            samples += len(y)
             correct = (logits.argmax(1) == y).sum().float()
-            window.append(torch.stack((loss.detach() * len(y), correct)))
+            window.append(torch.stack((loss_sum, correct)))
+            sizes.append(len(y))
             for callback in self.callbacks:
                 callback.on_step_end(self)
             if len(window) == self.sync_every or batch == total:
-                sums += self._flush(window, batch, total)
+                sums += self._flush(window, sizes, batch, total)
                 self.progress.update_batches(
                     len(window),
-                    loss=f"{sums[0] / samples:.4f}",
-                    acc=f"{sums[1] / samples:.2%}",
-                    samples_s=f"{samples / (time.perf_counter() - start):.0f}",
+                    loss=f"{sums[0] / sums[2]:.4f}",
+                    acc=f"{sums[1] / sums[2]:.2%}",
+                    samples_s=f"{sums[2] / (time.perf_counter() - start):.0f}",
                 )
                 window.clear()
+                sizes.clear()
             if batch == total:
                 break
-        seconds = time.perf_counter() - start
-        loss_sum, correct, samples = self._reduced(sums, samples)
+        seconds, processes = self.reduce(
+            torch.tensor([time.perf_counter() - start, 1.0], dtype=torch.float64)
+        ).tolist()
+        loss_sum, correct, samples = sums.tolist()
+        seconds /= processes  # the mean over processes
         return {
             "train_loss": loss_sum / samples,
             "train_acc": correct / samples,
@@ -207,14 +239,13 @@ class Trainer:
             "samples_per_second": samples / seconds,
         }
 
-    def _reduced(self, sums: Tensor, samples: int) -> list[float]:
-        """(loss sum, correct, samples) of this process, summed over processes."""
-        return self.reduce(torch.cat((sums, torch.tensor([samples], dtype=torch.float64)))).tolist()
-
-    def _flush(self, window: list[Tensor], batch: int, total: int) -> Tensor:
-        """Sum the window's (loss * n, correct) rows on the CPU (one device sync);
-        raise NonFiniteLoss naming the first step whose loss is NaN or infinite."""
+    def _flush(self, window: list[Tensor], sizes: list[int], batch: int, total: int) -> Tensor:
+        """Sum the window's (loss * n, correct, n) rows on the CPU (one device sync) and
+        over processes; raise NonFiniteLoss naming the first step whose loss is NaN or
+        infinite (in any process, so that all of them stop there)."""
         values = torch.stack(window).cpu().double()
+        values = torch.cat((values, torch.tensor(sizes, dtype=torch.float64)[:, None]), 1)
+        values = self.reduce(values)
         bad = torch.nonzero(~torch.isfinite(values[:, 0])).flatten()
         if len(bad):
             back = len(values) - int(bad[0]) - 1
@@ -228,25 +259,29 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, loader: DataLoader) -> dict:
         """Mean loss and accuracy over ``loader`` in eval mode: ``test_loss``,
-        ``test_acc`` and ``eval_seconds``."""
+        ``test_acc`` and ``eval_seconds`` (with a ``reduce`` hook: over the loaders of all
+        processes, and the mean seconds)."""
         self.model.eval()
         start = time.perf_counter()
         rows = []
         samples = 0
         for x, y in loader:
-            x = x.to(self.device, non_blocking=True)
+            x = self._to_device(x)
             y = y.to(self.device, non_blocking=True)
             with self._autocast():
-                logits = self.forward(x)
+                logits = self.eval_forward(x)
             loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
             rows.append(torch.stack((loss_sum, (logits.argmax(1) == y).sum().float())))
             samples += len(y)
-        sums = torch.stack(rows).cpu().double().sum(0)
-        loss_sum, correct, samples = self._reduced(sums, samples)
+        # (a process's part of a test set may be empty)
+        sums = torch.stack(rows).cpu().double().sum(0) if rows else torch.zeros(2).double()
+        seconds = time.perf_counter() - start
+        totals = torch.cat((sums, torch.tensor([samples, seconds, 1.0], dtype=torch.float64)))
+        loss_sum, correct, samples, seconds, processes = self.reduce(totals).tolist()
         return {
             "test_loss": loss_sum / samples,
             "test_acc": correct / samples,
-            "eval_seconds": time.perf_counter() - start,
+            "eval_seconds": seconds / processes,
         }
 
     def state_dict(self) -> dict:

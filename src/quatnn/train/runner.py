@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import quatnn
 from quatnn import data, models
-from quatnn.train import checkpoint
+from quatnn.nn.sync_norm import convert_sync_batchnorm
+from quatnn.train import checkpoint, distributed
 from quatnn.train import device as devices
 from quatnn.train.config import (
     COMPARE_KEYS,
@@ -281,7 +282,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _summary(cfg: TrainConfig, trainer: Trainer, device: torch.device) -> dict:
+def _summary(cfg: TrainConfig, trainer: Trainer, device: torch.device, world_size: int) -> dict:
     history = trainer.history
     best = max(history, key=lambda row: row["test_acc"])
     timed = history[1:] or history  # the first epoch includes warm-up
@@ -303,6 +304,7 @@ def _summary(cfg: TrainConfig, trainer: Trainer, device: torch.device) -> dict:
         "seconds_per_epoch": statistics.fmean(r["epoch_seconds"] for r in timed),
         "samples_per_second": statistics.fmean(r["samples_per_second"] for r in timed),
         "device": devices.describe(device),
+        "world_size": world_size,
         "amp": str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "off",
         "torch": torch.__version__,
         "quatnn": quatnn.__version__,
@@ -333,23 +335,52 @@ def _loaders(
     train_set: Dataset,
     test_set: Dataset,
     device: torch.device,
+    ctx: distributed.Context,
 ) -> tuple[DataLoader, DataLoader]:
-    options = devices.loader_options(device, cfg.workers, info.bundled)
+    """The train and test loaders; with several processes, this process's share of each
+    global batch and its part of the test set."""
+    options = devices.loader_options(device, cfg.workers, info.bundled, ctx.local_world_size)
     common = {"worker_init_fn": seed_worker, **options}
+    sampler = EpochSampler(len(train_set), cfg.seed)
+    batches, shard = {"batch_size": cfg.batch_size, "sampler": sampler}, {}
+    if ctx.enabled:
+        shares = distributed.ShardedBatchSampler(sampler, cfg.batch_size, ctx.rank, ctx.world_size)
+        batches = {"batch_sampler": shares}
+        shard = {"sampler": distributed.ShardSampler(len(test_set), ctx.rank, ctx.world_size)}
     train_loader = DataLoader(
         SeededDataset(train_set, cfg.seed),
-        batch_size=cfg.batch_size,
-        sampler=EpochSampler(len(train_set), cfg.seed),
         generator=torch.Generator().manual_seed(cfg.seed),
+        **batches,
         **common,
     )
     test_loader = DataLoader(
         test_set,
         batch_size=cfg.eval_batch_size,
         generator=torch.Generator().manual_seed(cfg.seed),
+        **shard,
         **common,
     )
     return train_loader, test_loader
+
+
+def _prepare_model(
+    cfg: TrainConfig, model: torch.nn.Module, device: torch.device, ctx: distributed.Context
+) -> torch.nn.Module:
+    """``model`` with synchronized batch norms (``sync_bn``, several processes), on
+    ``device``, in channels-last layout (``channels_last``)."""
+    if cfg.sync_bn and ctx.enabled:
+        model = convert_sync_batchnorm(model)
+        real = any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+        if real and device.type != "cuda":
+            raise RunError(
+                f"--sync-bn: {cfg.model} ({cfg.variant}) has real batch norms, and torch's "
+                f"SyncBatchNorm trains on CUDA only, not on {device.type}; drop --sync-bn "
+                "or train on GPUs"
+            )
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def train(
@@ -368,24 +399,37 @@ def train(
     ``if_exists`` says what to do with a run already in ``out`` (:data:`IF_EXISTS`).
     ``progress`` is ``auto``, ``on`` or ``off`` (bars; log lines are always printed).
     ``callbacks`` run before the folder is written at each epoch end. ``is_main=False``
-    (the other processes of a distributed run) writes nothing and prints nothing.
+    writes nothing and prints nothing.
+
+    Inside a process group (:func:`quatnn.train.distributed.session` under torchrun) every
+    process calls this with the same arguments: they train one run with
+    DistributedDataParallel, and only rank 0 writes and prints (see
+    :mod:`quatnn.train.distributed`).
+
     Everything is checked before the folder is touched. Raises RunError for bad input,
     Interrupted on Ctrl-C or SIGTERM (``checkpoint.pt`` then holds the last completed
     epoch) and NonFiniteLoss when the loss becomes NaN or infinite (training stops; the
     checkpoint of the last good epoch is kept).
     """
     cfg, out = resolve(cfg), Path(out)
+    ctx = distributed.current()
+    if cfg.batch_size % ctx.world_size:
+        raise RunError(
+            f"batch_size {cfg.batch_size} is not divisible by the {ctx.world_size} processes: "
+            "each optimizer step splits one global batch evenly among them"
+        )
+    is_main = is_main and ctx.is_main
     plan = _plan(out, cfg, if_exists)
     view = Progress(bars_wanted(progress), quiet=not is_main)
     if plan == "finished":
         view.write(f"{out} already holds this run, finished; see {out / 'summary.json'}")
         return json.loads((out / "summary.json").read_text(encoding="utf-8"))
     writer_class = _tensorboard_writer_class() if tensorboard and is_main else None
-    device = devices.resolve(cfg.device)
+    device = distributed.process_device(cfg.device, ctx.local_rank, ctx.world_size)
     devices.make_deterministic()
     seed_everything(cfg.seed)
-    info, train_set, test_set = _datasets(cfg, download)
-    model = _model(cfg, info, test_set[0][0]).to(device)
+    info, train_set, test_set = distributed.in_turn(ctx, lambda: _datasets(cfg, download))
+    model = _prepare_model(cfg, _model(cfg, info, test_set[0][0]), device, ctx)
     amp = devices.amp_dtype(device) if cfg.amp else None
     trainer = Trainer(
         model,
@@ -395,6 +439,8 @@ def train(
         compile=cfg.compile,
         callbacks=callbacks,
         progress=view,
+        reduce=distributed.reducer(device) if ctx.enabled else None,
+        channels_last=cfg.channels_last,
     )
     if plan == "resume" and (out / "checkpoint.pt").is_file():
         state = checkpoint.load(out / "checkpoint.pt", cfg.to_dict())
@@ -403,6 +449,11 @@ def train(
         except (RuntimeError, KeyError, ValueError, TypeError) as err:
             reason = " ".join(str(err).split())[:200]
             raise RunError(f"{out / 'checkpoint.pt'} does not fit this run ({reason})") from None
+    if ctx.enabled:
+        parallel = distributed.wrap(model, device)
+        trainer.forward = torch.compile(parallel) if cfg.compile else parallel
+        trainer.callbacks.append(distributed.BufferSync())
+    ctx.barrier()  # every process has read the folder before rank 0 changes it
     tensorboard_writer = None
     if is_main:
         _prepare_folder(out, cfg, plan, trainer)
@@ -411,12 +462,14 @@ def train(
             tensorboard_writer = writer_class(str(out / "tensorboard"))
         trainer.callbacks.append(RunWriter(out, cfg, view, tensorboard_writer))
     start = f"resuming after epoch {trainer.epoch}" if trainer.epoch else "new run"
+    where = devices.describe(device)
+    if ctx.enabled:
+        where += f" x {ctx.world_size} processes ({ctx.backend})"
     view.write(
         f"{cfg.model} {cfg.variant} on {cfg.dataset} (encoding {cfg.encoding}): "
-        f"{models.count_parameters(model):,} parameters, {devices.describe(device)}, "
-        f"{start} -> {out}"
+        f"{models.count_parameters(model):,} parameters, {where}, {start} -> {out}"
     )
-    train_loader, test_loader = _loaders(cfg, info, train_set, test_set, device)
+    train_loader, test_loader = _loaders(cfg, info, train_set, test_set, device, ctx)
     try:
         with _sigterm_as_interrupt():
             trainer.fit(
@@ -439,10 +492,11 @@ def train(
     finally:
         if tensorboard_writer is not None:
             tensorboard_writer.close()
-    summary = _summary(cfg, trainer, device)
+    summary = _summary(cfg, trainer, device, ctx.world_size)
     if is_main:
         text = json.dumps(summary, indent=2) + "\n"
         checkpoint.write_atomic(out / "summary.json", lambda f: f.write(text), mode="w")
+    ctx.barrier()  # the folder is complete before any process moves on
     view.write(
         f"finished {out}: test acc {summary['final_test_acc']:.2%} (best "
         f"{summary['best_test_acc']:.2%} at epoch {summary['best_epoch']}), "
@@ -472,16 +526,23 @@ def compare(
     tensorboard: bool = False,
     download: bool = True,
     callbacks: Sequence[Callback] = (),
+    jobs: int = 1,
 ) -> list[Path]:
     """Train ``base`` for every variant and seed into ``out/<variant>-s<seed>`` and return
     those folders. Finished runs are skipped and unfinished ones resumed, so running the
     same comparison again continues it. ``variants`` defaults to
     :func:`default_variants` of the dataset. Every run is checked before any trains.
+
+    ``jobs`` > 1 trains that many runs at a time, each in a process of its own with its own
+    GPU where there are several (:func:`quatnn.train.distributed.run_jobs`; ``callbacks``
+    must then pickle). Under torchrun every run uses all processes, one run after another.
     """
     out = Path(out)
+    ctx = distributed.current()
     variants = tuple(variants) or default_variants(base.dataset)
     if not seeds or len(set(seeds)) != len(seeds) or len(set(variants)) != len(variants):
         raise RunError("compare needs at least one seed, and no variant or seed twice")
+    _check_jobs(jobs, ctx)
     runs = [
         (out / f"{v}-s{s}", resolve(dataclasses.replace(base, variant=v, seed=s)))
         for v in variants
@@ -497,27 +558,83 @@ def compare(
             )
         for path, cfg in runs:
             _plan(path, cfg, "continue")
-    if saved is not None and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    recipe = {k: v for k, v in base.to_dict().items() if k not in ("variant", "seed")}
-    recipe |= {"variants": list(variants), "seeds": list(seeds)}
-    (out / "compare.toml").write_text(dumps_toml(recipe), encoding="utf-8")
+    ctx.barrier()  # every process has checked the folder before rank 0 changes it
+    if ctx.is_main:
+        if saved is not None and overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        recipe = {k: v for k, v in base.to_dict().items() if k not in ("variant", "seed")}
+        recipe |= {"variants": list(variants), "seeds": list(seeds)}
+        (out / "compare.toml").write_text(dumps_toml(recipe), encoding="utf-8")
+    ctx.barrier()
+    options = {"progress": progress, "tensorboard": tensorboard, "download": download}
+    if jobs > 1:
+        _compare_jobs(runs, jobs, {**options, "callbacks": list(callbacks)})
+        return [path for path, _ in runs]
     for i, (path, cfg) in enumerate(runs, 1):
-        print(f"[{i}/{len(runs)}] {cfg.variant} seed {cfg.seed} -> {path}", flush=True)
+        if ctx.is_main:
+            print(f"[{i}/{len(runs)}] {cfg.variant} seed {cfg.seed} -> {path}", flush=True)
         try:
-            train(
-                cfg,
-                path,
-                if_exists="continue",
-                progress=progress,
-                tensorboard=tensorboard,
-                download=download,
-                callbacks=callbacks,
-            )
+            train(cfg, path, if_exists="continue", callbacks=callbacks, **options)
         except Interrupted:
             raise Interrupted(
                 f"interrupted while training {path}; its last epoch and the finished runs "
                 "are kept: run the same quatnn compare command again to continue"
             ) from None
     return [path for path, _ in runs]
+
+
+def _check_jobs(jobs: int, ctx: distributed.Context) -> None:
+    if jobs < 1:
+        raise RunError(f"jobs must be at least 1, got {jobs}")
+    if jobs > 1 and ctx.enabled:
+        raise RunError(
+            "--jobs N trains runs in separate processes; under torchrun each run already "
+            "uses every process: use --jobs 1"
+        )
+
+
+def uses_gpu(cfg: TrainConfig) -> bool:
+    """Whether a job of ``cfg`` should be given a GPU of its own (its device is chosen
+    automatically or is plain ``cuda``)."""
+    return cfg.device in ("auto", "cuda")
+
+
+def _compare_jobs(runs: list[tuple[Path, TrainConfig]], jobs: int, options: dict) -> None:
+    """Train ``runs`` (folder, config) in ``jobs`` processes at a time."""
+    todo = []
+    for i, (path, cfg) in enumerate(runs, 1):
+        if _plan(path, cfg, "continue") == "finished":
+            print(f"[{i}/{len(runs)}] {path} already holds this run, finished", flush=True)
+        else:
+            todo.append((i, path, cfg))
+    if not todo:
+        return
+    _datasets(todo[0][2], options["download"])  # download once, before the jobs start
+    tasks = [
+        distributed.Job(
+            f"{cfg.variant} seed {cfg.seed}",
+            train,
+            (cfg, path),
+            {**options, "if_exists": "continue", "progress": "off"},
+            gpu=uses_gpu(cfg),
+        )
+        for _, path, cfg in todo
+    ]
+
+    def started(k: int, job: distributed.Job) -> None:
+        i, path, _ = todo[k]
+        print(f"[{i}/{len(runs)}] {job.name} -> {path} (started)", flush=True)
+
+    def ended(k: int, job: distributed.Job, summary: dict) -> None:
+        i, path, _ = todo[k]
+        acc = summary["final_test_acc"]
+        print(f"[{i}/{len(runs)}] {job.name} finished: test acc {acc:.2%}", flush=True)
+
+    try:
+        distributed.run_jobs(tasks, jobs, on_start=started, on_end=ended)
+    except Interrupted:
+        raise Interrupted(
+            "interrupted; the finished runs and the last epoch of the others are kept: run "
+            "the same quatnn compare command again to continue"
+        ) from None
