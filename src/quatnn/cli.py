@@ -213,6 +213,26 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep_flags(
+    parser: argparse.ArgumentParser, out: str, what: str, colour_variants: str
+) -> None:
+    """``--out``, ``--variants`` and ``--seeds`` of the commands that train many runs."""
+    parser.add_argument("--out", metavar="DIR", default=out, help=f"{what} (default: %(default)s)")
+    parser.add_argument(
+        "--variants",
+        type=_comma_list(str),
+        default=argparse.SUPPRESS,
+        help=f"comma-separated variants (default: {colour_variants} for colour data, "
+        "real,quaternion for grayscale)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=_comma_list(int),
+        default=argparse.SUPPRESS,
+        help=f"comma-separated seeds (default: {','.join(map(str, train.DEFAULT_SEEDS))})",
+    )
+
+
 def _add_compare(commands: argparse._SubParsersAction) -> None:
     parser = _add_parser(
         commands,
@@ -232,25 +252,7 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
             "quatnn compare --config experiments/conv4_cifar10.toml --jobs 4   # 4 GPUs at once",
         ],
     )
-    parser.add_argument(
-        "--out",
-        metavar="DIR",
-        default="runs/compare",
-        help="comparison folder (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--variants",
-        type=_comma_list(str),
-        default=argparse.SUPPRESS,
-        help="comma-separated variants (default: real3,real4,quaternion for colour data, "
-        "real,quaternion for grayscale)",
-    )
-    parser.add_argument(
-        "--seeds",
-        type=_comma_list(int),
-        default=argparse.SUPPRESS,
-        help=f"comma-separated seeds (default: {','.join(map(str, train.DEFAULT_SEEDS))})",
-    )
+    _add_sweep_flags(parser, "runs/compare", "comparison folder", "real3,real4,quaternion")
     _add_jobs_flag(parser, "N runs")
     _add_output_flags(parser)
     _add_config_flags(parser, skip=("variant", "seed"))
@@ -371,22 +373,7 @@ def _add_lottery(commands: argparse._SubParsersAction) -> None:
             "quatnn lottery --config experiments/lottery_conv4_cifar10.toml --out runs/conv4",
         ],
     )
-    parser.add_argument(
-        "--out", metavar="DIR", default="runs/lottery", help="lottery folder (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--variants",
-        type=_comma_list(str),
-        default=argparse.SUPPRESS,
-        help="comma-separated variants (default: real4,quaternion for colour data, "
-        "real,quaternion for grayscale)",
-    )
-    parser.add_argument(
-        "--seeds",
-        type=_comma_list(int),
-        default=argparse.SUPPRESS,
-        help=f"comma-separated seeds (default: {','.join(map(str, train.DEFAULT_SEEDS))})",
-    )
+    _add_sweep_flags(parser, "runs/lottery", "lottery folder", "real4,quaternion")
     group = parser.add_argument_group(
         "pruning (defaults, overridden by the [lottery] table of --config FILE, overridden "
         "by these flags)"
