@@ -466,3 +466,17 @@ def test_cli_export(tmp_path, capsys):
     assert (run / "model.ts").is_file() and "matches PyTorch" in capsys.readouterr().out
     assert cli.main(["export", str(tmp_path), "--format", "pt2"]) == 2
     assert "no config.toml" in capsys.readouterr().err
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes must not leave the 0600 mode of a private temporary file behind."""
+    model = models.create("lenet_300_100", "quaternion").eval()
+    previous = os.umask(0o022)
+    try:
+        save_compact(model, tmp_path / "m.safetensors", {"name": "lenet_300_100"})
+        export(fold(model), torch.randn(2, 784), tmp_path / "m.pt2", "pt2", reference=model)
+    finally:
+        os.umask(previous)
+    for name in ("m.safetensors", "m.pt2"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2", "m.safetensors"]

@@ -31,12 +31,13 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from quatnn.train.checkpoint import write_atomic
 
 __all__ = ["FORMAT", "save_compact", "load", "load_weights", "read_metadata"]
 
@@ -173,19 +174,6 @@ def _decode_sparse(name: str, info: Mapping, tensors: Mapping[str, Tensor]) -> T
 # --------------------------------------------------------------------------- save
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_compact(
     model: nn.Module,
     path: str | os.PathLike,
@@ -250,7 +238,7 @@ def save_compact(
     }
     data = _safetensors().save(tensors, metadata=header)
     path = Path(path)
-    _write_atomic(path, data)
+    write_atomic(path, lambda f: f.write(data))
     return {"path": str(path), "bytes": len(data), "tensors": len(state),
             "sparse": sorted(sparse_info)}  # fmt: skip
 

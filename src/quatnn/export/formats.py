@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -177,8 +177,8 @@ def export(
     if path.parent and not path.parent.is_dir():
         raise ValueError(f"export: folder {path.parent} does not exist")
     suffix = ".tmp.pt2" if format == "pt2" else ".tmp"  # torch.export wants a .pt2 name
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
+    # a fresh name beside the target (created by the exporter with the usual permissions)
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}"))
     try:
         try:
             with torch.no_grad():
