@@ -207,10 +207,7 @@ def _compare(args: argparse.Namespace) -> int:
         )
     if not ctx.is_main:
         return 0
-    result = report.write_report([args.out])
-    print(result.table)
-    print(f"report: {args.out}/report.md")
-    return 0
+    return _print_report(report.write_report([args.out]))
 
 
 def _add_sweep_flags(
@@ -259,14 +256,19 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_compare)
 
 
+def _print_report(result: report.Report) -> int:
+    """Print a written report's table and where its main file is; exit status 0."""
+    print(result.table)
+    print(f"report: {result.files[0]}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     if len(args.runs) == 1 and lottery_report.is_lottery(args.runs[0]):
         result = lottery_report.write_lottery_report(args.runs[0], args.out)
     else:
         result = report.write_report(args.runs, args.out)
-    print(result.table)
-    print(f"report: {result.files[0]}")
-    return 0
+    return _print_report(result)
 
 
 def _add_report(commands: argparse._SubParsersAction) -> None:
@@ -346,10 +348,7 @@ def _lottery(args: argparse.Namespace) -> int:
         )
     if not ctx.is_main:
         return 0
-    result = lottery_report.write_lottery_report(args.out)
-    print(result.table)
-    print(f"report: {result.files[0]}")
-    return 0
+    return _print_report(lottery_report.write_lottery_report(args.out))
 
 
 def _add_lottery(commands: argparse._SubParsersAction) -> None:

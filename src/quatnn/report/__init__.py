@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from quatnn.report.plots import plot_curves, plot_throughput
 from quatnn.report.runs import ReportError, Run, find_runs, read_run
-from quatnn.report.table import display_rows, group_runs, markdown_table, summarize
+from quatnn.report.table import Report, display_rows, group_runs, markdown_table, summarize
 
 __all__ = [
     "Report",
@@ -32,16 +31,6 @@ __all__ = [
 ]
 
 FILES = ("report.md", "report.json", "accuracy.png", "loss.png", "throughput.png")
-
-
-@dataclass
-class Report:
-    """What :func:`write_report` wrote: the markdown ``table``, the numeric ``rows``
-    (:func:`quatnn.report.table.summarize`) and the ``files``."""
-
-    table: str
-    rows: list[dict]
-    files: list[Path]
 
 
 def _notes(runs: Sequence[Run], rows: Sequence[dict]) -> list[str]:

@@ -22,7 +22,6 @@ import re
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,30 +30,20 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from quatnn.models import VARIANTS
 from quatnn.report.runs import ReportError, read_run
-from quatnn.report.table import markdown_table
+from quatnn.report.table import Report, markdown_table
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["LotteryReport", "is_lottery", "read_levels", "summarize_levels", "write_lottery_report"]
+__all__ = ["is_lottery", "read_levels", "summarize_levels", "write_lottery_report"]
 
 RECIPE = "lottery.toml"
 FILES = ("lottery.md", "lottery.json", "lottery.png")
 METRICS = ("final", "best")
 _LEVEL = re.compile(r"level-(\d+)(?:-(\w+))?")
 _STYLES = {None: "-", "reinit": "--", "random": "-."}
-
-
-@dataclass
-class LotteryReport:
-    """What :func:`write_lottery_report` wrote: the markdown ``table``, the numeric
-    ``rows`` (:func:`summarize_levels`) and the ``files``."""
-
-    table: str
-    rows: list[dict]
-    files: list[Path]
 
 
 def is_lottery(path: str | Path) -> bool:
@@ -218,7 +207,7 @@ def _title(recipe: dict) -> str:
 
 def write_lottery_report(
     path: str | Path, out: str | Path | None = None, metric: str = "final"
-) -> LotteryReport:
+) -> Report:
     """Read the lottery folder ``path`` and write :data:`FILES` into ``out`` (default:
     ``path``); ``metric`` is the ``final`` or ``best`` test accuracy of each level."""
     path = Path(path)
@@ -248,4 +237,4 @@ def write_lottery_report(
     (out / "lottery.md").write_text("\n".join(lines), encoding="utf-8")
     numbers = {"recipe": recipe, "levels": rows, "summary": summary}
     (out / "lottery.json").write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
-    return LotteryReport(table, summary, [out / name for name in FILES])
+    return Report(table, summary, [out / name for name in FILES])

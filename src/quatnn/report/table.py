@@ -19,9 +19,22 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from quatnn.models import VARIANTS
 from quatnn.report.runs import Run
+
+
+@dataclass
+class Report:
+    """What a report writer wrote: the markdown ``table``, its numeric ``rows`` and the
+    ``files`` (the markdown file first)."""
+
+    table: str
+    rows: list[dict]
+    files: list[Path]
+
 
 REFERENCES = ("real4", "real")
 """Variants that serve as the real reference of a ratio, in order of preference."""
