@@ -141,6 +141,21 @@ def test_gradcheck_linear(algorithm):
     )
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_rank8_conv_over_batch_chunks_matches_reference(monkeypatch, transposed):
+    """The rank-8 convolution works on chunks of the batch: 2 + 2 + 1 samples here."""
+    x = torch.randn(5, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(QF, "_CHUNK_BYTES", 2 * x[0].numel() * x.element_size() // 4)
+    w = torch.randn(4, 2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    kw = {"stride": 2, "padding": 1, "transposed": transposed}
+    y = QF.quaternion_conv(x, w, b, algorithm="rank8", **kw)
+    torch.testing.assert_close(y, algebra.reference_conv(x, w, b, **kw))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: QF.quaternion_conv(x, w, b, algorithm="rank8", **kw), (x, w, b)
+    )
+
+
 @pytest.mark.parametrize("algorithm", ALGOS)
 @pytest.mark.parametrize(
     "nd,transposed,groups",
@@ -197,8 +212,10 @@ def test_auto_rule_and_override():
     assert QF.resolve_algorithm("auto", big, 256 * 1024 * 1024, 1024) == "rank8"
     assert QF.resolve_algorithm("auto", big, 256 * 1024 * 1024, 8) == "block"  # narrow
     assert QF.resolve_algorithm("auto", big, 2**30, 64, "conv") == "rank8"
-    with torch.no_grad():  # a convolution's forward alone: block
-        assert QF.resolve_algorithm("auto", big, 2**30, 64, "conv") == "block"
+    assert QF.resolve_algorithm("auto", big, 2**27, 16, "conv") == "rank8"
+    with torch.no_grad():  # narrow convolutions gain in the backward only
+        assert QF.resolve_algorithm("auto", big, 2**30, 64, "conv") == "rank8"
+        assert QF.resolve_algorithm("auto", big, 2**30, 16, "conv") == "block"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert QF.resolve_algorithm("auto", big, 256 * 1024 * 1024, 1024) == "block"
     assert QF.resolve_algorithm("auto", big.half(), 256 * 1024 * 1024, 1024) == "block"
@@ -222,7 +239,7 @@ def test_auto_picks_per_layer_shape():
     try:
         QLinear(1024, 1024)(torch.randn(256, 1024))
         QLinear(64, 64)(torch.randn(256, 64))
-        QConv2d(256, 256, 3, padding=1)(torch.randn(64, 256, 4, 4))  # 64 channels, 2^24 MACs
+        QConv2d(256, 256, 3, padding=1)(torch.randn(64, 256, 4, 4))  # 64 channels, 2^25 MACs
         QConv2d(256, 256, 3, padding=1, groups=4)(torch.randn(64, 256, 4, 4))  # 16 per group
     finally:
         QF.resolve_algorithm = original

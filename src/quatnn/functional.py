@@ -49,15 +49,20 @@ __all__ = [
 
 ALGORITHMS = ("auto", "block", "rank8")
 
-# When "auto" picks rank8, per device type and kind of layer: (least multiply-adds in ONE of
-# the 8 real products, least quaternion channels per group on either side of it). Measured
-# with `quatnn bench layers` on 2 CPU threads (README): smaller products lose more to the
-# extra passes of the pre- and post-additions than the halved arithmetic saves, and oneDNN
-# runs narrow convolutions less efficiently; a convolution's forward alone never won (1.1x
-# the block method at 256 real channels; forward+backward 0.93x), so convolutions use it
-# only while gradients are recorded. On CUDA (H200) rank8 lost at every benchmarked size
-# (2.5x-7x the real layer, block 1.2x-2.3x), so there is no CUDA rule.
-RANK8_RULES = {"cpu": {"linear": (2**22, 128), "conv": (2**24, 64)}}
+# When "auto" picks rank8, per device type and kind of layer: any of the options (least
+# multiply-adds in ONE of the 8 real products, least quaternion channels per group on either
+# side of it, only while gradients are recorded). Measured with `quatnn bench layers` and a
+# sweep of convolution sizes on 2 CPU threads (README): smaller products lose more to the
+# extra element-wise passes and kernel calls than the halved arithmetic saves, and oneDNN
+# runs narrow convolutions less efficiently (at 16 quaternion channels only the backward
+# gains enough). On CUDA (H200) rank8 lost at every benchmarked size (2.5x-7x the real
+# layer, block 1.2x-2.3x), so there is no CUDA rule.
+RANK8_RULES = {
+    "cpu": {
+        "linear": ((2**22, 128, False),),
+        "conv": ((2**25, 32, False), (2**27, 16, True)),
+    }
+}
 
 _override: str | None = None
 
@@ -84,10 +89,11 @@ def resolve_algorithm(
 ) -> str:
     """The algorithm a call will use: the :func:`use_algorithm` override if set, else
     ``algorithm`` unless it is ``"auto"``. ``"auto"`` picks ``"block"`` under autocast and
-    for 16-bit inputs, ``"rank8"`` where :data:`RANK8_RULES` says it wins (one real product
-    has at least that many multiply-adds, ``channels`` = the fewer quaternion channels per
-    group of input and output reaches the minimum; convolutions only with grad enabled),
-    and ``"block"`` otherwise. ``kind`` is ``"linear"`` or ``"conv"``."""
+    for 16-bit inputs, ``"rank8"`` where an option of :data:`RANK8_RULES` says it wins (one
+    real product has at least that many multiply-adds, ``channels`` = the fewer quaternion
+    channels per group of input and output reaches the minimum, gradients are recorded if
+    the option needs them), and ``"block"`` otherwise. ``kind`` is ``"linear"`` or
+    ``"conv"``."""
     chosen = _override if _override not in (None, "auto") else algorithm
     if chosen not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {chosen!r}")
@@ -96,11 +102,11 @@ def resolve_algorithm(
     device = x.device.type
     if torch.is_autocast_enabled(device) or x.dtype in (torch.float16, torch.bfloat16):
         return "block"
-    rule = RANK8_RULES.get(device, {}).get(kind)
-    if rule is None or (kind == "conv" and not torch.is_grad_enabled()):
-        return "block"
-    min_macs, min_channels = rule
-    return "rank8" if macs_per_product >= min_macs and channels >= min_channels else "block"
+    grad = torch.is_grad_enabled()
+    for min_macs, min_channels, needs_grad in RANK8_RULES.get(device, {}).get(kind, ()):
+        if macs_per_product >= min_macs and channels >= min_channels and (grad or not needs_grad):
+            return "rank8"
+    return "block"
 
 
 # --------------------------------------------------------------------------- block fold
@@ -266,10 +272,6 @@ def _stacked(x: Tensor, dim: int) -> Tensor:
     return x.unflatten(dim, (4, -1)).movedim(dim, 0)
 
 
-def _blocked(parts: Tensor, dim: int) -> Tensor:
-    return parts.movedim(0, dim).flatten(dim, dim + 1)
-
-
 def _no_double_backward() -> None:
     if torch.is_grad_enabled():  # backward(create_graph=True) records a graph
         raise RuntimeError(
@@ -304,51 +306,107 @@ class _Rank8Linear(torch.autograd.Function):
         return grad_x, grad_w
 
 
+# The convolution runs the rank-8 product on batch chunks, on the component planes of the
+# blocked tensors: the pre- and post-additions are butterflies (two add/sub stages) whose
+# temporaries stay small enough for the CPU caches and for malloc to recycle (full-size
+# temporaries were page-faulted anew on every call and cost more than the arithmetic saved),
+# and the scalings of the post-additions are folded into the (small) weight operands.
+_CHUNK_BYTES = 2 << 20  # bytes of one component plane of one chunk
+
+
+def _hadamard(parts: Sequence[Tensor], conj: bool = False) -> tuple[Tensor, ...]:
+    """``H p`` (or ``H conj(p)``) for the 4 component planes ``p``, in two butterfly stages."""
+    p0, p1, p2, p3 = parts
+    if conj:  # rows (1,-1,-1,-1), (1,1,-1,1), (1,-1,1,1), (1,1,1,-1)
+        a, b, c, d = p0 - p1, p0 + p1, p2 + p3, p2 - p3
+        return a - c, b - d, a + c, b + d
+    a, b, c, d = p0 + p1, p0 - p1, p2 + p3, p2 - p3
+    return a + c, b + d, a - c, b - d
+
+
+def _post_add(q: Sequence[Tensor], r: Sequence[Tensor], out: Sequence[Tensor]) -> None:
+    """Write ``a (x) b`` into the component planes ``out`` from the products of the weight
+    operands of :func:`_weight_operands`: ``out = R[k] -> _OUT_R[k]``, plus ``(H Q)``, with
+    the sign of ``_coefficients``' ``post_q`` (minus for the real part)."""
+    u0, u1, u2, u3 = q[0] + q[1], q[0] - q[1], q[2] + q[3], q[2] - q[3]
+    torch.sub(r[0], u0, out=out[0]).sub_(u2)
+    torch.add(u1, u3, out=out[1]).add_(r[3])
+    torch.sub(u0, u2, out=out[2]).add_(r[1])
+    torch.sub(u1, u3, out=out[3]).add_(r[2])
+
+
+def _weight_operands(weight: Tensor, conj: bool) -> tuple[Tensor, Tensor]:
+    """The weight sides of the Q half (``H w / 4``) and the R half (``w_k`` times its
+    post-addition coefficient), conjugating ``w`` on request, for :func:`_post_add`."""
+    left, _, post_q, post_r = _cached_coefficients(conj, False, weight.dtype, weight.device)
+    q = _mix(left * post_q[1, 0], weight)  # post_q = diag(-1, 1, 1, 1) H / 4
+    r_scale = post_r.sum(0)  # one nonzero per column
+    return q, weight * r_scale.view(4, *([1] * (weight.dim() - 1)))
+
+
+def _chunks(n: int, plane_bytes: int) -> Iterator[slice]:
+    step = max(1, _CHUNK_BYTES // max(1, plane_bytes))
+    return (slice(i, min(n, i + step)) for i in range(0, n, step))
+
+
+def _planes(x: Tensor, rows: slice) -> tuple[Tensor, ...]:
+    """The 4 component planes ``(n, C, ...)`` of rows of a blocked tensor (views)."""
+    return x[rows].unflatten(1, (4, -1)).unbind(1)
+
+
 class _Rank8Conv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, conv: _Conv) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, conv: _Conv) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.conv = conv
-        return _blocked(_rank8(weight, _stacked(x, 1), lambda w, v: _each(conv, v, w)), 1)
+        wq, wr = _weight_operands(weight, conj=False)
+        y = None
+        for rows in _chunks(len(x), x[0].numel() * x.element_size() // 4):
+            xp = _planes(x, rows)
+            hx = _hadamard(xp)
+            q = [_convolve(conv, hx[k], wq[k]) for k in range(4)]
+            r = [_convolve(conv, xp[_PAIR[k]], wr[k]) for k in range(4)]
+            if y is None:
+                y = x.new_empty(len(x), 4 * q[0].shape[1], *q[0].shape[2:])
+            _post_add(q, r, _planes(y, rows))
+        if bias is not None:
+            y += bias.view(1, -1, *([1] * (y.dim() - 2)))
+        return y
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         _no_double_backward()
         x, weight = ctx.saved_tensors
         conv: _Conv = ctx.conv
-        g, xs = _stacked(grad, 1), _stacked(x, 1)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _blocked(
-                _rank8(
-                    weight,
-                    g,
-                    lambda w, d: torch.stack(
-                        [_convolve_backward(conv, d[k], xs[0], w[k], 0) for k in range(4)]
-                    ),
-                    conj_a=True,
-                ),
-                1,
-            )
-        if ctx.needs_input_grad[1]:
-            grad_w = _rank8(
-                g,
-                xs,
-                lambda d, v: torch.stack(
-                    [_convolve_backward(conv, d[k], v[k], weight[0], 1) for k in range(4)]
-                ),
-                conj_b=True,
-            )
-        return grad_x, grad_w, None
-
-
-def _each(conv: _Conv, inputs: Tensor, weights: Tensor) -> Tensor:
-    return torch.stack([_convolve(conv, inputs[k], weights[k]) for k in range(4)])
+        need_x, need_w, need_bias = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        if need_x:  # dx = W^H (x) dy
+            wq, wr = _weight_operands(weight, conj=True)
+        plane = max(x[0].numel(), grad[0].numel()) * x.element_size() // 4
+        for rows in _chunks(len(x), plane):
+            gp = _planes(grad, rows)
+            hg = _hadamard(gp)
+            xp = _planes(x, rows)
+            if need_x:
+                q = [_convolve_backward(conv, hg[k], xp[0], wq[k], 0) for k in range(4)]
+                r = [_convolve_backward(conv, gp[_PAIR[k]], xp[0], wr[k], 0) for k in range(4)]
+                _post_add(q, r, _planes(grad_x, rows))
+            if need_w:  # dW = dy (x) conj(x), summed over the chunks
+                hx = _hadamard(xp, conj=True)
+                q = [_convolve_backward(conv, hg[k], hx[k], weight[0], 1) for k in range(4)]
+                r = [_convolve_backward(conv, gp[k], xp[_PAIR[k]], weight[0], 1) for k in range(4)]
+                _, _, post_q, post_r = _cached_coefficients(False, True, x.dtype, x.device)
+                grad_w += _mix(post_q, torch.stack(q)) + _mix(post_r, torch.stack(r))
+        grad_bias = grad.sum([0, *range(2, grad.dim())]) if need_bias else None
+        return grad_x, grad_w, grad_bias, None
 
 
 def _rank8_apply(fn: type[torch.autograd.Function], x: Tensor, weight: Tensor, *args) -> Tensor:
-    """Run a rank-8 Function in the promoted dtype with autocast off."""
+    """Run a rank-8 Function in the promoted dtype with autocast off (tensors in ``args``,
+    the bias, are cast too)."""
     dtype = torch.promote_types(x.dtype, weight.dtype)
+    args = tuple(a.to(dtype) if isinstance(a, Tensor) else a for a in args)
     with torch.autocast(x.device.type, enabled=False):
         return fn.apply(x.to(dtype), weight.to(dtype), *args)
 
@@ -467,8 +525,7 @@ def quaternion_conv(
     channels = min(per_group, weight.shape[1] // groups if transposed else weight.shape[2])
     algo = resolve_algorithm(algorithm, x, macs, channels, "conv")
     if algo == "rank8":
-        y = _rank8_apply(_Rank8Conv, x, weight, conv)
-        return y if bias is None else y + bias.view(1, -1, *([1] * nd))
+        return _rank8_apply(_Rank8Conv, x, weight, bias, conv)
     w = block_weight(weight, groups, transposed) if folded is None else folded
     if groups == 1:
         return _convolve(conv, x, w, bias)

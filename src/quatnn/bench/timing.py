@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +42,9 @@ def interleaved_seconds(
     min_seconds: float = 0.0,
 ) -> dict[str, float]:
     """Median wall time of each ``fn``, timing them round-robin so that a change in machine
-    load during the measurement hits every contender alike. Fast functions get more
+    load during the measurement hits every contender alike; the order is shuffled every
+    round (seeded), so none always runs after the same one (what a predecessor leaves in
+    the caches and the allocator changes the next one's time). Fast functions get more
     repeats: enough for each to run about ``min_seconds`` in total."""
     slowest = 0.0
     for fn in fns.values():
@@ -53,8 +56,11 @@ def interleaved_seconds(
             slowest = max(slowest, time.perf_counter() - start)
     repeats = max(repeats, int(min_seconds / max(slowest, 1e-9)))
     times: dict[str, list[float]] = {name: [] for name in fns}
+    names, shuffle = list(fns), random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in fns.items():
+        shuffle(names)
+        for name in names:
+            fn = fns[name]
             sync(device)
             start = time.perf_counter()
             fn()
