@@ -478,3 +478,12 @@ def test_module_to_channels_last():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     model.to(torch.float64)  # plain conversions still take the usual path
     assert model[0].weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_conv_output_keeps_channels_last(algorithm):
+    """Like torch's convolutions, a channels_last input gives a channels_last output."""
+    layer = QConv2d(8, 8, 3, padding=1, algorithm=algorithm)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert layer(x).is_contiguous(memory_format=torch.channels_last)
+    assert layer(x.contiguous()).is_contiguous()

@@ -349,6 +349,13 @@ def _chunks(n: int, plane_bytes: int) -> Iterator[slice]:
     return (slice(i, min(n, i + step)) for i in range(0, n, step))
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if channels_last and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return torch.contiguous_format
+
+
 def _planes(x: Tensor, rows: slice) -> tuple[Tensor, ...]:
     """The 4 component planes ``(n, C, ...)`` of rows of a blocked tensor (views)."""
     return x[rows].unflatten(1, (4, -1)).unbind(1)
@@ -366,8 +373,11 @@ class _Rank8Conv(torch.autograd.Function):
             hx = _hadamard(xp)
             q = [_convolve(conv, hx[k], wq[k]) for k in range(4)]
             r = [_convolve(conv, xp[_PAIR[k]], wr[k]) for k in range(4)]
-            if y is None:
-                y = x.new_empty(len(x), 4 * q[0].shape[1], *q[0].shape[2:])
+            if y is None:  # in x's memory format, as torch's convolutions do
+                size = (len(x), 4 * q[0].shape[1], *q[0].shape[2:])
+                y = torch.empty(
+                    size, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)
+                )
             _post_add(q, r, _planes(y, rows))
         if bias is not None:
             y += bias.view(1, -1, *([1] * (y.dim() - 2)))
