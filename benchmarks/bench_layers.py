@@ -1,6 +1,6 @@
 """Quaternion layers (block, rank8, auto) vs the real layers (see quatnn.bench.layers).
 
-    python benchmarks/bench_layers.py --out bench-layers.csv
+python benchmarks/bench_layers.py --out bench-layers.csv
 """
 
 import sys

@@ -80,6 +80,19 @@ for algo in ("block", "rank8"):
     QF.quaternion_conv(xg, wg, padding=1, algorithm=algo).square().sum().backward()
     check(f"conv grad input {algo}", xg.grad, xs.grad, 1e-12)
     check(f"conv grad weight {algo}", wg.grad, ws.grad, 1e-12)
+# a batch large enough for the rank-8 convolution to run in several chunks, float32
+# against float64 block on the GPU, channels_last, forward and gradients
+xb = torch.randn(64, 128, 32, 32, device=dev, dtype=torch.float64, requires_grad=True)
+wb = (torch.randn(4, 32, 32, 3, 3, device=dev, dtype=torch.float64) / 16).requires_grad_()
+yb = QF.quaternion_conv(xb, wb, padding=1, algorithm="block")
+dy = torch.randn_like(yb)
+want = [t.cpu() for t in (yb, *torch.autograd.grad(yb, (xb, wb), dy))]
+xf = xb.detach().float().contiguous(memory_format=torch.channels_last).requires_grad_()
+wf = wb.detach().float().requires_grad_()
+yf = QF.quaternion_conv(xf, wf, padding=1, algorithm="rank8")
+got = (yf, *torch.autograd.grad(yf, (xf, wf), dy.float()))
+for name, g, w_ in zip(("output", "grad input", "grad weight"), got, want, strict=True):
+    check(f"conv rank8 chunked channels_last {name}", g, w_, 1e-5)
 # autocast on CUDA: auto picks block, result close to float32
 model = torch.nn.Sequential(
     QConv2d(8, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), QLinear(32 * 64, 16)

@@ -194,6 +194,15 @@ def _coefficients(
 _cached_coefficients = functools.lru_cache(maxsize=64)(_coefficients)
 
 
+def _coefficient_matrices(
+    conj_a: bool, conj_b: bool, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_coefficients`, cached except while torch.compile traces (which ignores the
+    cache and warns)."""
+    build = _coefficients if torch.compiler.is_compiling() else _cached_coefficients
+    return build(conj_a, conj_b, dtype, device)
+
+
 def _mix(coefficients: Tensor, stacked: Tensor) -> Tensor:
     """``coefficients (k, 4)`` applied along the leading axis of ``stacked (4, ...)``."""
     flat = stacked.reshape(stacked.shape[0], -1)
@@ -216,8 +225,7 @@ def _rank8(
     has the components on axis 0, or, with ``blocked``, is the blocked ``(N, 4C)`` matrix
     written by the post-additions (no extra copy; faster for linear maps, slower than a
     copy for convolutions on CPU)."""
-    build = _coefficients if torch.compiler.is_compiling() else _cached_coefficients
-    left, right, post_q, post_r = build(conj_a, conj_b, a.dtype, a.device)
+    left, right, post_q, post_r = _coefficient_matrices(conj_a, conj_b, a.dtype, a.device)
     q = products(_mix(left, a), _mix(right, b))
     r = products(a, b[list(_PAIR)])
     if not blocked:
@@ -338,7 +346,7 @@ def _post_add(q: Sequence[Tensor], r: Sequence[Tensor], out: Sequence[Tensor]) -
 def _weight_operands(weight: Tensor, conj: bool) -> tuple[Tensor, Tensor]:
     """The weight sides of the Q half (``H w / 4``) and the R half (``w_k`` times its
     post-addition coefficient), conjugating ``w`` on request, for :func:`_post_add`."""
-    left, _, post_q, post_r = _cached_coefficients(conj, False, weight.dtype, weight.device)
+    left, _, post_q, post_r = _coefficient_matrices(conj, False, weight.dtype, weight.device)
     q = _mix(left * post_q[1, 0], weight)  # post_q = diag(-1, 1, 1, 1) H / 4
     r_scale = post_r.sum(0)  # one nonzero per column
     return q, weight * r_scale.view(4, *([1] * (weight.dim() - 1)))
@@ -406,7 +414,7 @@ class _Rank8Conv(torch.autograd.Function):
                 hx = _hadamard(xp, conj=True)
                 q = [_convolve_backward(conv, hg[k], hx[k], weight[0], 1) for k in range(4)]
                 r = [_convolve_backward(conv, gp[k], xp[_PAIR[k]], weight[0], 1) for k in range(4)]
-                _, _, post_q, post_r = _cached_coefficients(False, True, x.dtype, x.device)
+                _, _, post_q, post_r = _coefficient_matrices(False, True, x.dtype, x.device)
                 grad_w += _mix(post_q, torch.stack(q)) + _mix(post_r, torch.stack(r))
         grad_bias = grad.sum([0, *range(2, grad.dim())]) if need_bias else None
         return grad_x, grad_w, grad_bias, None
