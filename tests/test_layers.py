@@ -487,3 +487,13 @@ def test_conv_output_keeps_channels_last(algorithm):
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
     assert layer(x).is_contiguous(memory_format=torch.channels_last)
     assert layer(x.contiguous()).is_contiguous()
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_empty_batch(algorithm):
+    layer = QConv2d(8, 8, 3, padding=1, algorithm=algorithm)
+    x = torch.randn(0, 8, 5, 5, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 8, 5, 5)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and not layer.weight.grad.any()

@@ -333,9 +333,10 @@ def _hadamard(parts: Sequence[Tensor], conj: bool = False) -> tuple[Tensor, ...]
 
 
 def _post_add(q: Sequence[Tensor], r: Sequence[Tensor], out: Sequence[Tensor]) -> None:
-    """Write ``a (x) b`` into the component planes ``out`` from the products of the weight
-    operands of :func:`_weight_operands`: ``out = R[k] -> _OUT_R[k]``, plus ``(H Q)``, with
-    the sign of ``_coefficients``' ``post_q`` (minus for the real part)."""
+    """Write the post-additions into the component planes ``out``: ``out[c] = s_c (H Q)_c
+    + R_k`` for the ``k`` with ``_OUT_R[k][0] == c``, where ``s = (-1, 1, 1, 1)`` (the
+    signs of ``post_q``); the ``1/4`` of ``post_q`` and the coefficients of ``post_r`` are
+    already in the weight operands (:func:`_weight_operands`)."""
     u0, u1, u2, u3 = q[0] + q[1], q[0] - q[1], q[2] + q[3], q[2] - q[3]
     torch.sub(r[0], u0, out=out[0]).sub_(u2)
     torch.add(u1, u3, out=out[1]).add_(r[3])
@@ -352,9 +353,12 @@ def _weight_operands(weight: Tensor, conj: bool) -> tuple[Tensor, Tensor]:
     return q, weight * r_scale.view(4, *([1] * (weight.dim() - 1)))
 
 
-def _chunks(n: int, plane_bytes: int) -> Iterator[slice]:
-    step = max(1, _CHUNK_BYTES // max(1, plane_bytes))
-    return (slice(i, min(n, i + step)) for i in range(0, n, step))
+def _chunks(x: Tensor, *others: Tensor) -> Iterator[slice]:
+    """Slices of the batch such that a component plane of each tensor stays within
+    ``_CHUNK_BYTES`` (one slice, maybe empty, at least)."""
+    plane = max(math.prod(t.shape[1:]) * t.element_size() // 4 for t in (x, *others))
+    step = max(1, _CHUNK_BYTES // max(1, plane))
+    return (slice(i, i + step) for i in range(0, max(len(x), 1), step))
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -376,7 +380,7 @@ class _Rank8Conv(torch.autograd.Function):
         ctx.conv = conv
         wq, wr = _weight_operands(weight, conj=False)
         y = None
-        for rows in _chunks(len(x), x[0].numel() * x.element_size() // 4):
+        for rows in _chunks(x):
             xp = _planes(x, rows)
             hx = _hadamard(xp)
             q = [_convolve(conv, hx[k], wq[k]) for k in range(4)]
@@ -401,8 +405,7 @@ class _Rank8Conv(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if need_w else None
         if need_x:  # dx = W^H (x) dy
             wq, wr = _weight_operands(weight, conj=True)
-        plane = max(x[0].numel(), grad[0].numel()) * x.element_size() // 4
-        for rows in _chunks(len(x), plane):
+        for rows in _chunks(x, grad):
             gp = _planes(grad, rows)
             hg = _hadamard(gp)
             xp = _planes(x, rows)
