@@ -355,9 +355,10 @@ def _weight_operands(weight: Tensor, conj: bool) -> tuple[Tensor, Tensor]:
 
 def _chunks(x: Tensor, *others: Tensor) -> Iterator[slice]:
     """Slices of the batch such that a component plane of each tensor stays within
-    ``_CHUNK_BYTES`` (one slice, maybe empty, at least)."""
+    ``_CHUNK_BYTES`` on the CPU (one slice, maybe empty, at least). Other devices take the
+    whole batch: their caching allocators recycle memory and each chunk costs launches."""
     plane = max(math.prod(t.shape[1:]) * t.element_size() // 4 for t in (x, *others))
-    step = max(1, _CHUNK_BYTES // max(1, plane))
+    step = max(1, _CHUNK_BYTES // max(1, plane)) if x.device.type == "cpu" else max(len(x), 1)
     return (slice(i, i + step) for i in range(0, max(len(x), 1), step))
 
 
