@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,32 @@ def test_checkpoint_validation(tmp_path):
     path.write_bytes(b"\x00garbage")
     with pytest.raises(train.RunError, match="corrupt or not a checkpoint"):
         checkpoint.load(path, run)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_during_an_atomic_write_lands_after_it(tmp_path, signum):
+    """Ctrl-C inside torch.save would break its zip writer: the write finishes first, then
+    the signal reaches the handler that was there before (here: one raising
+    KeyboardInterrupt), and the handlers are as they were."""
+    path = tmp_path / "checkpoint.pt"
+
+    def interrupted_write(f):
+        f.write(b"first half, ")
+        signal.raise_signal(signum)  # arrives mid-write
+        f.write(b"second half")
+
+    def to_interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signum, to_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.write_atomic(path, interrupted_write)
+        assert signal.getsignal(signum) is to_interrupt
+    finally:
+        signal.signal(signum, previous)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    assert path.read_bytes() == b"first half, second half"
 
 
 @pytest.mark.parametrize(

@@ -16,9 +16,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -29,20 +32,41 @@ FORMAT = "quatnn-checkpoint-1"
 RUN_KEYS = ("model", "variant", "dataset")
 
 
+@contextlib.contextmanager
+def _signals_deferred(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back until the block has run, then deliver them to the
+    handlers of before (in the main thread; elsewhere signals are not ours to catch)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _: pending.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
+
+
 def write_atomic(path: str | Path, write: Callable[[object], None], mode: str = "wb") -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it onto
-    ``path``: readers see the old file or the new one, never half of one."""
+    ``path``: readers see the old file or the new one, never half of one. A Ctrl-C or
+    SIGTERM that arrives meanwhile is delivered once the file is in place (an interrupt
+    inside ``torch.save`` would otherwise surface as a RuntimeError of its zip writer)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, mode.replace("w", "x")) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _signals_deferred():
+        try:
+            with open(tmp, mode.replace("w", "x")) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def save(path: str | Path, run: dict, state: dict) -> None:
