@@ -497,3 +497,19 @@ def test_empty_batch(algorithm):
     assert y.shape == (0, 8, 5, 5)
     y.sum().backward()
     assert x.grad.shape == x.shape and not layer.weight.grad.any()
+
+
+def test_unfolded_layers_export_with_a_dynamic_batch():
+    """Under torch.export "auto" takes block without looking at sizes: no guard on the
+    batch. The constant tensors that the trace builds stay out of the caches that eager
+    calls use (cleared first, so that the trace is what would fill them)."""
+    QF._fold_matrix.cache_clear()
+    QF._coefficients.cache_clear()
+    model = nn.Sequential(
+        QConv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), QLinear(16 * 36, 8)
+    ).eval()
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (torch.randn(3, 8, 6, 6),), dynamic_shapes=({0: batch},))
+    for n in (1, 5):
+        x = torch.randn(n, 8, 6, 6)
+        torch.testing.assert_close(program.module()(x), model(x))

@@ -88,19 +88,21 @@ def resolve_algorithm(
     algorithm: str, x: Tensor, macs_per_product: int, channels: int, kind: str = "linear"
 ) -> str:
     """The algorithm a call will use: the :func:`use_algorithm` override if set, else
-    ``algorithm`` unless it is ``"auto"``. ``"auto"`` picks ``"block"`` under autocast and
-    for 16-bit inputs, ``"rank8"`` where an option of :data:`RANK8_RULES` says it wins (one
-    real product has at least that many multiply-adds, ``channels`` = the fewer quaternion
-    channels per group of input and output reaches the minimum, gradients are recorded if
-    the option needs them), and ``"block"`` otherwise. ``kind`` is ``"linear"`` or
-    ``"conv"``."""
+    ``algorithm`` unless it is ``"auto"``. ``"auto"`` picks ``"block"`` under autocast, for
+    16-bit inputs and while ``torch.export`` traces (so that an exported graph has no
+    branch on the batch size and keeps it dynamic); ``"rank8"`` where an option of
+    :data:`RANK8_RULES` says it wins (one real product has at least that many multiply-adds,
+    ``channels`` = the fewer quaternion channels per group of input and output reaches the
+    minimum, gradients are recorded if the option needs them); ``"block"`` otherwise.
+    ``kind`` is ``"linear"`` or ``"conv"``."""
     chosen = _override if _override not in (None, "auto") else algorithm
     if chosen not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {chosen!r}")
     if chosen != "auto":
         return chosen
     device = x.device.type
-    if torch.is_autocast_enabled(device) or x.dtype in (torch.float16, torch.bfloat16):
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.5
+    if exporting or torch.is_autocast_enabled(device) or x.dtype in (torch.float16, torch.bfloat16):
         return "block"
     grad = torch.is_grad_enabled()
     for min_macs, min_channels, needs_grad in RANK8_RULES.get(device, {}).get(kind, ()):
@@ -116,7 +118,21 @@ _BLOCK_INDEX = ((0, 1, 2, 3), (1, 0, 3, 2), (2, 3, 0, 1), (3, 2, 1, 0))
 _BLOCK_SIGN = ((1, -1, -1, -1), (1, 1, -1, 1), (1, 1, 1, -1), (1, -1, 1, 1))
 
 
-@functools.lru_cache(maxsize=16)
+def _constant_cache(fn: Callable[..., object]) -> Callable[..., object]:
+    """``functools.lru_cache`` for the small constant tensors below, bypassed while
+    torch.compile or torch.export traces: the cache would keep the fake tensors of the
+    trace and hand them to later eager calls."""
+    cached = functools.lru_cache(maxsize=64)(fn)
+
+    @functools.wraps(fn)
+    def get(*args: object) -> object:
+        return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    get.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return get
+
+
+@_constant_cache
 def _fold_matrix(dtype: torch.dtype, device: torch.device) -> Tensor:
     """(16, 4): row ``4 c_out + c_in`` picks the signed component of block (c_out, c_in)."""
     m = torch.zeros(16, 4, dtype=torch.float64)
@@ -170,6 +186,7 @@ _PAIR = (0, 3, 1, 2)
 _OUT_R = ((0, 2.0), (2, -2.0), (3, -2.0), (1, -2.0))
 
 
+@_constant_cache
 def _coefficients(
     conj_a: bool, conj_b: bool, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -189,18 +206,6 @@ def _coefficients(
         post_r[out, k] = coefficient * sign_a[k] * sign_b[_PAIR[k]]
     mats = (h * sign_a, h * sign_b, post_q, post_r)
     return tuple(m.to(dtype=dtype, device=device) for m in mats)
-
-
-_cached_coefficients = functools.lru_cache(maxsize=64)(_coefficients)
-
-
-def _coefficient_matrices(
-    conj_a: bool, conj_b: bool, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`_coefficients`, cached except while torch.compile traces (which ignores the
-    cache and warns)."""
-    build = _coefficients if torch.compiler.is_compiling() else _cached_coefficients
-    return build(conj_a, conj_b, dtype, device)
 
 
 def _mix(coefficients: Tensor, stacked: Tensor) -> Tensor:
@@ -225,7 +230,7 @@ def _rank8(
     has the components on axis 0, or, with ``blocked``, is the blocked ``(N, 4C)`` matrix
     written by the post-additions (no extra copy; faster for linear maps, slower than a
     copy for convolutions on CPU)."""
-    left, right, post_q, post_r = _coefficient_matrices(conj_a, conj_b, a.dtype, a.device)
+    left, right, post_q, post_r = _coefficients(conj_a, conj_b, a.dtype, a.device)
     q = products(_mix(left, a), _mix(right, b))
     r = products(a, b[list(_PAIR)])
     if not blocked:
@@ -347,7 +352,7 @@ def _post_add(q: Sequence[Tensor], r: Sequence[Tensor], out: Sequence[Tensor]) -
 def _weight_operands(weight: Tensor, conj: bool) -> tuple[Tensor, Tensor]:
     """The weight sides of the Q half (``H w / 4``) and the R half (``w_k`` times its
     post-addition coefficient), conjugating ``w`` on request, for :func:`_post_add`."""
-    left, _, post_q, post_r = _coefficient_matrices(conj, False, weight.dtype, weight.device)
+    left, _, post_q, post_r = _coefficients(conj, False, weight.dtype, weight.device)
     q = _mix(left * post_q[1, 0], weight)  # post_q = diag(-1, 1, 1, 1) H / 4
     r_scale = post_r.sum(0)  # one nonzero per column
     return q, weight * r_scale.view(4, *([1] * (weight.dim() - 1)))
@@ -418,7 +423,7 @@ class _Rank8Conv(torch.autograd.Function):
                 hx = _hadamard(xp, conj=True)
                 q = [_convolve_backward(conv, hg[k], hx[k], weight[0], 1) for k in range(4)]
                 r = [_convolve_backward(conv, gp[k], xp[_PAIR[k]], weight[0], 1) for k in range(4)]
-                _, _, post_q, post_r = _coefficient_matrices(False, True, x.dtype, x.device)
+                _, _, post_q, post_r = _coefficients(False, True, x.dtype, x.device)
                 grad_w += _mix(post_q, torch.stack(q)) + _mix(post_r, torch.stack(r))
         grad_bias = grad.sum([0, *range(2, grad.dim())]) if need_bias else None
         return grad_x, grad_w, grad_bias, None
