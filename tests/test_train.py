@@ -131,6 +131,24 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert len(_metrics(tmp_path)) == 1 and not (tmp_path / "summary.json").exists()
 
 
+def test_ctrl_c_at_an_epoch_end_lands_after_the_epoch_is_written(tmp_path, monkeypatch):
+    """A Ctrl-C while epoch 1's files are written waits for all of them: the message names
+    the epoch that checkpoint.pt really holds, and the metrics file agrees with it."""
+    save = checkpoint.save
+
+    def interrupted_save(path, run, state):
+        if state["epoch"] == 1 and Path(path).name == "checkpoint.pt":
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C lands while epoch 1 is saved
+        save(path, run, state)
+
+    monkeypatch.setattr(checkpoint, "save", interrupted_save)
+    cfg = train.TrainConfig(variant="real", epochs=3, max_steps=3 * STEPS_PER_EPOCH, device="cpu")
+    with pytest.raises(train.Interrupted, match="checkpoint.pt holds epoch 1;"):
+        train.train(cfg, tmp_path, progress="off")
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert len(_metrics(tmp_path)) == 1
+
+
 def test_checkpoint_validation(tmp_path):
     run = {"model": "conv2", "variant": "real4", "dataset": "cifar10"}
     path = tmp_path / "checkpoint.pt"

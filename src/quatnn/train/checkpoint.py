@@ -33,9 +33,10 @@ RUN_KEYS = ("model", "variant", "dataset")
 
 
 @contextlib.contextmanager
-def _signals_deferred(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+def signals_deferred(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM back until the block has run, then deliver them to the
-    handlers of before (in the main thread; elsewhere signals are not ours to catch)."""
+    handlers of before (in the main thread; elsewhere signals are not ours to catch).
+    Blocks may nest: an inner one hands its signals to the outer one."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -57,7 +58,7 @@ def write_atomic(path: str | Path, write: Callable[[object], None], mode: str = 
     inside ``torch.save`` would otherwise surface as a RuntimeError of its zip writer)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with _signals_deferred():
+    with signals_deferred():
         try:
             with open(tmp, mode.replace("w", "x")) as f:
                 write(f)

@@ -236,7 +236,8 @@ def epoch_line(row: dict, epochs: int) -> str:
 
 class RunWriter(Callback):
     """Writes each epoch to the run folder: a metrics row, a log line, TensorBoard
-    scalars, ``best.pt`` on a new best test accuracy, then ``checkpoint.pt``."""
+    scalars, ``best.pt`` on a new best test accuracy, then ``checkpoint.pt``; a Ctrl-C or
+    SIGTERM meanwhile waits until all of them are written."""
 
     def __init__(self, out: Path, cfg: TrainConfig, progress: Progress, tensorboard: object):
         self.out, self.cfg, self.progress, self.tensorboard = out, cfg, progress, tensorboard
@@ -246,6 +247,10 @@ class RunWriter(Callback):
         self.saved_epoch = trainer.epoch
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
+        with checkpoint.signals_deferred():  # an interrupt lands after all of it
+            self._write_epoch(trainer, row)
+
+    def _write_epoch(self, trainer: Trainer, row: dict) -> None:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         self.progress.write(epoch_line(row, self.cfg.epochs))
