@@ -55,8 +55,8 @@ ALGORITHMS = ("auto", "block", "rank8")
 # sweep of convolution sizes on 2 CPU threads (README): smaller products lose more to the
 # extra element-wise passes and kernel calls than the halved arithmetic saves, and oneDNN
 # runs narrow convolutions less efficiently (at 16 quaternion channels only the backward
-# gains enough). On CUDA (H200) rank8 lost at every benchmarked size (2.5x-7x the real
-# layer, block 1.2x-2.3x), so there is no CUDA rule.
+# gains enough). On CUDA (H200, before the chunked convolution) rank8 lost at every
+# benchmarked size (2.5x-7x the real layer, block 1.2x-2.3x), so there is no CUDA rule.
 RANK8_RULES = {
     "cpu": {
         "linear": ((2**22, 128, False),),
@@ -228,8 +228,8 @@ def _rank8(
     stacked left and right operands to the 4 stacked real products; it is called twice:
     on the Hadamard combinations (Q) and on ``a`` with reordered ``b`` (R). The result
     has the components on axis 0, or, with ``blocked``, is the blocked ``(N, 4C)`` matrix
-    written by the post-additions (no extra copy; faster for linear maps, slower than a
-    copy for convolutions on CPU)."""
+    written by the post-additions (no extra copy). Used by the linear map; the convolution
+    has its own chunked form (:class:`_Rank8Conv`)."""
     left, right, post_q, post_r = _coefficients(conj_a, conj_b, a.dtype, a.device)
     q = products(_mix(left, a), _mix(right, b))
     r = products(a, b[list(_PAIR)])
@@ -386,6 +386,7 @@ class _Rank8Conv(torch.autograd.Function):
         ctx.conv = conv
         wq, wr = _weight_operands(weight, conj=False)
         y = None
+        bias = None if bias is None else bias.view(1, -1, *([1] * (x.dim() - 2)))
         for rows in _chunks(x):
             xp = _planes(x, rows)
             hx = _hadamard(xp)
@@ -397,8 +398,8 @@ class _Rank8Conv(torch.autograd.Function):
                     size, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)
                 )
             _post_add(q, r, _planes(y, rows))
-        if bias is not None:
-            y += bias.view(1, -1, *([1] * (y.dim() - 2)))
+            if bias is not None:  # while the chunk is in the caches
+                y[rows] += bias
         return y
 
     @staticmethod
@@ -408,7 +409,8 @@ class _Rank8Conv(torch.autograd.Function):
         conv: _Conv = ctx.conv
         need_x, need_w, need_bias = ctx.needs_input_grad[:3]
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        # dW = dy (x) conj(x): its 8 products summed over the chunks, post-added once
+        q_sum, r_sum = torch.zeros((2, *weight.shape), dtype=x.dtype, device=x.device)
         if need_x:  # dx = W^H (x) dy
             wq, wr = _weight_operands(weight, conj=True)
         for rows in _chunks(x, grad):
@@ -419,12 +421,15 @@ class _Rank8Conv(torch.autograd.Function):
                 q = [_convolve_backward(conv, hg[k], xp[0], wq[k], 0) for k in range(4)]
                 r = [_convolve_backward(conv, gp[_PAIR[k]], xp[0], wr[k], 0) for k in range(4)]
                 _post_add(q, r, _planes(grad_x, rows))
-            if need_w:  # dW = dy (x) conj(x), summed over the chunks
+            if need_w:
                 hx = _hadamard(xp, conj=True)
-                q = [_convolve_backward(conv, hg[k], hx[k], weight[0], 1) for k in range(4)]
-                r = [_convolve_backward(conv, gp[k], xp[_PAIR[k]], weight[0], 1) for k in range(4)]
-                _, _, post_q, post_r = _coefficients(False, True, x.dtype, x.device)
-                grad_w += _mix(post_q, torch.stack(q)) + _mix(post_r, torch.stack(r))
+                for k in range(4):
+                    q_sum[k] += _convolve_backward(conv, hg[k], hx[k], weight[0], 1)
+                    r_sum[k] += _convolve_backward(conv, gp[k], xp[_PAIR[k]], weight[0], 1)
+        grad_w = None
+        if need_w:
+            _, _, post_q, post_r = _coefficients(False, True, x.dtype, x.device)
+            grad_w = _mix(post_q, q_sum) + _mix(post_r, r_sum)
         grad_bias = grad.sum([0, *range(2, grad.dim())]) if need_bias else None
         return grad_x, grad_w, grad_bias, None
 
