@@ -250,6 +250,26 @@ def test_onnx_round_trip(tmp_path, name, options, exporter):
         _assert_close(_ort_outputs(str(path), x), model(x))
 
 
+def test_unfolded_quaternion_layers_round_trip_through_onnx(tmp_path):
+    """Without folding, the traced fold of each layer (a constant gather and sign) is
+    plain ONNX: grouped, transposed and linear layers export and keep the batch dynamic."""
+    _onnxruntime()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        qnn.QConv2d(8, 16, 3, padding=1, groups=2),
+        nn.ReLU(),
+        qnn.QConvTranspose2d(16, 4, 2, stride=2),
+        nn.Flatten(),
+        qnn.QLinear(4 * 12 * 12, 8),
+    ).eval()
+    path = tmp_path / "unfolded.onnx"
+    report = export(model, torch.randn(2, 8, 6, 6), path, "onnx")
+    assert report["max_abs_diff"] <= report["tolerance"]
+    x = torch.randn(5, 8, 6, 6)
+    with torch.no_grad():
+        _assert_close(_ort_outputs(str(path), x), model(x))
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
 def test_torch_formats_round_trip(tmp_path, fmt):
     torch.manual_seed(0)

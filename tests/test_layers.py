@@ -503,7 +503,7 @@ def test_unfolded_layers_export_with_a_dynamic_batch():
     """Under torch.export "auto" takes block without looking at sizes: no guard on the
     batch. The constant tensors that the trace builds stay out of the caches that eager
     calls use (cleared first, so that the trace is what would fill them)."""
-    QF._fold_matrix.cache_clear()
+    QF._fold_plan.cache_clear()
     QF._coefficients.cache_clear()
     model = nn.Sequential(
         QConv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), QLinear(16 * 36, 8)

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -51,15 +52,17 @@ ALGORITHMS = ("auto", "block", "rank8")
 
 # When "auto" picks rank8, per device type and kind of layer: any of the options (least
 # multiply-adds in ONE of the 8 real products, least quaternion channels per group on either
-# side of it, only while gradients are recorded). Measured with `quatnn bench layers` and a
-# sweep of convolution sizes on 2 CPU threads (README): smaller products lose more to the
-# extra element-wise passes and kernel calls than the halved arithmetic saves, and oneDNN
-# runs narrow convolutions less efficiently (at 16 quaternion channels only the backward
-# gains enough). On CUDA (H200, before the chunked convolution) rank8 lost at every
-# benchmarked size (2.5x-7x the real layer, block 1.2x-2.3x), so there is no CUDA rule.
+# side of it, only while gradients are recorded). Measured with `quatnn bench layers` and
+# sweeps of convolution sizes and of linear widths 512-2048 at batches 64-1024 on 2 CPU
+# threads (README): smaller products lose more to the extra element-wise passes and kernel
+# calls than the halved arithmetic saves (a linear layer of 128 quaternions lost or tied at
+# every batch, one of 160 won or tied), and oneDNN runs narrow convolutions less
+# efficiently (at 16 quaternion channels only the backward gains enough). On CUDA (H200,
+# before the chunked convolution) rank8 lost at every benchmarked size (2.5x-7x the real
+# layer, block 1.2x-2.3x), so there is no CUDA rule.
 RANK8_RULES = {
     "cpu": {
-        "linear": ((2**22, 128, False),),
+        "linear": ((2**21, 160, False),),
         "conv": ((2**25, 32, False), (2**27, 16, True)),
     }
 }
@@ -133,13 +136,24 @@ def _constant_cache(fn: Callable[..., object]) -> Callable[..., object]:
 
 
 @_constant_cache
-def _fold_matrix(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(16, 4): row ``4 c_out + c_in`` picks the signed component of block (c_out, c_in)."""
-    m = torch.zeros(16, 4, dtype=torch.float64)
-    for a, (row, signs) in enumerate(zip(_BLOCK_INDEX, _BLOCK_SIGN, strict=True)):
-        for b, (k, sign) in enumerate(zip(row, signs, strict=True)):
-            m[4 * a + b, k] = sign
-    return m.to(dtype=dtype, device=device)
+def _fold_plan(
+    rows: int, groups: int, transposed: bool, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The gather of :func:`block_weight` for a weight of ``(4, rows, ...)`` with its rows
+    flattened to ``(4 rows, n)``: row ``r`` of the folded weight, as ``(16 rows, n)``, is
+    weight row ``index[r]`` times ``sign[r]``. Built in plain Python, so that a trace
+    (torch.export, ONNX) holds them as constants."""
+    per_group, index, sign = rows // groups, [], []
+    for g, outer, r, inner in itertools.product(
+        range(groups), range(4), range(per_group), range(4)
+    ):
+        c_out, c_in = (inner, outer) if transposed else (outer, inner)
+        index.append(_BLOCK_INDEX[c_out][c_in] * rows + g * per_group + r)
+        sign.append(_BLOCK_SIGN[c_out][c_in])
+    return (
+        torch.tensor(index, device=device),
+        torch.tensor(sign, dtype=dtype, device=device).view(-1, 1),
+    )
 
 
 def block_weight(weight: Tensor, groups: int = 1, transposed: bool = False) -> Tensor:
@@ -149,21 +163,17 @@ def block_weight(weight: Tensor, groups: int = 1, transposed: bool = False) -> T
     is the ``torch.nn`` weight of the real layer, ``(4O, 4I/g, *k)`` (``(4I, 4O/g, *k)``).
     With ``groups == 1`` real channels are in the blocked layout. With ``groups > 1`` they
     are group-major ``(group, component, channel)``, so the real grouped layer must see its
-    input and output channels permuted (:func:`quaternion_conv` does that). One small
-    matrix product and one copy, so its backward is cheap too.
+    input and output channels permuted (:func:`quaternion_conv` does that). Each row of
+    the result is a signed copy of a row of ``weight``: one gather and one multiply, and
+    their backward is as cheap.
+
+    >>> block_weight(torch.randn(4, 3, 2, 5)).shape
+    torch.Size([12, 8, 5])
     """
-    a, b, kernel = weight.shape[1], weight.shape[2], weight.shape[3:]
-    fold = _fold_matrix(weight.dtype, weight.device)
-    if torch.is_autocast_enabled(weight.device.type):  # keep the exact signed copies
-        with torch.autocast(weight.device.type, enabled=False):
-            blocks = fold @ weight.reshape(4, -1)
-    else:
-        blocks = fold @ weight.reshape(4, -1)
-    blocks = blocks.view(4, 4, groups, a // groups, b, *kernel)
-    rest = range(5, 5 + len(kernel))
-    if transposed:  # rows: inputs (g, c_in, I/g); columns: outputs (c_out, O/g)
-        return blocks.permute(2, 1, 3, 0, 4, *rest).reshape(4 * a, 4 * b, *kernel)
-    return blocks.permute(2, 0, 3, 1, 4, *rest).reshape(4 * a, 4 * b, *kernel)
+    rows = weight.shape[1]
+    index, sign = _fold_plan(rows, groups, transposed, weight.dtype, weight.device)
+    folded = weight.reshape(4 * rows, -1).index_select(0, index) * sign
+    return folded.view(4 * rows, 4 * weight.shape[2], *weight.shape[3:])
 
 
 def _to_group_major(x: Tensor, groups: int) -> Tensor:
