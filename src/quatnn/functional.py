@@ -122,10 +122,11 @@ _BLOCK_SIGN = ((1, -1, -1, -1), (1, 1, -1, 1), (1, 1, 1, -1), (1, -1, 1, 1))
 
 
 def _constant_cache(fn: Callable[..., object]) -> Callable[..., object]:
-    """``functools.lru_cache`` for the small constant tensors below, bypassed while
-    torch.compile or torch.export traces: the cache would keep the fake tensors of the
-    trace and hand them to later eager calls."""
-    cached = functools.lru_cache(maxsize=64)(fn)
+    """``functools.cache`` for the small constant tensors below (one entry per layer shape,
+    dtype and device in use: a bounded cache would rebuild them on every call of a model
+    with more shapes than its size), bypassed while torch.compile or torch.export traces:
+    the cache would keep the fake tensors of the trace and hand them to later eager calls."""
+    cached = functools.cache(fn)
 
     @functools.wraps(fn)
     def get(*args: object) -> object:
