@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -214,6 +215,24 @@ def test_trains_on_files_in_the_real_formats(tmp_path, dataset, model, writer, s
     assert len(rows) == 1 and rows[0]["step"] == 3
     test_set = data.load(dataset, root, train=False, encoding=summary["encoding"], download=False)
     assert list(test_set[0][0].shape) == shape
+
+
+def test_a_runs_config_serves_other_variants_with_their_own_encoding(tmp_path):
+    """config.toml keeps "auto" (summary.json names the encoding used), so a quaternion
+    run's config re-run as ``real`` feeds plain gray images, and the run still resumes."""
+    cfg = train.TrainConfig(variant="quaternion", epochs=2, max_steps=2, device="cpu")
+    run = tmp_path / "run"
+    summary = train.train(cfg, run, progress="off")
+    assert summary["encoding"] == "group4"
+    saved, _ = load_config(run / "config.toml", {})
+    assert saved.encoding == "auto"
+    assert train.resolve(saved).encoding == "group4"
+    other = train.resolve(dataclasses.replace(saved, variant="real"))
+    assert other.encoding == "identity"
+    again = train.train(saved, run, if_exists="continue", progress="off")  # same run: finished
+    assert again == summary
+    explicit = dataclasses.replace(saved, encoding="group4", variant="real")
+    assert train.resolve(explicit).encoding == "group4"  # asked for: kept
 
 
 RECIPES = ["lenet_mnist", "conv2_cifar10", "conv4_cifar10", "conv6_cifar10", "conv4_cifar100",

@@ -169,8 +169,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         commands,
         "train",
         "train one model variant on one dataset into a run folder",
-        "Train one model variant on one dataset. The run folder gets config.toml (the "
-        "resolved settings), metrics.jsonl (one row per epoch), checkpoint.pt (after every "
+        "Train one model variant on one dataset. The run folder gets config.toml (every "
+        "setting; an auto encoding stays auto), metrics.jsonl (one row per epoch), checkpoint.pt (after every "
         "epoch), best.pt, train.log and, at the end, summary.json. Ctrl-C or SIGTERM keeps "
         "the checkpoint of the last completed epoch; --resume continues from it.",
         [

@@ -1,7 +1,8 @@
 """Run folders: create, refuse or resume them, train one run, compare variants x seeds.
 
-A run folder holds ``config.toml`` (the resolved config; ``quatnn train --config`` runs
-it again), ``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (the state
+A run folder holds ``config.toml`` (the config as asked for, checked: an ``auto``
+encoding stays ``auto``, so that the file serves other variants too; ``quatnn train
+--config`` runs it again; ``summary.json`` and ``train.log`` name the encoding used), ``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (the state
 after the last completed epoch, written atomically), ``best.pt`` (the weights of the
 epoch with the best test accuracy), ``train.log`` (the log lines) and, once finished,
 ``summary.json``. A compare folder holds ``compare.toml`` and one run folder per variant
@@ -128,7 +129,8 @@ def _saved_config(out: Path, marker: str = "config.toml") -> TrainConfig | None:
 
 
 def _plan(out: Path, cfg: TrainConfig, if_exists: str) -> str:
-    """``new``, ``overwrite``, ``resume`` or ``finished``: what to do with ``out``."""
+    """``new``, ``overwrite``, ``resume`` or ``finished``: what to do with ``out`` for the
+    resolved ``cfg``."""
     if if_exists not in IF_EXISTS:
         raise ValueError(f"if_exists must be one of {', '.join(IF_EXISTS)}")
     saved = _saved_config(out)
@@ -136,6 +138,9 @@ def _plan(out: Path, cfg: TrainConfig, if_exists: str) -> str:
         if if_exists == "resume":
             raise RunError(f"nothing to resume: {out} holds no run")
         return "new"
+    same_inputs = ("model", "dataset", "data_dir", "variant")
+    if saved.encoding == "auto" and all(getattr(saved, k) == getattr(cfg, k) for k in same_inputs):
+        saved = dataclasses.replace(saved, encoding=cfg.encoding)  # what resolve gives it
     if if_exists == "overwrite":
         return "overwrite"
     finished = (out / "summary.json").is_file()
@@ -318,13 +323,17 @@ def _summary(cfg: TrainConfig, trainer: Trainer, device: torch.device, world_siz
     }
 
 
-def _prepare_folder(out: Path, cfg: TrainConfig, plan: str, trainer: Trainer) -> None:
-    """Create, clear or bring up to date the run folder before the first epoch."""
+def _prepare_folder(
+    out: Path, cfg: TrainConfig, encoding: str, plan: str, trainer: Trainer
+) -> None:
+    """Create, clear or bring up to date the run folder before the first epoch;
+    ``config.toml`` gets the ``encoding`` asked for."""
     if plan == "overwrite":
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if trainer.epoch == 0:
-        (out / "config.toml").write_text(dumps_toml(cfg.to_dict()), encoding="utf-8")
+        asked = dataclasses.replace(cfg, encoding=encoding).to_dict()
+        (out / "config.toml").write_text(dumps_toml(asked), encoding="utf-8")
         (out / "metrics.jsonl").write_text("", encoding="utf-8")
         for stale in ("best.pt", "summary.json"):
             (out / stale).unlink(missing_ok=True)
@@ -416,7 +425,7 @@ def train(
     epoch) and NonFiniteLoss when the loss becomes NaN or infinite (training stops; the
     checkpoint of the last good epoch is kept).
     """
-    cfg, out = resolve(cfg), Path(out)
+    encoding, cfg, out = cfg.encoding, resolve(cfg), Path(out)
     ctx = distributed.current()
     if cfg.batch_size % ctx.world_size:
         raise RunError(
@@ -461,7 +470,7 @@ def train(
     ctx.barrier()  # every process has read the folder before rank 0 changes it
     tensorboard_writer = None
     if is_main:
-        _prepare_folder(out, cfg, plan, trainer)
+        _prepare_folder(out, cfg, encoding, plan, trainer)
         view.log_file = out / "train.log"
         if writer_class is not None:
             tensorboard_writer = writer_class(str(out / "tensorboard"))
