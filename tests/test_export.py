@@ -270,6 +270,21 @@ def test_unfolded_quaternion_layers_round_trip_through_onnx(tmp_path):
         _assert_close(_ort_outputs(str(path), x), model(x))
 
 
+def test_onnx_opset_is_the_one_asked_for_or_a_clear_error(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval()
+    for opset, exporter in ((13, "dynamo"), (30, "dynamo")):
+        path = tmp_path / f"{opset}.onnx"
+        with pytest.raises(ValueError, match="legacy exporter"):
+            export(model, torch.randn(2, 8), path, "onnx", opset=opset, exporter=exporter)
+        assert not path.exists() and not list(tmp_path.iterdir())
+    for opset, exporter in ((13, "legacy"), (20, "dynamo")):
+        path = tmp_path / f"{opset}.onnx"
+        export(model, torch.randn(2, 8), path, "onnx", opset=opset, exporter=exporter)
+        versions = {o.domain: o.version for o in onnx.load(str(path)).opset_import}
+        assert versions[""] == opset
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
 def test_torch_formats_round_trip(tmp_path, fmt):
     torch.manual_seed(0)

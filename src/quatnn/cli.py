@@ -460,7 +460,12 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         default=True,
         help="load the export back and compare its outputs before writing it (default: on)",
     )
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=18,
+        help="ONNX opset (default: 18; the dynamo exporter writes 18 or newer)",
+    )
     parser.add_argument(
         "--onnx-exporter",
         choices=("dynamo", "legacy"),

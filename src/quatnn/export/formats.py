@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -61,7 +62,9 @@ def _batch_dim() -> torch.export.Dim:
     return torch.export.Dim("batch", min=1, max=1 << 20)
 
 
-def _onnx(model: nn.Module, example: Tensor, path: str, opset: int, exporter: str) -> None:
+def _onnx(model: nn.Module, example: Tensor, path: str, opset: int, exporter: str) -> int:
+    """Write the ONNX file; return the opset it has (the dynamo exporter keeps its own when
+    it cannot convert to ``opset``)."""
     names = {"input_names": ["input"], "output_names": ["output"], "opset_version": opset}
     with _quiet():
         if exporter == "legacy":
@@ -73,7 +76,7 @@ def _onnx(model: nn.Module, example: Tensor, path: str, opset: int, exporter: st
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
                 **names,
             )
-            return
+            return opset
         program = torch.onnx.export(
             model,
             (example,),
@@ -83,6 +86,7 @@ def _onnx(model: nn.Module, example: Tensor, path: str, opset: int, exporter: st
             **names,
         )
         program.save(path, external_data=False)  # one file (models under 2 GB)
+        return program.model.opset_imports.get("", opset)
 
 
 def _onnx_runner(path: str) -> Callable[[Tensor], Tensor]:
@@ -167,6 +171,11 @@ def export(
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    if format == "onnx" and exporter == "dynamo" and opset < ONNX_OPSET:
+        raise ValueError(
+            f"the dynamo ONNX exporter writes opset {ONNX_OPSET} or newer (got {opset}); "
+            "use the legacy exporter for older opsets"
+        )
     if model.training or (reference is not None and reference.training):
         raise ValueError("export: call model.eval() first (exports are for inference)")
     reference = model if reference is None else reference
@@ -183,13 +192,18 @@ def export(
         try:
             with torch.no_grad():
                 if format == "onnx":
-                    _onnx(model, example, tmp, opset, exporter)
+                    written = _onnx(model, example, tmp, opset, exporter)
                 elif format == "torchscript":
                     _torchscript(model, example, tmp)
                 else:
                     _pt2(model, example, tmp)
         except Exception as err:
             raise ValueError(_failure(model, format, err)) from err
+        if format == "onnx" and written != opset:
+            raise ValueError(
+                f"the dynamo ONNX exporter could not convert this model to opset {opset} "
+                f"(it wrote {written}); use opset {written}, or the legacy exporter for older opsets"
+            )
         report = {"format": format, "path": str(path), "bytes": os.path.getsize(tmp),
                   "max_abs_diff": None, "tolerance": None, "batches": []}  # fmt: skip
         if check:
@@ -223,7 +237,8 @@ def export(
 def _failure(model: nn.Module, format: str, err: Exception) -> str:
     from quatnn.export.fold import is_quaternion_module
 
-    reason = " ".join(str(err).split())[:300] or type(err).__name__
+    reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split())[:300]  # no colours
+    reason = reason or type(err).__name__
     left = [n or "<root>" for n, m in model.named_modules() if is_quaternion_module(m)]
     hint = ""
     if left:
