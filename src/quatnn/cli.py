@@ -170,9 +170,10 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "train",
         "train one model variant on one dataset into a run folder",
         "Train one model variant on one dataset. The run folder gets config.toml (every "
-        "setting; an auto encoding stays auto), metrics.jsonl (one row per epoch), checkpoint.pt (after every "
-        "epoch), best.pt, train.log and, at the end, summary.json. Ctrl-C or SIGTERM keeps "
-        "the checkpoint of the last completed epoch; --resume continues from it.",
+        "setting; an auto encoding stays auto), metrics.jsonl (one row per epoch), "
+        "checkpoint.pt (after every epoch), best.pt, train.log and, at the end, "
+        "summary.json. Ctrl-C or SIGTERM keeps the checkpoint of the last completed epoch; "
+        "--resume continues from it.",
         [
             "quatnn train --model conv6 --variant quaternion --dataset cifar10 --epochs 60 \\",
             "    --lr 3e-4 --data-dir data --out runs/conv6-q",

@@ -202,7 +202,7 @@ def export(
         if format == "onnx" and written != opset:
             raise ValueError(
                 f"the dynamo ONNX exporter could not convert this model to opset {opset} "
-                f"(it wrote {written}); use opset {written}, or the legacy exporter for older opsets"
+                f"(it wrote {written}); use opset {written}, or the legacy exporter"
             )
         report = {"format": format, "path": str(path), "bytes": os.path.getsize(tmp),
                   "max_abs_diff": None, "tolerance": None, "batches": []}  # fmt: skip

@@ -2,9 +2,10 @@
 
 A run folder holds ``config.toml`` (the config as asked for, checked: an ``auto``
 encoding stays ``auto``, so that the file serves other variants too; ``quatnn train
---config`` runs it again; ``summary.json`` and ``train.log`` name the encoding used), ``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (the state
-after the last completed epoch, written atomically), ``best.pt`` (the weights of the
-epoch with the best test accuracy), ``train.log`` (the log lines) and, once finished,
+--config`` runs it again; ``summary.json`` and ``train.log`` name the encoding used),
+``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (the state after the
+last completed epoch, written atomically), ``best.pt`` (the weights of the epoch with the
+best test accuracy), ``train.log`` (the log lines) and, once finished,
 ``summary.json``. A compare folder holds ``compare.toml`` and one run folder per variant
 and seed, named ``<variant>-s<seed>``.
 
