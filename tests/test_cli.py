@@ -199,6 +199,33 @@ def test_bench_dispatches_to_the_named_module(monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["bench", "train", "--model", "nope", "--steps", "1"], "bench train: unknown model"),
+        (["bench", "train", "--variants", "foo", "--steps", "1"], "unknown variant 'foo'"),
+        (["bench", "norm", "--channels", "6", "--repeats", "1"], "positive multiple of 4"),
+    ],
+)
+def test_bench_errors_are_one_line(capsys, argv, message):
+    assert message in _error_line(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "norm", "--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+        (["bench", "train", "--steps", "-3"], "argument --steps: must be at least 1"),
+        (["bench", "layers", "--device", "tpu"], "argument --device: unknown device 'tpu'"),
+    ],
+)
+def test_bench_arguments_are_checked_before_anything_runs(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
         (["train", "--model", "lenet"], "unknown model 'lenet'; valid models: lenet_300_100"),
         (["train", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["train", "--variant", "real3"], "variant 'real3' does not fit grayscale dataset"),

@@ -514,7 +514,10 @@ def _bench(args: argparse.Namespace) -> int:
     available = _benchmarks()
     if args.name not in available:
         raise UsageError(f"unknown benchmark {args.name!r}; available: {', '.join(available)}")
-    status = _bench_module(args.name).main(list(args.args))
+    try:
+        status = _bench_module(args.name).main(list(args.args))
+    except ValueError as err:  # a model, variant or size the benchmark cannot build
+        raise UsageError(f"bench {args.name}: {err}") from None
     return status if isinstance(status, int) else 0
 
 

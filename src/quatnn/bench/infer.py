@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from quatnn.bench.timing import interleaved_seconds, markdown_table, write_rows
+from quatnn.bench.timing import interleaved_seconds, markdown_table, positive_int, write_rows
 
 __all__ = ["run", "main"]
 
@@ -153,9 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", default="conv4", help="zoo model (default: conv4)")
     parser.add_argument("--batch", default="1,64", help="comma-separated batch sizes")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per measurement")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch and ORT)")
-    parser.add_argument("--num-classes", type=int, default=10, help="classifier outputs")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=20, help="timed runs per measurement"
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads (torch and ORT)"
+    )
+    parser.add_argument("--num-classes", type=positive_int, default=10, help="classifier outputs")
     parser.add_argument("--out", default=None, help="also write the table (.csv or .json)")
     args = parser.parse_args(argv)
     try:

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from quatnn import functional as QF
-from quatnn.bench.timing import interleaved_seconds, markdown_table, write_rows
+from quatnn.bench.timing import (
+    device_name,
+    interleaved_seconds,
+    markdown_table,
+    positive_int,
+    write_rows,
+)
 from quatnn.nn import QConv2d, QLinear
 
 ALGORITHMS = ("block", "rank8", "auto")
@@ -92,10 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         description="Time quaternion layers (block, rank8, auto) against the real layer of "
         "the same real width, side by side; prints time ratios to real (< 1 is faster).",
     )
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="torch device (default: cpu)"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes only (seconds)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed runs per measurement"
+    )
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="also write the table (.csv or .json)")
     args = parser.parse_args(argv)
     if args.threads:

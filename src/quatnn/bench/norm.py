@@ -24,7 +24,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from quatnn.bench.timing import interleaved_seconds, markdown_table, write_rows
+from quatnn.bench.timing import (
+    device_name,
+    interleaved_seconds,
+    markdown_table,
+    positive_int,
+    write_rows,
+)
 from quatnn.nn.norm import QBatchNorm2d
 
 __all__ = ["run", "main"]
@@ -85,16 +91,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Time quaternion batch norms (whiten, variance, split) against "
         "nn.BatchNorm2d on the same tensor, forward+backward; prints time ratios.",
     )
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=positive_int, default=128)
     parser.add_argument(
-        "--channels", type=int, default=256, help="real channels (4 per quaternion)"
+        "--channels", type=positive_int, default=256, help="real channels (4 per quaternion)"
     )
-    parser.add_argument("--size", type=int, default=16, help="height = width")
-    parser.add_argument("--repeats", type=int, default=15, help="timed runs per layer")
+    parser.add_argument("--size", type=positive_int, default=16, help="height = width")
+    parser.add_argument("--repeats", type=positive_int, default=15, help="timed runs per layer")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="torch device (default: cpu)"
+    )
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="also write the table (.csv or .json)")
     args = parser.parse_args(None if argv is None else list(argv))
     if args.threads:

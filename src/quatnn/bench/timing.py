@@ -1,7 +1,9 @@
-"""Timing helpers shared by the benchmarks: warm up, synchronize, take medians."""
+"""Timing helpers shared by the benchmarks: warm up, synchronize, take medians; and the
+argument types of their command lines."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import random
@@ -11,6 +13,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from quatnn.train import device as devices
+from quatnn.train.errors import RunError
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: a torch device that is available here (``auto`` picks one)."""
+    try:
+        return str(devices.resolve(text))
+    except RunError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def sync(device: torch.device | str) -> None:

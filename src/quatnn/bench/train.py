@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from quatnn import models
-from quatnn.bench.timing import markdown_table, sync, write_rows
+from quatnn.bench.timing import device_name, markdown_table, positive_int, sync, write_rows
 
 COLUMNS = ("variant", "params", "steps_per_s", "samples_per_s", "peak_mem_MB", "speed_x")
 
@@ -111,13 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", default="conv6", help="zoo model (default: conv6)")
     parser.add_argument("--variants", default="real4,quaternion", help="comma-separated")
-    parser.add_argument("--batch", type=int, default=60, help="batch size (default: 60)")
-    parser.add_argument("--steps", type=int, default=200, help="timed steps per variant")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--batch", type=positive_int, default=60, help="batch size (default: 60)")
+    parser.add_argument("--steps", type=positive_int, default=200, help="timed steps per variant")
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="torch device (default: cpu)"
+    )
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="autocast dtype")
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="also write the table (.csv or .json)")
     args = parser.parse_args(argv)
     if args.threads:
