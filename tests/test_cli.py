@@ -127,6 +127,27 @@ def test_python_m_quatnn_train_in_a_subprocess(tmp_path):
     assert done.stderr == ""  # no bars: stderr is not a terminal
 
 
+def test_a_closed_stdout_does_not_stop_the_run(tmp_path):
+    """``quatnn train | head -1``: the reader goes away after the first line; the run
+    finishes, and train.log holds every line."""
+    out = tmp_path / "run"
+    argv = ["train", "--variant", "real", "--epochs", "3", "--max-steps", "36", "--out", str(out)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "quatnn", *argv],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout.readline()
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert len(_metrics(out)) == 2 and (out / "summary.json").is_file()
+    assert (out / "train.log").read_text().count("epoch ") >= 2
+
+
 def test_ctrl_c_exits_130_with_how_to_resume(tmp_path):
     out = tmp_path / "run"
     argv = ["train", "--variant", "real", "--epochs", "500", "--out", str(out)]

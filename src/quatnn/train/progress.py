@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,16 @@ def bars_wanted(mode: str) -> bool:
     if mode not in PROGRESS_MODES:
         raise ValueError(f"progress must be one of {', '.join(PROGRESS_MODES)}; got {mode!r}")
     return sys.stderr.isatty() if mode == "auto" else mode == "on"
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout's file descriptor at /dev/null, so that later prints and the flush at
+    exit do not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 class Progress:
@@ -73,16 +84,21 @@ class Progress:
             self._epochs.update(1)
 
     def write(self, line: str) -> None:
-        """Print ``line`` to stdout above any bars and append it to the log file."""
+        """Append ``line`` to the log file and print it to stdout above any bars. When
+        stdout's reader is gone (``quatnn train | head``), printing stops and the run goes
+        on: the log file still gets every line."""
         if self.quiet:
             return
-        if self.enabled:
-            tqdm.write(line, file=sys.stdout)
-        else:
-            print(line, flush=True)
         if self.log_file is not None:
             with open(self.log_file, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
+        try:
+            if self.enabled:
+                tqdm.write(line, file=sys.stdout)
+            else:
+                print(line, flush=True)
+        except BrokenPipeError:
+            _stdout_to_devnull()
 
     def close(self) -> None:
         for bar in (self._batches, self._epochs):
