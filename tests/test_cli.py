@@ -261,6 +261,7 @@ def test_bench_arguments_are_checked_before_anything_runs(capsys, argv, message)
         (["train", "--resume", "X", "--config", "c.toml"], "drop --config"),
         (["train", "--config", "missing.toml"], "config file missing.toml does not exist"),
         (["compare", "--seeds", "1,1"], "no variant or seed twice"),
+        (["lottery", "--rates", "garbage"], "--rates takes TYPE=RATE pairs"),
         (["models", "--names", "nope"], "unknown model 'nope'"),
     ],
 )

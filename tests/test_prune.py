@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -343,6 +344,15 @@ def test_running_a_lottery_again_trains_nothing(lottery):
         run_lottery(CFG, out, other, seeds=(0,), progress="off")
 
 
+def test_min_acc_stops_each_chain_and_says_so(lottery, capsys):
+    out, _, _ = lottery
+    strict = dataclasses.replace(LOTTERY, min_acc=1.0)
+    again = run_lottery(CFG, out, strict, seeds=(0,), progress="off")
+    assert [(r["level"], r["trained"]) for r in again] == [(0, False), (0, False)]
+    said = capsys.readouterr().out
+    assert said.count("below min_acc 100.00%; levels 1-2 skipped") == 2
+
+
 class InterruptOnce(Callback):
     """Ctrl-C at the first step of epoch 2 of the second training (level 1), once epoch 1
     is checkpointed."""
@@ -407,6 +417,7 @@ def test_the_conv4_recipe_follows_the_paper():
         ({"controls": ["shuffle"]}, "unknown control"),
         ({"rate": 1.5}, "rate"),
         ({"levles": 3}, "unknown key"),
+        ({"levels": 1, "control_levels": [7]}, "control level.s. 7 beyond the last level 1"),
     ],
 )
 def test_bad_lottery_settings_are_refused(values, message):
@@ -417,6 +428,13 @@ def test_bad_lottery_settings_are_refused(values, message):
 def test_a_skip_that_names_no_layer_is_refused_before_training(tmp_path):
     lottery = LotteryConfig(levels=1, prune=PruneSpec(skip=("conv9",)))
     with pytest.raises(RunError, match="conv9"):
+        run_lottery(CFG, tmp_path / "lottery", lottery, seeds=(0,), progress="off")
+    assert not (tmp_path / "lottery").exists()
+
+
+def test_a_rewind_after_the_last_epoch_is_refused_before_training(tmp_path):
+    lottery = LotteryConfig(levels=1, rewind=f"{CFG.epochs + 1}ep")
+    with pytest.raises(RunError, match="after the last epoch"):
         run_lottery(CFG, tmp_path / "lottery", lottery, seeds=(0,), progress="off")
     assert not (tmp_path / "lottery").exists()
 

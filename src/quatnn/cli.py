@@ -331,10 +331,12 @@ _LOTTERY_FLAGS = (
 def _lottery(args: argparse.Namespace) -> int:
     settings = {name: getattr(args, name) for name, _, _ in _LOTTERY_FLAGS if hasattr(args, name)}
     if "rates" in settings:
-        try:
-            settings["rates"] = dict(parse_option(text) for text in settings["rates"])
-        except train.RunError as err:
-            raise UsageError(str(err)) from None
+        malformed = [text for text in settings["rates"] if "=" not in text]
+        if malformed:
+            raise UsageError(
+                f"--rates takes TYPE=RATE pairs, e.g. conv=0.1,fc=0.2; got {malformed[0]!r}"
+            )
+        settings["rates"] = dict(parse_option(text) for text in settings["rates"])
     cfg, extra, lottery = prune.load_recipe(args.config, _overrides(args), settings)
     with distributed.session(cfg.backend, cfg.device) as ctx:
         prune.run_lottery(

@@ -114,6 +114,12 @@ class LotteryConfig:
             )
         if any(level < 1 for level in self.control_levels):
             raise RunError("control levels start at 1 (level 0 is the dense model)")
+        beyond = [level for level in self.control_levels if level > self.levels]
+        if beyond:
+            raise RunError(
+                f"control level(s) {', '.join(map(str, beyond))} beyond the last level "
+                f"{self.levels}; raise levels or drop them"
+            )
         if not 0 <= self.min_acc <= 1:
             raise RunError(f"min_acc is a fraction in [0, 1], got {self.min_acc}")
 
@@ -386,6 +392,9 @@ def run_lottery(
     if not seeds or len(set(seeds)) != len(seeds) or len(set(variants)) != len(variants):
         raise RunError("a lottery needs at least one seed, and no variant or seed twice")
     _check_jobs(jobs, ctx)
+    count, unit = parse_rewind(lottery.rewind)
+    if unit == "ep" and count > base.epochs:
+        raise RunError(f"rewind {lottery.rewind} is after the last epoch ({base.epochs})")
     runs = [resolve(dataclasses.replace(base, variant=v, seed=s)) for v in variants for s in seeds]
     reference = _reference(runs[0], lottery.prune)
     replace = overwrite and (out / RECIPE).is_file()
@@ -453,7 +462,15 @@ def _run_chain(
                 f"{step.folder}: training ended before the rewind point "
                 f"{lottery.rewind}; rewind earlier"
             )
-        if rows[-1 - len(controls)]["final_test_acc"] < lottery.min_acc:
+        accuracy = rows[-1 - len(controls)]["final_test_acc"]
+        if accuracy < lottery.min_acc:
+            if step.is_main and level < lottery.levels:
+                print(
+                    f"[lottery] {cfg.variant} seed {cfg.seed}: level {level} ends at "
+                    f"{accuracy:.2%} test accuracy, below min_acc {lottery.min_acc:.2%}; "
+                    f"levels {level + 1}-{lottery.levels} skipped",
+                    flush=True,
+                )
             break
     return rows
 
