@@ -197,8 +197,8 @@ def test_compare_trains_every_variant_and_seed_then_reports(tmp_path, capsys):
 def test_models_prints_the_zoo_table(capsys):
     assert cli.main(["models", "--names", "lenet_300_100"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("| name | variant | params |")
-    assert "| lenet_300_100 | quaternion | 67710 |" in out[3]
+    assert out[0] == "| model | variant | params | ratio to real | MACs |"  # as in the README
+    assert out[3] == "| lenet_300_100 | quaternion | 67,710 | 0.2540 | 266,200 |"
 
 
 def test_bench_dispatches_to_the_named_module(monkeypatch, capsys):
@@ -235,9 +235,11 @@ def test_bench_errors_are_one_line(capsys, argv, message):
         (["bench", "norm", "--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
         (["bench", "train", "--steps", "-3"], "argument --steps: must be at least 1"),
         (["bench", "layers", "--device", "tpu"], "argument --device: unknown device 'tpu'"),
+        (["compare", "--variants", ","], "argument --variants: needs at least one"),
+        (["models", "--names", ""], "argument --names: needs at least one"),
     ],
 )
-def test_bench_arguments_are_checked_before_anything_runs(capsys, argv, message):
+def test_argument_errors_exit_2_before_anything_runs(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     err = capsys.readouterr().err

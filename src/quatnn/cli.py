@@ -64,12 +64,17 @@ def _add_parser(
     )
 
 
-def _comma_list(kind: type) -> Callable[[str], list]:
+def _comma_list(kind: type, empty: bool = True) -> Callable[[str], list]:
+    """argparse type: a comma-separated list of ``kind``; ``empty=False`` wants an item."""
+
     def parse(text: str) -> list:
         try:
-            return [kind(item) for item in text.split(",") if item.strip()]
+            items = [kind(item) for item in text.split(",") if item.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
+        if not items and not empty:
+            raise argparse.ArgumentTypeError("needs at least one comma-separated value")
+        return items
 
     return parse
 
@@ -218,14 +223,14 @@ def _add_sweep_flags(
     parser.add_argument("--out", metavar="DIR", default=out, help=f"{what} (default: %(default)s)")
     parser.add_argument(
         "--variants",
-        type=_comma_list(str),
+        type=_comma_list(str, empty=False),
         default=argparse.SUPPRESS,
         help=f"comma-separated variants (default: {colour_variants} for colour data, "
         "real,quaternion for grayscale)",
     )
     parser.add_argument(
         "--seeds",
-        type=_comma_list(int),
+        type=_comma_list(int, empty=False),
         default=argparse.SUPPRESS,
         help=f"comma-separated seeds (default: {','.join(map(str, train.DEFAULT_SEEDS))})",
     )
@@ -294,7 +299,12 @@ def _models(args: argparse.Namespace) -> int:
         rows = models.table(args.names, args.variants)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    print(report.markdown_table(rows))
+    shown = [
+        {"model": r["name"], "variant": r["variant"], "params": f"{r['params']:,}",
+         "ratio to real": f"{r['ratio_to_real']:.4f}", "MACs": f"{r['macs']:,}"}
+        for r in rows
+    ]  # fmt: skip
+    print(report.markdown_table(shown))
     return 0
 
 
@@ -307,8 +317,12 @@ def _add_models(commands: argparse._SubParsersAction) -> None:
         "real model, and multiply-accumulates for one image.",
         ["quatnn models --names conv2,conv4 --variants real4,quaternion"],
     )
-    parser.add_argument("--names", type=_comma_list(str), help="comma-separated model names")
-    parser.add_argument("--variants", type=_comma_list(str), help="comma-separated variants")
+    parser.add_argument(
+        "--names", type=_comma_list(str, empty=False), help="comma-separated model names"
+    )
+    parser.add_argument(
+        "--variants", type=_comma_list(str, empty=False), help="comma-separated variants"
+    )
     parser.set_defaults(handler=_models)
 
 
