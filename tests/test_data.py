@@ -434,7 +434,9 @@ def test_missing_dataset_without_download(tmp_path, name, folder, a_file):
     message = str(excinfo.value)
     assert repr(name) in message
     assert str(tmp_path / folder) in message
-    assert a_file in message
+    assert a_file in message and "--no-download" in message
+    assert "You can use download=True" not in message  # torchvision's hint, for its API
+    assert list(tmp_path.iterdir()) == []  # no empty folders left behind
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "svhn"])
@@ -451,6 +453,10 @@ def test_missing_dataset_when_offline(tmp_path, monkeypatch, name):
     assert calls, "a download should have been attempted"
     assert repr(name) in str(excinfo.value) and str(tmp_path) in str(excinfo.value)
     assert "download=True" in str(excinfo.value)
+    root = tmp_path / "not" / "there"
+    with pytest.raises(data.DatasetMissingError):
+        data.load(name, root, train=False)
+    assert not (tmp_path / "not").exists()  # the folders the attempt made are gone
 
 
 def test_missing_image_folder(tmp_path):

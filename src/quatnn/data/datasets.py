@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 
 from quatnn.data import bundled
 from quatnn.data.encodings import get_encoding
-from quatnn.data.registry import imagefolder_split, info, missing_error, spec
+from quatnn.data.registry import imagefolder_split, info, missing_error, new_folders, spec
 
 
 class CifarBatches(Dataset):
@@ -157,7 +158,11 @@ def load(
     transform = _transform(name, train, augment, encode, size)
     if s.bundled:
         return bundled.BundledDigits(name, train, transform)
+    created = [] if name == "imagefolder" else new_folders(name, root)
     try:
         return _open(name, root, train, transform, download)
     except (OSError, RuntimeError) as err:
+        for folder in created:  # leave no empty folders behind
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         raise missing_error(name, root, " ".join(str(err).split())) from err

@@ -125,10 +125,22 @@ def missing_error(name: str, root: str | os.PathLike, reason: str) -> DatasetMis
             "image folders cannot be downloaded."
         )
     folder, files, source = _layout(name, root)
+    reason = reason.replace(" You can use download=True to download it", "")  # torchvision's
     return DatasetMissingError(
         f"dataset {name!r} not found in {folder} ({reason}). Place the files {files} there, "
-        f"or run with network access and download=True to fetch them from {source}."
+        f"or download them from {source} with network access (download=True; the quatnn "
+        "commands download by default, --no-download turns it off)."
     )
+
+
+def new_folders(name: str, root: str | os.PathLike) -> list[str]:
+    """The folders that loading the downloadable dataset ``name`` from ``root`` may create
+    and that do not exist yet, deepest first (a failed load removes them again)."""
+    folder, created = os.path.abspath(_layout(name, root)[0]), []
+    while not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    return created
 
 
 def info(name: str, root: str | os.PathLike | None = None) -> DatasetInfo:
