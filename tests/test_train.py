@@ -235,6 +235,13 @@ def test_a_runs_config_serves_other_variants_with_their_own_encoding(tmp_path):
     assert train.resolve(explicit).encoding == "group4"  # asked for: kept
 
 
+def test_a_new_comparison_without_its_data_writes_nothing(tmp_path):
+    cfg = train.TrainConfig(dataset="mnist", data_dir=str(tmp_path / "data"), device="cpu")
+    with pytest.raises(train.RunError, match="'mnist' not found"):
+        train.compare(cfg, tmp_path / "cmp", seeds=(0,), download=False, progress="off")
+    assert not (tmp_path / "cmp").exists()  # fixing the command later needs no --overwrite
+
+
 RECIPES = ["lenet_mnist", "conv2_cifar10", "conv4_cifar10", "conv6_cifar10", "conv4_cifar100",
            "conv6_cifar100", "resnet18_cifar100"]  # fmt: skip
 

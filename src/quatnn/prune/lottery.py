@@ -400,6 +400,8 @@ def run_lottery(
     replace = overwrite and (out / RECIPE).is_file()
     if not replace:
         _write_recipe(out, base, lottery, variants, seeds, write=False)  # check it everywhere
+    if replace or jobs > 1 or not (out / RECIPE).is_file():  # the data, before the folder
+        distributed.in_turn(ctx, lambda: _datasets(runs[0], download))  # (jobs: downloaded once)
     ctx.barrier()  # every process has checked the folder before rank 0 changes it
     if ctx.is_main:
         if replace:
@@ -413,7 +415,6 @@ def run_lottery(
             for cfg in runs
             for row in _run_chain(cfg, out, lottery, reference, callbacks, options)
         ]
-    _datasets(runs[0], download)  # download once, before the jobs start
     tasks = [
         distributed.Job(
             f"{cfg.variant} seed {cfg.seed}",

@@ -573,6 +573,8 @@ def compare(
             )
         for path, cfg in runs:
             _plan(path, cfg, "continue")
+    if saved is None or overwrite:  # a new comparison: its data is there before its folder
+        distributed.in_turn(ctx, lambda: _datasets(runs[0][1], download))
     ctx.barrier()  # every process has checked the folder before rank 0 changes it
     if ctx.is_main:
         if saved is not None and overwrite:
