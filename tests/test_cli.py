@@ -296,6 +296,7 @@ def test_run_folder_errors(tmp_path, capsys, digits_run):
         (lambda path: path.write_bytes(b"PK\x03\x04 not a zip"), "is corrupt or not a checkpoint"),
         (lambda path: torch.save({"model": {}}, path), "is not a quatnn checkpoint"),
         (lambda path: path.write_bytes(b""), "is corrupt or not a checkpoint"),
+        (lambda path: path.unlink(), "no checkpoint.pt to resume from"),
     ],
 )
 def test_damaged_checkpoint_is_refused_on_resume(tmp_path, capsys, damage, message):

@@ -457,7 +457,14 @@ def train(
         reduce=distributed.reducer(device) if ctx.enabled else None,
         channels_last=cfg.channels_last,
     )
-    if plan == "resume" and (out / "checkpoint.pt").is_file():
+    if plan == "resume" and not (out / "checkpoint.pt").is_file():
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file() and metrics.read_text(encoding="utf-8").strip():
+            raise RunError(
+                f"{out} has trained epochs in metrics.jsonl but no checkpoint.pt to resume "
+                "from; start again with --overwrite"
+            )
+    elif plan == "resume":
         state = checkpoint.load(out / "checkpoint.pt", cfg.to_dict())
         try:
             trainer.load_state_dict(state)
