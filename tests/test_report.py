@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from quatnn import cli, report
-from quatnn.report.table import summarize
+from quatnn.report.lottery import level_table
+from quatnn.report.table import IGNORED_KEYS, summarize
 
 # variant -> seed -> test accuracy per epoch; samples/s is 1000 * (epoch + seed) for real.
 ACCURACY = {
@@ -28,10 +30,12 @@ def _write_run(
     accuracies: list[float],
     finished: bool = True,
     model: str = "conv2",
+    **config: object,
 ) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.toml").write_text(
         f'model = "{model}"\nvariant = "{variant}"\ndataset = "cifar10"\nseed = {seed}\n'
+        + "".join(f"{key} = {json.dumps(value)}\n" for key, value in config.items())
     )
     rows = [
         {
@@ -152,3 +156,149 @@ def test_report_never_imports_train():
     code = "import sys, quatnn.report; print('quatnn.train' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_runs_that_differ_in_more_than_the_seed_get_rows_of_their_own(tmp_path):
+    adam = {"epochs": 2, "optimizer": "adam"}
+    _write_run(tmp_path / "a" / "quaternion-s0", "quaternion", 0, [0.5, 0.6], **adam)
+    elsewhere = {"device": "cuda", "workers": 4, "data_dir": "/data", "compile": True}
+    _write_run(tmp_path / "a" / "quaternion-s1", "quaternion", 1, [0.5, 0.8], **adam, **elsewhere)
+    _write_run(tmp_path / "b" / "quaternion-s0", "quaternion", 0, [0.9] * 10, epochs=10)
+    sgd = {"epochs": 2, "optimizer": "sgd"}
+    _write_run(tmp_path / "c" / "quaternion-s0", "quaternion", 0, [0.7, 0.7], **sgd)
+    result = report.write_report([tmp_path], out=tmp_path / "out")
+    rows = {row["label"]: row for row in result.rows}
+    assert list(rows) == [
+        "quaternion (epochs=2, optimizer=adam)",
+        "quaternion (epochs=10)",  # no optimizer in its config.toml
+        "quaternion (epochs=2, optimizer=sgd)",
+    ]
+    pooled = rows["quaternion (epochs=2, optimizer=adam)"]  # device, workers, ... ignored
+    assert pooled["runs"] == 2 and pooled["final_acc"] == pytest.approx(0.7)
+    assert pooled["final_acc_std"] == pytest.approx(statistics.stdev([0.6, 0.8]))
+    assert [row["runs"] for row in result.rows] == [2, 1, 1]
+    assert "| quaternion (epochs=10) | 1 | 10 | 1,000 | - | 90.00 | 90.00 |" in result.table
+    assert "| 70.00 ± 14.14 | 70.00 ± 14.14 |" in result.table
+
+
+def test_encoding_tells_rows_apart_only_within_a_variant(tmp_path):
+    # older runs wrote each variant's default encoding, newer ones keep auto
+    _write_run(tmp_path / "old" / "real3-s0", "real3", 0, [0.5], encoding="identity")
+    _write_run(tmp_path / "old" / "quaternion-s0", "quaternion", 0, [0.5], encoding="rgb_gray")
+    labels = [row["label"] for row in summarize(report.find_runs([tmp_path / "old"]))]
+    assert labels == ["real3", "quaternion"]
+    _write_run(tmp_path / "new" / "quaternion-s1", "quaternion", 1, [0.5], encoding="auto")
+    labels = [row["label"] for row in summarize(report.find_runs([tmp_path]))]
+    assert labels == [
+        "real3 (encoding=identity)",
+        "quaternion (encoding=auto)",
+        "quaternion (encoding=rgb_gray)",
+    ]
+
+
+def test_ignored_keys_are_the_runtime_fields_and_lottery_bookkeeping():
+    from quatnn.prune.lottery import LotteryConfig
+    from quatnn.train.config import FIELDS, RUNTIME_FIELDS
+
+    config_keys = {key for key in IGNORED_KEYS if key in FIELDS}
+    assert config_keys == set(RUNTIME_FIELDS) - {"sync_bn"}
+    lottery = LotteryConfig()
+    assert set(IGNORED_KEYS) - config_keys == set(lottery.to_dict()) - set(lottery.identity())
+
+
+def test_a_run_folder_reached_twice_counts_once(comparison):
+    (comparison / "loop").symlink_to(comparison)  # found again below itself
+    again = [comparison / "real4-s0", comparison / ".." / comparison.name]
+    runs = report.find_runs([comparison, *again])
+    names = ["quaternion-s0", "quaternion-s1", "real4-s0", "real4-s1"]
+    assert [r.path for r in runs] == [comparison / name for name in names]
+    rows = summarize(runs)
+    assert [(row["runs"], row["repeated_seeds"]) for row in rows] == [(2, []), (2, [])]
+
+
+def test_the_same_settings_and_seed_in_two_folders_are_kept_and_noted(comparison):
+    shutil.copytree(comparison / "quaternion-s0", comparison / "copy" / "quaternion-s0")
+    result = report.write_report([comparison])
+    rows = {row["label"]: row for row in result.rows}
+    assert (rows["quaternion"]["runs"], rows["quaternion"]["repeated_seeds"]) == (3, [0])
+    assert rows["real4"]["repeated_seeds"] == []
+    notes = [
+        line for line in (comparison / "report.md").read_text().splitlines() if "seed 0" in line
+    ]
+    assert notes == [
+        "- quaternion: seed 0 in several run folders with the same settings (copies or "
+        "reruns); each counts as a run, so its spread is not over distinct seeds."
+    ]
+
+
+def _write_lottery(folder: Path, seeds: tuple[int, ...], rate: float, levels: int) -> None:
+    """A lottery folder as quatnn lottery writes it: levels 0 and 1, a reinit control at
+    level 1; final accuracy 0.5 + 0.1 level (+ 0.05 reinit) + 0.01 seed."""
+    folder.mkdir(parents=True)
+    (folder / "lottery.toml").write_text(
+        'model = "conv2"\ndataset = "cifar10"\nvariants = ["real4"]\nseeds = []\n\n'
+        f'[lottery]\nrate = {rate}\nrewind = "0"\nlevels = {levels}\ncontrols = ["reinit"]\n'
+    )
+    for seed in seeds:
+        for level, control in ((0, None), (1, None), (1, "reinit")):
+            name = f"level-{level:02d}" + (f"-{control}" if control else "")
+            acc = 0.5 + 0.1 * level + (0.05 if control else 0) + 0.01 * seed
+            run = _write_run(folder / f"real4-s{seed}" / name, "real4", seed, [acc])
+            sparsity = {"level": level, "control": control, "reference": "real4"}
+            (run / "sparsity.json").write_text(json.dumps(sparsity))
+
+
+def test_lottery_levels_controls_and_recipes_are_never_pooled(tmp_path):
+    _write_lottery(tmp_path / "a", (0, 1), rate=0.5, levels=1)
+    _write_lottery(tmp_path / "b", (2,), rate=0.5, levels=3)  # levels: not a difference
+    _write_lottery(tmp_path / "c", (0,), rate=0.2, levels=1)
+    _write_run(tmp_path / "d" / "real4-s0", "real4", 0, [0.4])
+    result = report.write_report(
+        [tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d"], out=tmp_path / "out"
+    )
+    rows = {row["label"]: row for row in result.rows}
+    assert list(rows) == [
+        "real4 (level=0, control=ticket, rate=0.5)",
+        "real4 (level=1, control=ticket, rate=0.5)",
+        "real4 (level=1, control=reinit, rate=0.5)",
+        "real4 (level=0, control=ticket, rate=0.2)",
+        "real4 (level=1, control=ticket, rate=0.2)",
+        "real4 (level=1, control=reinit, rate=0.2)",
+        "real4",
+    ]
+    assert [row["runs"] for row in result.rows] == [3, 3, 3, 1, 1, 1, 1]
+    reinit = rows["real4 (level=1, control=reinit, rate=0.5)"]
+    assert reinit["final_acc"] == pytest.approx(0.65 + 0.01)  # seeds 0, 1, 2
+    chain = summarize(report.find_runs([tmp_path / "a" / "real4-s0"]))
+    assert [row["label"] for row in chain] == [
+        "real4 (level=0, control=ticket)",
+        "real4 (level=1, control=ticket)",
+        "real4 (level=1, control=reinit)",
+    ]
+
+
+def test_run_folders_are_found_at_any_depth_in_name_order(tmp_path, capsys):
+    late = _write_run(tmp_path / "x" / "deep" / "er" / "real4-s1", "real4", 1, [0.6])
+    early = _write_run(tmp_path / "x" / "a" / "quaternion-s0", "quaternion", 0, [0.5])
+    _write_run(early / "inner", "quaternion", 1, [0.9])  # inside a run folder: not searched
+    first = _write_run(tmp_path / "y" / "real4-s0", "real4", 0, [0.5])
+    runs = report.find_runs([tmp_path / "y", tmp_path / "x"])
+    assert [r.path for r in runs] == [first, early, late]
+    out = tmp_path / "both"
+    assert cli.main(["report", str(tmp_path / "x"), str(tmp_path / "y"), "--out", str(out)]) == 0
+    assert "| quaternion | 1 | 1 |" in capsys.readouterr().out
+    (tmp_path / "z" / "empty" / "er").mkdir(parents=True)
+    with pytest.raises(report.ReportError) as error:
+        report.find_runs([tmp_path / "x", tmp_path / "z"])
+    assert str(error.value) == (
+        f"{tmp_path / 'z'} holds no quatnn runs (no folder with config.toml and "
+        "metrics.jsonl at any depth)"
+    )
+
+
+def test_lottery_table_shows_no_spread_for_a_single_seed():
+    level = {"variant": "real", "level": 0, "real_percent": 100.0, "weights_percent": 100.0}
+    one = {**level, "control": None, "runs": 1, "acc": 0.9, "acc_std": 0.0}
+    two = {**level, "level": 1, "control": None, "runs": 2, "acc": 0.8, "acc_std": 0.01}
+    table = level_table([one, two])
+    assert "| 90.00 (n=1) |" in table and "| 80.00 ± 1.00 (n=2) |" in table

@@ -282,12 +282,19 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
         commands,
         "report",
         "plots and a table from run folders (reads files only)",
-        "Read run folders (or folders of them, such as a compare folder) and write "
-        "accuracy.png and loss.png (mean ± std over seeds per variant), throughput.png, "
-        "report.md (the table, also printed) and report.json.",
+        "Read the run folders at any depth below each folder given (a run, compare or "
+        "lottery folder, or folders of those; one lottery folder alone gets the lottery "
+        "report) and write accuracy.png and loss.png (one curve per row: runs that differ "
+        "only in seed, mean ± std), throughput.png, report.md (the table, also printed) "
+        "and report.json.",
         ["quatnn report runs/compare", "quatnn report runs/a runs/b --out runs/a-vs-b"],
     )
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run or comparison folders")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders, or folders holding them at any depth",
+    )
     parser.add_argument(
         "--out", metavar="DIR", help="where to write the report (default: the one folder given)"
     )

@@ -17,7 +17,14 @@ from pathlib import Path
 
 from quatnn.report.plots import plot_curves, plot_throughput
 from quatnn.report.runs import ReportError, Run, find_runs, read_run
-from quatnn.report.table import Report, display_rows, group_runs, markdown_table, summarize
+from quatnn.report.table import (
+    IGNORED_KEYS,
+    Report,
+    display_rows,
+    group_runs,
+    markdown_table,
+    summarize,
+)
 
 __all__ = [
     "Report",
@@ -37,14 +44,25 @@ def _notes(runs: Sequence[Run], rows: Sequence[dict]) -> list[str]:
     devices = sorted({r.summary["device"] for r in runs if r.summary and "device" in r.summary})
     references = sorted({r["reference"] for r in rows if r["reference"]})
     notes = [
+        "Rows: runs that differ only in seed (and in "
+        f"{', '.join(IGNORED_KEYS)}) share a row; a label names the settings in which the "
+        "rows of its model and dataset differ.",
         "Accuracies: test accuracy of the last epoch (final) and of the best epoch, mean ± "
-        "sample std over the runs (one per seed).",
+        "sample std over the runs of a row (a single run: its value).",
         "Time per epoch and samples/s: training only (evaluation excluded), mean over the "
         "epochs after the first (warm-up)"
         + (f"; measured on {', '.join(devices)}." if devices else "."),
     ]
     if references:
         notes.append(f"Ratio to real: parameters over those of {' / '.join(references)}.")
+    for r in rows:
+        if r["repeated_seeds"]:
+            seeds = ", ".join(map(str, r["repeated_seeds"]))
+            notes.append(
+                f"{r['label']}: seed {seeds} in several run folders with the same settings "
+                "(copies or reruns); each counts as a run, so its spread is not over distinct "
+                "seeds."
+            )
     empty = [str(r.path) for r in runs if not r.metrics]
     if empty:
         notes.append(f"Runs without a finished epoch (left out): {', '.join(empty)}.")
@@ -52,8 +70,9 @@ def _notes(runs: Sequence[Run], rows: Sequence[dict]) -> list[str]:
 
 
 def write_report(paths: Sequence[str | Path], out: str | Path | None = None) -> Report:
-    """Read the runs in ``paths`` (run folders or folders of them) and write
-    :data:`FILES` into ``out`` (default: the one path given; required for several)."""
+    """Read the runs in ``paths`` (run folders or folders with run folders at any depth)
+    and write :data:`FILES` into ``out`` (default: the one path given; required for
+    several)."""
     if out is None:
         if len(paths) != 1:
             raise ReportError("several folders given: say where the report goes with --out")

@@ -124,7 +124,8 @@ def summarize_levels(rows: Sequence[dict], metric: str = "final") -> list[dict]:
 def _cell(row: dict | None) -> str:
     if row is None:
         return "-"
-    return f"{100 * row['acc']:.2f} ± {100 * row['acc_std']:.2f} (n={row['runs']})"
+    spread = f" ± {100 * row['acc_std']:.2f}" if row["runs"] > 1 else ""
+    return f"{100 * row['acc']:.2f}{spread} (n={row['runs']})"
 
 
 def level_table(summary: Sequence[dict]) -> str:
@@ -228,7 +229,8 @@ def write_lottery_report(
     table = level_table(summary)
     references = sorted({r["reference"] for r in rows})
     notes = [
-        f"Accuracy: {metric} test accuracy of each level, mean ± sample std over seeds.",
+        f"Accuracy: {metric} test accuracy of each level, mean ± sample std over seeds "
+        "(n=1: the one value).",
         f"Real params left: parameters left (biases kept) over those of the {', '.join(references)}"
         " model; weights left: the model's own prunable weights.",
     ]

@@ -1,4 +1,5 @@
-"""PNG plots of grouped runs: curves per epoch with mean +- std bands, and throughput.
+"""PNG plots of the rows of a report: curves per epoch with mean +- std bands, and
+throughput.
 
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no display
 and no global backend change).
@@ -19,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from quatnn.report.runs import Run
+from quatnn.report.table import Group
 
 
 def curve(runs: Sequence[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -37,12 +40,8 @@ def curve(runs: Sequence[Run], key: str) -> tuple[np.ndarray, np.ndarray, np.nda
     return epochs, mean, std
 
 
-def _label(key: tuple[str, str, str], several: bool) -> str:
-    return " ".join(key) if several else key[2]
-
-
 def plot_curves(
-    groups: dict[tuple[str, str, str], list[Run]],
+    groups: Sequence[Group],
     metric: str,
     path: str | Path,
     *,
@@ -50,18 +49,18 @@ def plot_curves(
     log: bool = False,
 ) -> None:
     """Test ``metric`` (solid, with a mean +- std band) and train ``metric`` (dashed) per
-    epoch, one colour per group; ``metric`` is ``acc`` or ``loss``."""
+    epoch, one colour per group of :func:`~quatnn.report.table.group_runs`; ``metric`` is
+    ``acc`` or ``loss``."""
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
-    several = len({key[:2] for key in groups}) > 1
     scale = 100.0 if percent else 1.0
-    for i, (key, runs) in enumerate(groups.items()):
+    for i, group in enumerate(groups):
         color = f"C{i % 10}"
-        n = len(runs)
-        epochs, mean, std = curve(runs, f"test_{metric}")
-        ax.plot(epochs, scale * mean, color=color, label=f"{_label(key, several)} test (n={n})")
+        epochs, mean, std = curve(group.runs, f"test_{metric}")
+        label = f"{group.label} test (n={len(group.runs)})"
+        ax.plot(epochs, scale * mean, color=color, label=label)
         ax.fill_between(epochs, scale * (mean - std), scale * (mean + std), color=color, alpha=0.2)
-        epochs, mean, _ = curve(runs, f"train_{metric}")
+        epochs, mean, _ = curve(group.runs, f"train_{metric}")
         ax.plot(
             epochs,
             scale * mean,
@@ -69,10 +68,11 @@ def plot_curves(
             linestyle="--",
             linewidth=1,
             alpha=0.8,
-            label=f"{_label(key, several)} train",
+            label=f"{group.label} train",
         )
     name = "accuracy (%)" if metric == "acc" else metric
     ax.set(xlabel="epoch", ylabel=name, title=f"{name} per epoch, mean ± std over seeds")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -81,15 +81,15 @@ def plot_curves(
 
 
 def plot_throughput(rows: Sequence[dict], path: str | Path) -> None:
-    """Bar chart of training samples/s per group (mean +- std over seeds)."""
+    """Bar chart of training samples/s per row of :func:`~quatnn.report.table.summarize`
+    (mean +- std over seeds)."""
     fig = Figure(figsize=(max(4.0, 1.2 * len(rows) + 2), 4), layout="constrained")
     ax = fig.subplots()
-    several = len({(r["model"], r["dataset"]) for r in rows}) > 1
-    labels = [_label((r["model"], r["dataset"], r["variant"]), several) for r in rows]
+    labels = [r["label"] for r in rows]
     means = [r["samples_per_second"] for r in rows]
     errors = [r["samples_per_second_std"] for r in rows]
     ax.bar(labels, means, yerr=errors, capsize=4, color=[f"C{i % 10}" for i in range(len(rows))])
     ax.set(ylabel="samples/s", title="training throughput")
-    ax.tick_params(axis="x", labelrotation=20 if several else 0)
+    ax.tick_params(axis="x", labelrotation=20 if max(map(len, labels)) > 12 else 0)
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=120)

@@ -1,7 +1,9 @@
 """Reading run folders from disk: ``config.toml``, ``metrics.jsonl`` and ``summary.json``.
 
 A run folder is any folder holding ``config.toml`` and ``metrics.jsonl`` (what
-``quatnn train`` writes); a comparison is a folder of run folders.
+``quatnn train`` writes); run folders are found at any depth below the folders given
+(a compare folder, a lottery folder, folders of those). A lottery level folder also
+holds ``sparsity.json``, which names its level and control.
 
 Example:
     >>> import json, tempfile
@@ -10,15 +12,15 @@ Example:
     >>> _ = (run / "config.toml").write_text('model = "conv2"\\nvariant = "real4"\\nseed = 1\\n')
     >>> _ = (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": 0.5}) + "\\n")
     >>> r = read_run(run)
-    >>> r.variant, r.seed, r.finished, r.metrics[0]["test_acc"]
-    ('real4', 1, False, 0.5)
+    >>> r.variant, r.seed, r.finished, r.metrics[0]["test_acc"], r.lottery
+    ('real4', 1, False, 0.5, None)
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +36,17 @@ class ReportError(Exception):
 
 @dataclass
 class Run:
-    """One run folder as read from disk; ``summary`` is None while it is unfinished."""
+    """One run folder as read from disk; ``summary`` is None while it is unfinished.
+    ``lottery`` is None unless the run is a lottery level: then its ``level``, its
+    ``control`` (``ticket`` for none) and the ``[lottery]`` table of its lottery's
+    ``lottery.toml`` (where that is two folders up, as :mod:`quatnn.prune.lottery`
+    writes it)."""
 
     path: Path
     config: dict
     metrics: list[dict]
     summary: dict | None
+    lottery: dict | None = None
 
     @property
     def model(self) -> str:
@@ -67,6 +74,19 @@ def is_run(path: Path) -> bool:
     return (path / "config.toml").is_file() and (path / "metrics.jsonl").is_file()
 
 
+def _lottery(path: Path) -> dict | None:
+    """:attr:`Run.lottery` of the run folder ``path``: lottery levels hold
+    ``sparsity.json``."""
+    if not (path / "sparsity.json").is_file():
+        return None
+    counts = json.loads((path / "sparsity.json").read_text(encoding="utf-8"))
+    recipe_path = path.parent.parent / "lottery.toml"
+    recipe = {}
+    if recipe_path.is_file():
+        recipe = tomllib.loads(recipe_path.read_text(encoding="utf-8")).get("lottery", {})
+    return {"level": counts.get("level"), "control": counts.get("control") or "ticket", **recipe}
+
+
 def read_run(path: str | Path) -> Run:
     """Read the run folder ``path`` (ReportError if a file in it cannot be read)."""
     path = Path(path)
@@ -76,23 +96,46 @@ def read_run(path: str | Path) -> Run:
         metrics = [json.loads(line) for line in lines if line.strip()]
         summary_path = path / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        lottery = _lottery(path)
     except (OSError, ValueError) as err:  # TOML and JSON decode errors are ValueErrors
         raise ReportError(f"cannot read run folder {path}: {err}") from None
-    return Run(path, config, metrics, summary)
+    return Run(path, config, metrics, summary, lottery)
+
+
+def _run_folders(path: Path, visited: set[Path]) -> Iterator[Path]:
+    """The run folders at or below ``path``, depth first in name order; a run folder is
+    not searched further and no folder is entered twice (``visited``: resolved paths)."""
+    resolved = path.resolve()
+    if resolved in visited:
+        return
+    visited.add(resolved)
+    if is_run(path):
+        yield path
+        return
+    try:
+        children = sorted(child for child in path.iterdir() if child.is_dir())
+    except OSError as err:
+        raise ReportError(f"cannot read folder {path}: {err}") from None
+    for child in children:
+        yield from _run_folders(child, visited)
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Run]:
-    """The runs in ``paths``: each is a run folder or a folder whose subfolders (one
-    level down) are run folders. ReportError if a path holds none."""
-    runs = []
+    """The runs in ``paths``, each a run folder or a folder with run folders at any
+    depth below it; a run folder reached twice (same resolved path) is read once.
+    ReportError if a path holds none."""
+    runs, seen = [], set()
     for path in map(Path, paths):
         if not path.is_dir():
             raise ReportError(f"{path} is not a folder")
-        folders = [path] if is_run(path) else sorted(p for p in path.iterdir() if is_run(p))
+        folders = list(_run_folders(path, set()))
         if not folders:
             raise ReportError(
-                f"{path} holds no quatnn runs (no config.toml and metrics.jsonl in it or "
-                "its subfolders)"
+                f"{path} holds no quatnn runs (no folder with config.toml and metrics.jsonl "
+                "at any depth)"
             )
-        runs += [read_run(folder) for folder in folders]
+        for folder in folders:
+            if folder.resolve() not in seen:
+                seen.add(folder.resolve())
+                runs.append(read_run(folder))
     return runs

@@ -1,10 +1,15 @@
-"""Per-variant statistics over seeds, and markdown tables.
+"""Per-row statistics over seeds, and markdown tables.
 
-Runs are grouped by model, dataset and variant. For each group: the number of runs,
-parameters, the ratio of parameters to the real reference of the same model and
-dataset (``real4``, else ``real``, else the first real variant), final and best test
-accuracy (mean and sample standard deviation over the runs), and the training time per
-epoch and samples/s (mean over the epochs after the first, which includes warm-up).
+Runs share a row when they differ in nothing but the seed and :data:`IGNORED_KEYS`: the
+same model, dataset, variant and other settings of ``config.toml`` and, for a lottery
+level, the same level, control and pruning recipe. A row's label is its variant and the
+settings in which the rows of its model and dataset differ, e.g. ``quaternion
+(epochs=10)``, prefixed with model and dataset when the rows span several. For each row:
+the number of runs, repeated seeds, parameters, the ratio of parameters to the real
+reference of the same model, dataset and model options (``real4``, else ``real``, else
+the first real variant), final and best test accuracy (mean and sample standard
+deviation over the runs), and the training time per epoch and samples/s (mean over the
+epochs after the first, which includes warm-up).
 
 Example:
     >>> print(markdown_table([{"variant": "real", "params": "266,610"},
@@ -17,7 +22,10 @@ Example:
 
 from __future__ import annotations
 
+import itertools
+import json
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,18 +47,118 @@ class Report:
 REFERENCES = ("real4", "real")
 """Variants that serve as the real reference of a ratio, in order of preference."""
 
+IGNORED_KEYS = (
+    "data_dir",
+    "device",
+    "workers",
+    "compile",
+    "channels_last",
+    "backend",
+    "levels",
+    "controls",
+    "control_levels",
+    "min_acc",
+)
+"""Keys that do not change what a run trains, so runs that differ only in these and in
+``seed`` share a row: of ``config.toml``, where the data is read from and how the run
+was executed (``sync_bn`` is not one: it changes batch norm statistics under torchrun);
+of a lottery's ``[lottery]`` table, how many levels and controls it trains and when it
+stops."""
+
+
+@dataclass
+class Group:
+    """The runs of one row: the same ``model``, ``dataset``, ``variant``, ``settings``
+    and ``lottery`` (:func:`identity`); ``label`` names the row."""
+
+    model: str
+    dataset: str
+    variant: str
+    settings: dict
+    lottery: dict | None
+    runs: list[Run]
+    label: str = ""
+
+
+def identity(run: Run) -> tuple[dict, dict | None]:
+    """What defines ``run`` besides model, dataset, variant and seed, without
+    :data:`IGNORED_KEYS`: its config and, for a lottery level, :attr:`Run.lottery`."""
+    skip = {*IGNORED_KEYS, "model", "dataset", "variant", "seed"}
+    config = {k: v for k, v in run.config.items() if k not in skip}
+    if run.lottery is None:
+        return config, None
+    return config, {k: v for k, v in run.lottery.items() if k not in skip}
+
 
 def _variant_order(variant: str) -> int:
     return VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS)
 
 
-def group_runs(runs: Sequence[Run]) -> dict[tuple[str, str, str], list[Run]]:
-    """Runs with at least one epoch, by (model, dataset, variant) in variant order."""
-    groups: dict[tuple[str, str, str], list[Run]] = {}
+def _canon(value: object) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _shown(value: object) -> str:
+    """A setting's value in a label, TOML-like."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={_shown(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_shown, value)) + "]"
+    return str(value)
+
+
+def _values(group: Group) -> dict:
+    return {**group.settings, **(group.lottery or {})}
+
+
+def _compared(key: str, a: Group, b: Group) -> bool:
+    """Whether rows ``a`` and ``b`` are told apart by ``key``: ``encoding`` only within a
+    variant (older runs wrote each variant's own default), a key of a lottery's recipe
+    only between lottery levels (``level`` tells those from other runs)."""
+    if key == "encoding":
+        return a.variant == b.variant
+    if key in ("level", "control") or key in a.settings or key in b.settings:
+        return True
+    return a.lottery is not None and b.lottery is not None
+
+
+def _differing(groups: Sequence[Group]) -> list[str]:
+    """The keys whose values differ between two of ``groups`` (see :func:`_compared`)."""
+    keys = dict.fromkeys(k for g in groups for k in _values(g))
+    return [
+        k
+        for k in keys
+        if any(
+            _compared(k, a, b) and _canon(_values(a).get(k)) != _canon(_values(b).get(k))
+            for a, b in itertools.combinations(groups, 2)
+        )
+    ]
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Runs with at least one epoch grouped into labelled rows (see the module
+    docstring), by model and dataset, then in variant order, then in order of appearance.
+    A label leaves out the keys a row's runs do not have."""
+    groups: dict[tuple[str, ...], Group] = {}
     for run in runs:
         if run.metrics:
-            groups.setdefault((run.model, run.dataset, run.variant), []).append(run)
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0][:2], _variant_order(kv[0][2]))))
+            config, lottery = identity(run)
+            key = (run.model, run.dataset, run.variant, _canon(config), _canon(lottery))
+            new = Group(run.model, run.dataset, run.variant, config, lottery, [])
+            groups.setdefault(key, new).runs.append(run)
+    ordered = sorted(groups.values(), key=lambda g: (g.model, g.dataset, _variant_order(g.variant)))
+    several = len({(g.model, g.dataset) for g in ordered}) > 1
+    for (model, dataset), same in itertools.groupby(ordered, lambda g: (g.model, g.dataset)):
+        same = list(same)
+        keys = _differing(same)
+        for g in same:
+            values = _values(g)
+            shown = ", ".join(f"{k}={_shown(values[k])}" for k in keys if k in values)
+            g.label = f"{model} {dataset} {g.variant}" if several else g.variant
+            g.label += f" ({shown})" if shown else ""
+    return ordered
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -63,33 +171,55 @@ def _steady(run: Run, key: str) -> float:
     return statistics.fmean(row[key] for row in rows)
 
 
+def _params(group: Group) -> int | None:
+    counts = [r.summary["params"] for r in group.runs if r.summary and "params" in r.summary]
+    return counts[0] if counts else None
+
+
+def _reference(group: Group, groups: Sequence[Group]) -> Group | None:
+    """The real group of ``group``'s model, dataset and model options that its parameter
+    ratio refers to: :data:`REFERENCES` in order, else the first real one."""
+    options = _canon(group.settings.get("options"))
+    reals = [
+        g
+        for g in groups
+        if (g.model, g.dataset) == (group.model, group.dataset)
+        and g.variant.startswith("real")
+        and _canon(g.settings.get("options")) == options
+    ]
+    preferred = (g for variant in REFERENCES for g in reals if g.variant == variant)
+    return next(preferred, reals[0] if reals else None)
+
+
 def summarize(runs: Sequence[Run]) -> list[dict]:
-    """One row of numbers per group (see the module docstring); accuracies are fractions."""
+    """One row of numbers per group of :func:`group_runs` (see the module docstring);
+    accuracies are fractions, a single run's std is 0, ``repeated_seeds`` are the seeds
+    held by more than one run of the row."""
     groups = group_runs(runs)
-    params = {}
-    for key, members in groups.items():
-        counts = [r.summary["params"] for r in members if r.summary and "params" in r.summary]
-        params[key] = counts[0] if counts else None
     rows = []
-    for (model, dataset, variant), members in groups.items():
-        candidates = [k for k in groups if k[:2] == (model, dataset)]
-        reals = [k for k in candidates if k[2].startswith("real")]
-        reference = next((k for v in REFERENCES for k in reals if k[2] == v), None)
-        reference = reference or (reals[0] if reals else None)
-        mine, theirs = params[(model, dataset, variant)], params.get(reference)
+    for g in groups:
+        reference = _reference(g, groups)
+        mine = _params(g)
+        theirs = _params(reference) if reference else None
+        members = g.runs
         final = _mean_std([r.metrics[-1]["test_acc"] for r in members])
         best = _mean_std([max(row["test_acc"] for row in r.metrics) for r in members])
         speed = _mean_std([_steady(r, "samples_per_second") for r in members])
+        seeds = Counter(r.seed for r in members)
         rows.append(
             {
-                "model": model,
-                "dataset": dataset,
-                "variant": variant,
+                "label": g.label,
+                "model": g.model,
+                "dataset": g.dataset,
+                "variant": g.variant,
+                "settings": g.settings,
+                "lottery": g.lottery,
                 "runs": len(members),
+                "repeated_seeds": [seed for seed, n in seeds.items() if n > 1],
                 "unfinished": sum(not r.finished for r in members),
                 "epochs": max(len(r.metrics) for r in members),
                 "params": mine,
-                "reference": reference[2] if reference else None,
+                "reference": reference.variant if reference else None,
                 "ratio": mine / theirs if mine and theirs else None,
                 "final_acc": final[0],
                 "final_acc_std": final[1],
@@ -103,28 +233,26 @@ def summarize(runs: Sequence[Run]) -> list[dict]:
     return rows
 
 
-def _percent(mean: float, std: float) -> str:
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+def _percent(mean: float, std: float, runs: int) -> str:
+    """``mean ± std`` in percent; the value alone for a single run."""
+    return f"{100 * mean:.2f}" if runs == 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def display_rows(rows: Sequence[dict]) -> list[dict]:
     """``rows`` of :func:`summarize` as the strings of the report table; the first column
-    names the variant, or model, dataset and variant when the rows span several."""
-    several = len({(r["model"], r["dataset"]) for r in rows}) > 1
+    is the row's label."""
     shown = []
     for r in rows:
         unfinished = f" ({r['unfinished']} unfinished)" if r["unfinished"] else ""
         shown.append(
             {
-                "variant": f"{r['model']} {r['dataset']} {r['variant']}"
-                if several
-                else r["variant"],
+                "variant": r["label"],
                 "runs": f"{r['runs']}{unfinished}",
                 "epochs": str(r["epochs"]),
                 "params": "?" if r["params"] is None else f"{r['params']:,}",
                 "ratio to real": "-" if r["ratio"] is None else f"{r['ratio']:.3f}",
-                "final test acc (%)": _percent(r["final_acc"], r["final_acc_std"]),
-                "best test acc (%)": _percent(r["best_acc"], r["best_acc_std"]),
+                "final test acc (%)": _percent(r["final_acc"], r["final_acc_std"], r["runs"]),
+                "best test acc (%)": _percent(r["best_acc"], r["best_acc_std"], r["runs"]),
                 "s/epoch": f"{r['seconds_per_epoch']:.2f}",
                 "samples/s": f"{r['samples_per_second']:.0f}",
             }
