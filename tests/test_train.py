@@ -100,6 +100,7 @@ def test_resume_after_interrupt_reproduces_the_uninterrupted_run_exactly(tmp_pat
         train.train(cfg, parts, progress="off", callbacks=[stop])
     assert torch.load(parts / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert len(_metrics(parts)) == 1 and not (parts / "summary.json").exists()
+    assert (parts / "train.log").read_text().splitlines()[-1].startswith("interrupted in epoch 2")
     # A row whose checkpoint never made it to disk (killed in between) must not survive.
     with open(parts / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"epoch": 2, "test_acc": 0.0}) + "\n")
@@ -130,6 +131,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert state["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert len(_metrics(tmp_path)) == 1 and not (tmp_path / "summary.json").exists()
+    assert "keeps epoch 1" in (tmp_path / "train.log").read_text().splitlines()[-1]
 
 
 def test_ctrl_c_at_an_epoch_end_lands_after_the_epoch_is_written(tmp_path, monkeypatch):

@@ -89,9 +89,7 @@ class Progress:
         on: the log file still gets every line."""
         if self.quiet:
             return
-        if self.log_file is not None:
-            with open(self.log_file, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
+        self.log(line)
         try:
             if self.enabled:
                 tqdm.write(line, file=sys.stdout)
@@ -99,6 +97,12 @@ class Progress:
                 print(line, flush=True)
         except BrokenPipeError:
             _stdout_to_devnull()
+
+    def log(self, line: str) -> None:
+        """Append ``line`` to the log file only (what the caller reports elsewhere)."""
+        if self.log_file is not None and not self.quiet:
+            with open(self.log_file, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
 
     def close(self) -> None:
         for bar in (self._batches, self._epochs):

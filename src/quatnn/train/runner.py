@@ -502,15 +502,19 @@ def train(
                 lr_at=lr_schedule(cfg.schedule, cfg.lr, cfg.epochs),
             )
     except KeyboardInterrupt:
-        raise Interrupted(
+        message = (
             f"interrupted in epoch {trainer.epoch}; {out / 'checkpoint.pt'} holds epoch "
             f"{_saved_epoch(trainer)}; resume with: quatnn train --resume {out}"
-        ) from None
+        )
+        view.log(message)  # the caller prints it
+        raise Interrupted(message) from None
     except NonFiniteLoss as err:
-        raise NonFiniteLoss(
+        message = (
             f"{err}; training stopped and {out / 'checkpoint.pt'} keeps epoch "
             f"{_saved_epoch(trainer)} (a lower --lr may help)"
-        ) from None
+        )
+        view.log(message)
+        raise NonFiniteLoss(message) from None
     finally:
         if tensorboard_writer is not None:
             tensorboard_writer.close()
