@@ -490,15 +490,18 @@ def test_export_run_folder(tmp_path):
 def test_cli_export(tmp_path, capsys):
     from quatnn import cli
 
-    if not hasattr(cli, "_add_export"):
-        pytest.skip("the export subcommand is not registered in quatnn/cli.py yet")
     run = tmp_path / "run"
     cfg, checkpoint = _fake_run(run, "conv2", "quaternion", "digits-color")
     model = models.create("conv2", "quaternion").eval()
     tags = {"model": cfg.model, "variant": cfg.variant, "dataset": cfg.dataset}
     checkpoint.save(run / "checkpoint.pt", tags, {"model": model.state_dict()})
     assert cli.main(["export", str(run), "--format", "torchscript"]) == 0
-    assert (run / "model.ts").is_file() and "matches PyTorch" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert (run / "model.ts").is_file() and "matches PyTorch" in said.out
+    assert "has not finished training" in said.err  # no summary.json: the user is told
+    (run / "summary.json").write_text("{}")
+    assert cli.main(["export", str(run), "--format", "torchscript"]) == 0
+    assert capsys.readouterr().err == ""
     assert cli.main(["export", str(tmp_path), "--format", "pt2"]) == 2
     assert "no config.toml" in capsys.readouterr().err
 

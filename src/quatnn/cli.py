@@ -439,6 +439,12 @@ def _export(args: argparse.Namespace) -> int:
             f"batches {', '.join(map(str, result['batches']))})"
         )
     print(line)
+    if not result["finished"]:
+        print(
+            f"quatnn: note: {args.run} has not finished training (no summary.json); the "
+            f"export holds the weights of its {result['checkpoint']}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -128,13 +128,15 @@ def export_run(
     always checked against the unfolded PyTorch model (see :func:`quatnn.export.export`)
     unless ``check=False``. ``safetensors`` writes the compact checkpoint (quaternion
     weights, ``sparse`` optional; ``fold`` does not apply). Returns the report of the
-    export plus ``model`` (``name/variant``), ``folded`` and ``checkpoint``.
+    export plus ``model`` (``name/variant``), ``folded``, ``checkpoint`` and ``finished``
+    (whether the run finished training: it has ``summary.json``).
     """
     if format not in RUN_FORMATS:
         raise ValueError(f"format must be one of {', '.join(RUN_FORMATS)}, got {format!r}")
     model, spec, example = load_run(run_dir, checkpoint, data_dir)
     out = Path(run_dir) / f"model{SUFFIXES[format]}" if out is None else out
-    summary = {"model": f"{spec['name']}/{spec['variant']}", "checkpoint": checkpoint}
+    summary = {"model": f"{spec['name']}/{spec['variant']}", "checkpoint": checkpoint,
+               "finished": (Path(run_dir) / "summary.json").is_file()}  # fmt: skip
     if format == "safetensors":
         info = save_compact(model, out, spec, sparse=sparse, extra={"checkpoint": checkpoint})
         return {**summary, "format": format, "folded": False, **info}
