@@ -310,3 +310,19 @@ def test_table_rows():
     only = models.table(["conv4"], ["quaternion"])
     assert len(only) == 1
     assert math.isclose(only[0]["ratio_to_real"], 609_226 / 2_426_506, abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["whiten", "variance"])
+def test_models_run_on_the_meta_device(norm):
+    """Shape inference and deferred initialization: no autocast to switch off and no data
+    to check there; every algorithm, train and eval."""
+    from quatnn import functional as QF
+
+    with torch.device("meta"):
+        model = models.create("resnet20", "quaternion", norm=norm)
+        x = torch.randn(2, 4, 32, 32)
+    for algorithm in ("block", "rank8"):
+        with QF.use_algorithm(algorithm):
+            y = model.train()(x)
+            assert y.is_meta and y.shape == (2, 10)
+            assert model.eval()(x).shape == (2, 10)

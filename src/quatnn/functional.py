@@ -27,11 +27,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -40,6 +40,7 @@ from torch import Tensor
 
 __all__ = [
     "ALGORITHMS",
+    "autocast_disabled",
     "quaternion_linear",
     "quaternion_conv",
     "block_weight",
@@ -70,7 +71,7 @@ RANK8_RULES = {
 _override: str | None = None
 
 
-@contextmanager
+@contextlib.contextmanager
 def use_algorithm(name: str | None) -> Iterator[None]:
     """Force one algorithm for every quaternion layer inside the block (for benchmarks).
 
@@ -105,7 +106,8 @@ def resolve_algorithm(
         return chosen
     device = x.device.type
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.5
-    if exporting or torch.is_autocast_enabled(device) or x.dtype in (torch.float16, torch.bfloat16):
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if exporting or autocast or x.dtype in (torch.float16, torch.bfloat16):
         return "block"
     grad = torch.is_grad_enabled()
     for min_macs, min_channels, needs_grad in RANK8_RULES.get(device, {}).get(kind, ()):
@@ -445,12 +447,24 @@ class _Rank8Conv(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, None
 
 
+def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast off on ``device_type`` (a no-op where the device has no
+    autocast, such as ``meta``): for code that must compute in its inputs' dtype.
+
+    >>> with autocast_disabled("meta"):
+    ...     pass
+    """
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _rank8_apply(fn: type[torch.autograd.Function], x: Tensor, weight: Tensor, *args) -> Tensor:
     """Run a rank-8 Function in the promoted dtype with autocast off (tensors in ``args``,
     the bias, are cast too)."""
     dtype = torch.promote_types(x.dtype, weight.dtype)
     args = tuple(a.to(dtype) if isinstance(a, Tensor) else a for a in args)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_disabled(x.device.type):
         return fn.apply(x.to(dtype), weight.to(dtype), *args)
 
 

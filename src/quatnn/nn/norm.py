@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quatnn.functional import autocast_disabled
+
 __all__ = [
     "QBatchNorm1d",
     "QBatchNorm2d",
@@ -85,13 +87,14 @@ _TRIU_DIAG = (0, 4, 7, 9)
 # ---------------------------------------------------------------------------------------
 
 
+def _flagged(flag: Tensor) -> bool:
+    """``bool(flag)`` of a one-element check; False on the meta device (no data)."""
+    return not flag.is_meta and bool(flag)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; everything else (fp32, fp16, bf16) computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _no_autocast(device_type: str) -> torch.autocast:
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def _reduce_dims(x: Tensor) -> tuple[int, ...]:
@@ -275,7 +278,7 @@ class _WhitenBatch(torch.autograd.Function):
         c = gm.shape[0]
         n = _count(x)
         cdt = _compute_dtype(x.dtype)
-        with _no_autocast(x.device.type):
+        with autocast_disabled(x.device.type):
             # Shifted sums (shift = mean of the first chunk, so no cancellation): one sweep
             # gives the mean and the covariance.
             first = x[: _Chunks(x, c, cdt, 1).rows]
@@ -289,7 +292,7 @@ class _WhitenBatch(torch.autograd.Function):
             chol, info = torch.linalg.cholesky_ex(cov + eps * eye)
             # A NaN/Inf anywhere in x reaches every sum of its channel, so checking the
             # covariance (one sync) is enough; large finite values that overflow are caught too.
-            if bool(~torch.isfinite(cov.sum()) | (info != 0).any()):
+            if _flagged(~torch.isfinite(cov.sum()) | (info != 0).any()):
                 raise ValueError(
                     "quaternion batch norm: non-finite batch statistics; the input contains "
                     "NaN/Inf (or values too large for its dtype)"
@@ -313,7 +316,7 @@ class _WhitenBatch(torch.autograd.Function):
         n = _count(x)
         cdt = mu.dtype
         need_x, need_gm, need_beta, _ = ctx.needs_input_grad
-        with _no_autocast(x.device.type):
+        with autocast_disabled(x.device.type):
             dx = dgm = None
             if not (need_x or need_gm):
                 dbeta = _blocked_to_cq(dy.sum(_reduce_dims(dy), dtype=cdt), c)
@@ -346,7 +349,7 @@ class _Affine4(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, mm: Tensor, center: Tensor, shift: Tensor):  # type: ignore[override]
-        with _no_autocast(x.device.type):
+        with autocast_disabled(x.device.type):
             y = torch.empty_like(x)
             _apply_4x4(y, mm, x, center, shift.to(mm.dtype))
         ctx.save_for_backward(x, mm, center)
@@ -360,7 +363,7 @@ class _Affine4(torch.autograd.Function):
         c = mm.shape[0]
         need_x, need_m, _, need_shift = ctx.needs_input_grad
         dx = dm = dshift = None
-        with _no_autocast(x.device.type):
+        with autocast_disabled(x.device.type):
             if need_x:
                 dx = torch.empty_like(x)
                 zero = torch.zeros(4 * c, dtype=mm.dtype, device=x.device)
@@ -413,12 +416,12 @@ class _VarianceBatch(torch.autograd.Function):
         n = _count(x)
         cdt = _compute_dtype(x.dtype)
         shape = (1, 4 * c) + (1,) * (x.dim() - 2)
-        with _no_autocast(x.device.type):
+        with autocast_disabled(x.device.type):
             xs = x if x.dtype == cdt else x.to(cdt)
             mu = xs.sum(_reduce_dims(xs)) / n
             sq, _ = _channel_sums(xs, xs, mu)
             sigma2 = sq.view(4, c).sum(0) / n
-            if not bool(torch.isfinite(sigma2.sum())):  # NaN/Inf in x reach sigma2 too
+            if _flagged(~torch.isfinite(sigma2.sum())):  # NaN/Inf in x reach sigma2 too
                 raise ValueError(
                     "quaternion batch norm: non-finite batch statistics; the input contains "
                     "NaN/Inf (or values too large for its dtype)"
@@ -441,7 +444,7 @@ class _VarianceBatch(torch.autograd.Function):
         cdt = mu.dtype
         shape = (1, 4 * c) + (1,) * (x.dim() - 2)
         need_x, need_gamma, need_beta, _ = ctx.needs_input_grad
-        with _no_autocast(x.device.type):
+        with autocast_disabled(x.device.type):
             dy = dy.contiguous(memory_format=_memory_format(x))
             xs = x if x.dtype == cdt else x.to(cdt)
             dys = dy if dy.dtype == cdt else dy.to(cdt)
@@ -652,10 +655,10 @@ class _QBatchNorm(nn.Module):
                 self.eps,
             )
         cdt = _compute_dtype(x.dtype)
-        with _no_autocast(x.device.type):
+        with autocast_disabled(x.device.type):
             eye = torch.eye(4, dtype=cdt, device=x.device)
             chol, info = torch.linalg.cholesky_ex(self.running_cov.to(cdt) + self.eps * eye)
-            if bool((info != 0).any()):
+            if _flagged((info != 0).any()):
                 raise ValueError(
                     f"{type(self).__name__}: running_cov + eps*I is not positive definite "
                     "(non-finite or corrupted running statistics)"

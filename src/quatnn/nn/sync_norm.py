@@ -45,7 +45,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from quatnn.nn.norm import _compute_dtype, _memory_format, _no_autocast, _QBatchNorm
+from quatnn.functional import autocast_disabled
+from quatnn.nn.norm import _compute_dtype, _memory_format, _QBatchNorm
 
 __all__ = ["QSyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -112,7 +113,7 @@ class QSyncBatchNorm(_QBatchNorm):
         parts = 1 if self.mode == "split" else 4  # components per channel
         channels = self.num_features // parts
         cdt = _compute_dtype(x.dtype)
-        with _no_autocast(x.device.type):
+        with autocast_disabled(x.device.type):
             xs = x.to(cdt).reshape(x.shape[0], parts, channels, -1)  # (N, parts, C, M)
             # Pass 1: the global count and mean.
             local = torch.cat((xs.sum((0, 3)).reshape(-1), xs.new_full((1,), xs[:, 0, 0].numel())))
