@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -314,23 +316,70 @@ def test_device_dtype_kwargs_and_extra_repr():
     assert "in_features=8" in repr(QLinear(8, 4))
 
 
+def _assert_current(layer: QLinear, x: torch.Tensor) -> torch.Tensor:
+    """The no-grad eval output of ``layer``, checked against its weight as it is now."""
+    with torch.no_grad():
+        y = layer(x)
+    want = QF.quaternion_linear(x, layer.weight.detach(), layer.bias.detach(), "block")
+    torch.testing.assert_close(y, want)
+    return y
+
+
 def test_fold_cache_invalidates_after_optimizer_step():
-    layer = QLinear(16, 16, fold_cache=True, algorithm="block")
+    layer = QLinear(16, 16, fold_cache=True, algorithm="block").eval()
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     x = torch.randn(4, 16)
+    before = _assert_current(layer, x)
     with torch.no_grad():
-        before = layer(x)
         cached = layer.folded_weight()
-        assert cached is layer.folded_weight()  # reused while the weight is unchanged
+        assert cached is not None and cached is layer.folded_weight()  # reused
     layer(x).square().sum().backward()
     opt.step()
-    with torch.no_grad():
-        after = layer(x)
-    torch.testing.assert_close(
-        after, QF.quaternion_linear(x, layer.weight.detach(), layer.bias.detach())
-    )
-    assert not torch.allclose(before, after)
+    assert not torch.allclose(before, _assert_current(layer, x))
     assert layer.folded_weight() is None  # grad mode: no cache
+    with torch.no_grad():
+        assert layer.train().folded_weight() is None  # train mode: no cache
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda layer, x: layer.weight.data.mul_(2),  # bypasses the version counter
+        lambda layer, x: _fused_adam_step(layer, x),  # so do fused optimizers
+    ],
+)
+def test_fold_cache_is_dropped_by_a_mode_switch(edit):
+    torch.manual_seed(0)
+    layer, x = QLinear(16, 16, fold_cache=True).eval(), torch.randn(4, 16)
+    _assert_current(layer, x)
+    layer.train()
+    edit(layer, x)
+    _assert_current(layer.eval(), x)
+
+
+def _fused_adam_step(layer: QLinear, x: torch.Tensor) -> None:
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1, fused=True)
+    layer(x).square().sum().backward()
+    opt.step()
+
+
+def test_fold_cache_leaves_inference_tensors_and_functional_calls_alone():
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        layer = QLinear(16, 16, fold_cache=True).eval()
+        torch.testing.assert_close(
+            layer(x), QF.quaternion_linear(x, layer.weight, layer.bias, "block")
+        )
+    layers = [QLinear(16, 16, fold_cache=True).eval() for _ in range(2)]
+    params, buffers = torch.func.stack_module_state(layers)
+    base = copy.deepcopy(layers[0]).to("meta")
+
+    def call(p: dict, b: dict) -> torch.Tensor:
+        return torch.func.functional_call(base, (p, b), (x,))
+
+    with torch.no_grad():
+        ys = torch.func.vmap(call)(params, buffers)
+        torch.testing.assert_close(ys, torch.stack([m(x) for m in layers]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

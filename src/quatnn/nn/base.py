@@ -70,13 +70,29 @@ class QuaternionLayer(nn.Module):
 
         return super()._apply(per_component, recurse)
 
+    def train(self, mode: bool = True) -> QuaternionLayer:
+        """``torch.nn.Module.train``; also drops the folded-weight cache."""
+        self._fold_key = None
+        return super().train(mode)
+
     def folded_weight(self) -> Tensor | None:
-        """The cached folded real weight when ``fold_cache`` is on and no gradient is being
-        recorded; rebuilt whenever the weight changes (its version counter moves on every
-        in-place update, e.g. an optimizer step or ``load_state_dict``). Else ``None``."""
-        if not self.fold_cache or torch.is_grad_enabled():
-            return None
+        """The cached folded real weight when ``fold_cache`` is on, the layer is in eval
+        mode and no gradient is being recorded; else ``None``.
+
+        It is rebuilt when the weight's version counter moves (any in-place update that
+        autograd sees: an optimizer step, ``load_state_dict``) and dropped by every
+        ``train()``/``eval()`` call, which also catches updates that bypass the counter
+        (edits through ``.data``, fused optimizer steps). Weights swapped in by
+        ``torch.func.functional_call`` and inference tensors are never cached."""
         w = self.weight
+        if (
+            not self.fold_cache
+            or self.training
+            or torch.is_grad_enabled()
+            or not isinstance(w, nn.Parameter)
+            or w.is_inference()
+        ):
+            return None
         key = (w._version, w.data_ptr(), w.dtype, w.device)
         if getattr(self, "_fold_key", None) != key:
             with torch.no_grad():

@@ -21,7 +21,8 @@ class QLinear(QuaternionLayer):
         bias: learn a real bias of size ``out_features``.
         algorithm: ``"auto"``, ``"block"`` or ``"rank8"`` (:mod:`quatnn.functional`).
         init_criterion: ``"he"`` or ``"glorot"`` (:mod:`quatnn.nn.init`).
-        fold_cache: under ``torch.no_grad()``, reuse the folded real weight between calls.
+        fold_cache: in eval mode under ``torch.no_grad()``, reuse the folded real weight
+            between calls (:meth:`~quatnn.nn.base.QuaternionLayer.folded_weight`).
 
     Example:
         >>> layer = QLinear(8, 12)
