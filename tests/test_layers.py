@@ -539,13 +539,42 @@ def test_conv_output_keeps_channels_last(algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ALGOS)
-def test_empty_batch(algorithm):
-    layer = QConv2d(8, 8, 3, padding=1, algorithm=algorithm)
-    x = torch.randn(0, 8, 5, 5, requires_grad=True)
+@pytest.mark.parametrize(
+    "layer, shape",
+    [(lambda a: QConv2d(8, 8, 3, padding=1, algorithm=a), (0, 8, 5, 5)),
+     (lambda a: QLinear(8, 8, algorithm=a), (0, 8)),
+     (lambda a: QLinear(8, 8, algorithm=a), (2, 0, 8))],
+)  # fmt: skip
+def test_empty_batch(algorithm, layer, shape):
+    layer = layer(algorithm)
+    x = torch.randn(*shape, requires_grad=True)
     y = layer(x)
-    assert y.shape == (0, 8, 5, 5)
+    assert y.shape == shape
     y.sum().backward()
     assert x.grad.shape == x.shape and not layer.weight.grad.any()
+
+
+@pytest.mark.parametrize("algorithm", ALGOS)
+def test_input_and_weight_dtypes_must_agree_as_in_torch(algorithm):
+    for layer, x in ((QLinear(8, 8, algorithm=algorithm), torch.randn(2, 8)),
+                     (QConv2d(8, 8, 3, algorithm=algorithm), torch.randn(1, 8, 5, 5))):  # fmt: skip
+        with pytest.raises(RuntimeError, match="type"):  # torch: "dtype" or "type"
+            layer(x.double())
+
+
+def test_torch_func_transforms_take_block():
+    """Under torch.func, auto takes block whatever the size (the rank-8 Functions do not
+    support transforms); a forced rank8 says so."""
+    layer, x = QLinear(1024, 1024), torch.randn(64, 1024)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    assert QF.resolve_algorithm("auto", x, 64 * 256 * 256, 256) == "rank8"  # outside
+    grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(params)
+    layer(x).sum().backward()
+    torch.testing.assert_close(grads["weight"], layer.weight.grad)
+    ys = torch.func.vmap(layer)(x.view(4, 16, 1024))
+    torch.testing.assert_close(ys.view(64, 1024), layer(x))
+    with pytest.raises(RuntimeError, match="does not support torch.func"):
+        torch.func.vmap(QLinear(8, 8, algorithm="rank8"))(torch.randn(2, 3, 8))
 
 
 def test_unfolded_layers_export_with_a_dynamic_batch():

@@ -88,13 +88,19 @@ def use_algorithm(name: str | None) -> Iterator[None]:
         _override = previous
 
 
+def _transforming() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, ...) is running."""
+    return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
+
+
 def resolve_algorithm(
     algorithm: str, x: Tensor, macs_per_product: int, channels: int, kind: str = "linear"
 ) -> str:
     """The algorithm a call will use: the :func:`use_algorithm` override if set, else
     ``algorithm`` unless it is ``"auto"``. ``"auto"`` picks ``"block"`` under autocast, for
-    16-bit inputs and while ``torch.export`` traces (so that an exported graph has no
-    branch on the batch size and keeps it dynamic); ``"rank8"`` where an option of
+    16-bit inputs, while ``torch.export`` traces (so that an exported graph has no branch
+    on the batch size and keeps it dynamic) and under ``torch.func`` transforms (vmap,
+    grad, ...: the rank-8 Functions do not support them); ``"rank8"`` where an option of
     :data:`RANK8_RULES` says it wins (one real product has at least that many multiply-adds,
     ``channels`` = the fewer quaternion channels per group of input and output reaches the
     minimum, gradients are recorded if the option needs them); ``"block"`` otherwise.
@@ -107,7 +113,7 @@ def resolve_algorithm(
     device = x.device.type
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.5
     autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    if exporting or autocast or x.dtype in (torch.float16, torch.bfloat16):
+    if exporting or autocast or _transforming() or x.dtype in (torch.float16, torch.bfloat16):
         return "block"
     grad = torch.is_grad_enabled()
     for min_macs, min_channels, needs_grad in RANK8_RULES.get(device, {}).get(kind, ()):
@@ -462,9 +468,21 @@ def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
 def _rank8_apply(fn: type[torch.autograd.Function], x: Tensor, weight: Tensor, *args) -> Tensor:
     """Run a rank-8 Function in the promoted dtype with autocast off (tensors in ``args``,
     the bias, are cast too)."""
+    device = x.device.type
+    if _transforming():
+        raise RuntimeError(
+            "quatnn: the rank8 algorithm does not support torch.func transforms (vmap, grad, "
+            "...); use algorithm='block' (or 'auto', which picks it under them)"
+        )
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if x.dtype != weight.dtype and not autocast:  # as torch.nn layers (and block) do
+        raise RuntimeError(
+            f"quatnn: input dtype {x.dtype} and weight dtype {weight.dtype} differ; cast one "
+            "(under autocast they may)"
+        )
     dtype = torch.promote_types(x.dtype, weight.dtype)
     args = tuple(a.to(dtype) if isinstance(a, Tensor) else a for a in args)
-    with autocast_disabled(x.device.type):
+    with autocast_disabled(device):
         return fn.apply(x.to(dtype), weight.to(dtype), *args)
 
 
@@ -496,7 +514,7 @@ def quaternion_linear(
     rows = x.numel() // n_in
     macs = rows * weight.shape[1] * weight.shape[2]
     algo = resolve_algorithm(algorithm, x, macs, min(weight.shape[1], weight.shape[2]))
-    if algo == "block":
+    if algo == "block" or rows == 0:  # an empty batch needs no products
         return F.linear(x, block_weight(weight) if folded is None else folded, bias)
     y = _rank8_apply(_Rank8Linear, x.reshape(rows, n_in), weight)
     y = y.view(*x.shape[:-1], y.shape[-1])
