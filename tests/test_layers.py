@@ -248,6 +248,22 @@ def test_auto_picks_per_layer_shape():
     assert seen == ["rank8", "block", "rank8", "block"]
 
 
+def test_transposed_output_size_as_in_torch():
+    """``forward(x, output_size)`` picks the output padding as nn.ConvTranspose2d does: the
+    real layer with the folded weight gives the same output for every reachable size."""
+    torch.manual_seed(0)
+    layer = QConvTranspose2d(8, 4, 3, stride=(2, 3), padding=1, dtype=torch.float64)
+    real = nn.ConvTranspose2d(8, 4, 3, stride=(2, 3), padding=1, dtype=torch.float64)
+    with torch.no_grad():
+        real.weight.copy_(QF.block_weight(layer.weight, transposed=True))
+        real.bias.copy_(layer.bias)
+    x = torch.randn(2, 8, 5, 4, dtype=torch.float64)
+    for size in ([9, 10], [10, 12], [2, 4, 10, 11]):
+        torch.testing.assert_close(layer(x, output_size=size), real(x, output_size=size))
+    with pytest.raises(ValueError, match=r"dimension 0 must be between 9 and 10"):
+        layer(x, output_size=[11, 10])
+
+
 def test_parameter_counts_are_a_quarter():
     def count(m):
         return sum(p.numel() for p in m.parameters())
@@ -274,6 +290,17 @@ def test_parameter_counts_are_a_quarter():
         (lambda: QConv2d(8, 8, 3, padding_mode="mirror"), "padding_mode"),
         (lambda: QLinear(8, 8, algorithm="fast"), "algorithm"),
         (lambda: QConv2d(8, 8, 3, output_padding=1), "transposed"),
+        (lambda: QConv2d(8, 8, 3, stride=0), "stride must be at least 1, got 0"),
+        (lambda: QConv2d(8, 8, 0), "kernel_size must be at least 1"),
+        (lambda: QConv2d(8, 8, 3, dilation=(1, 0)), "dilation must be at least 1"),
+        (lambda: QConv2d(8, 8, 3, padding=-1), "padding must be at least 0"),
+        (lambda: QF.block_weight(torch.randn(3, 2, 2)), r"shape \(4, A, B, \*kernel\)"),
+        (
+            lambda: QF.quaternion_conv(
+                torch.randn(1, 8, 5, 5), torch.randn(4, 3, 1, 3, 3), groups=2
+            ),
+            r"groups must be a positive int dividing weight.shape\[1\]=3",
+        ),
     ],
 )
 def test_constructor_errors(make, match):
@@ -469,6 +496,13 @@ def test_max_pool_picks_whole_quaternion_with_largest_norm():
     assert (x.grad != 0).sum() == y.numel()
 
 
+def test_max_pool_options_follow_torch():
+    args, kwargs = (3, 2, 1), {"dilation": 2, "ceil_mode": True}
+    assert repr(QMaxPool2d(*args, **kwargs)) == "Q" + repr(nn.MaxPool2d(*args, **kwargs))
+    with pytest.raises(RuntimeError, match="stride should not be zero"):  # not the kernel size
+        QMaxPool2d(2, stride=0)(torch.randn(1, 4, 4, 4))
+
+
 def test_dropout_drops_whole_quaternions():
     torch.manual_seed(0)
     drop = QDropout(0.5)
@@ -530,11 +564,13 @@ def test_module_to_channels_last():
 
 
 @pytest.mark.parametrize("algorithm", ALGOS)
-def test_conv_output_keeps_channels_last(algorithm):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_output_keeps_channels_last(algorithm, groups):
     """Like torch's convolutions, a channels_last input gives a channels_last output."""
-    layer = QConv2d(8, 8, 3, padding=1, algorithm=algorithm)
+    layer = QConv2d(8, 8, 3, padding=1, groups=groups, algorithm=algorithm)
     x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
     assert layer(x).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(layer(x), layer(x.contiguous()))
     assert layer(x.contiguous()).is_contiguous()
 
 

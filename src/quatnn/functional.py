@@ -179,6 +179,11 @@ def block_weight(weight: Tensor, groups: int = 1, transposed: bool = False) -> T
     >>> block_weight(torch.randn(4, 3, 2, 5)).shape
     torch.Size([12, 8, 5])
     """
+    if weight.dim() < 3 or weight.shape[0] != 4 or weight.shape[1] % groups:
+        raise ValueError(
+            f"weight must have shape (4, A, B, *kernel) with A divisible by groups={groups}, "
+            f"got {tuple(weight.shape)}"
+        )
     rows = weight.shape[1]
     index, sign = _fold_plan(rows, groups, transposed, weight.dtype, weight.device)
     folded = weight.reshape(4 * rows, -1).index_select(0, index) * sign
@@ -521,13 +526,14 @@ def quaternion_linear(
     return y if bias is None else y + bias
 
 
-def _tuple(value: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * nd
-    value = tuple(value)
-    if len(value) != nd:
+def _tuple(value: int | Sequence[int], nd: int, name: str, minimum: int = 0) -> tuple[int, ...]:
+    """``value`` as ``nd`` ints of at least ``minimum`` (ValueError naming ``name``)."""
+    values = (value,) * nd if isinstance(value, int) else tuple(value)
+    if len(values) != nd:
         raise ValueError(f"{name} must be an int or a tuple of {nd} ints, got {value}")
-    return value
+    if any(v < minimum for v in values):
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return values
 
 
 def same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> list[tuple[int, int]]:
@@ -562,6 +568,11 @@ def quaternion_conv(
     nd = weight.dim() - 3
     if weight.shape[0] != 4 or nd < 1:
         raise ValueError(f"weight must have shape (4, A, B, *kernel), got {tuple(weight.shape)}")
+    if not isinstance(groups, int) or groups < 1 or weight.shape[1] % groups:
+        raise ValueError(
+            f"groups must be a positive int dividing weight.shape[1]={weight.shape[1]}, "
+            f"got {groups}"
+        )
     if x.dim() != nd + 2:
         raise ValueError(
             f"expected a {nd + 2}-d input (N, C, *spatial), got shape {tuple(x.shape)}"
@@ -569,12 +580,12 @@ def quaternion_conv(
     n_in = 4 * (weight.shape[1] if transposed else weight.shape[2] * groups)
     if x.shape[1] != n_in:
         raise ValueError(f"input has {x.shape[1]} channels, expected in_channels={n_in}")
-    kernel, dil = weight.shape[3:], _tuple(dilation, nd, "dilation")
+    kernel, dil = weight.shape[3:], _tuple(dilation, nd, "dilation", 1)
     if isinstance(padding, str):
         if padding == "valid":
             padding = 0
         elif padding == "same" and not transposed:
-            if any(s != 1 for s in _tuple(stride, nd, "stride")):
+            if any(s != 1 for s in _tuple(stride, nd, "stride", 1)):
                 raise ValueError("padding='same' needs stride 1")
             pads = same_padding(kernel, dil)
             if any(lo != hi for lo, hi in pads):
@@ -585,7 +596,7 @@ def quaternion_conv(
         else:
             raise ValueError(f"padding must be an int, a tuple, 'valid' or 'same', got {padding!r}")
     conv = _Conv(
-        _tuple(stride, nd, "stride"),
+        _tuple(stride, nd, "stride", 1),
         _tuple(padding, nd, "padding"),
         dil,
         transposed,
@@ -604,5 +615,7 @@ def quaternion_conv(
     w = block_weight(weight, groups, transposed) if folded is None else folded
     if groups == 1:
         return _convolve(conv, x, w, bias)
-    y = _from_group_major(_convolve(conv, _to_group_major(x, groups), w), groups)
+    layout = _memory_format(x)  # kept through the channel permutations, as torch does
+    xg = _to_group_major(x, groups).contiguous(memory_format=layout)
+    y = _from_group_major(_convolve(conv, xg, w), groups).contiguous(memory_format=layout)
     return y if bias is None else y + bias.view(1, -1, *([1] * nd))

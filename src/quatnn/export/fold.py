@@ -55,7 +55,7 @@ from quatnn.nn import (
     QModReLU,
 )
 from quatnn.nn.base import QuaternionLayer
-from quatnn.nn.conv import _QConvNd
+from quatnn.nn.conv import _QConvNd, _QConvTransposeNd
 from quatnn.nn.norm import QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, QLayerNorm, _QBatchNorm
 
 __all__ = ["fold", "is_quaternion_module", "SUPPORTED"]
@@ -102,12 +102,16 @@ def _plain(module: nn.Module, base: type) -> bool:
     return isinstance(module, base) and type(module).forward is base.forward
 
 
+def _plain_conv(module: nn.Module) -> bool:
+    return _plain(module, _QConvNd) or _plain(module, _QConvTransposeNd)
+
+
 def _unsupported(model: nn.Module) -> list[str]:
     bad = []
     for name, module in model.named_modules():
         known = (
             _plain(module, QLinear)
-            or _plain(module, _QConvNd)
+            or _plain_conv(module)
             or _plain(module, _QBatchNorm)
             or isinstance(module, _DROPOUTS + _KEPT + tuple(_ADAPTIVE))
         )
@@ -314,7 +318,7 @@ def _replace(module: nn.Module, name: str) -> nn.Module | None:
     """The replacement of a leaf ``module``, or None to keep it (and walk into it)."""
     if _plain(module, QLinear):
         return _linear(module)
-    if _plain(module, _QConvNd):
+    if _plain_conv(module):
         return _conv(module)
     if isinstance(module, _DROPOUTS):
         return nn.Identity()

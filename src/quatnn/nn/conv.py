@@ -71,9 +71,9 @@ class _QConvNd(QuaternionLayer):
             )
         nd = self._nd
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = QF._tuple(kernel_size, nd, "kernel_size")
-        self.stride = QF._tuple(stride, nd, "stride")
-        self.dilation = QF._tuple(dilation, nd, "dilation")
+        self.kernel_size = QF._tuple(kernel_size, nd, "kernel_size", 1)
+        self.stride = QF._tuple(stride, nd, "stride", 1)
+        self.dilation = QF._tuple(dilation, nd, "dilation", 1)
         self.padding = padding if isinstance(padding, str) else QF._tuple(padding, nd, "padding")
         self.output_padding = QF._tuple(output_padding, nd, "output_padding")
         if padding == "same" and any(s != 1 for s in self.stride):
@@ -96,6 +96,9 @@ class _QConvNd(QuaternionLayer):
         return QF.block_weight(self.weight, self.groups, self._transposed)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self._conv(x, self.output_padding)
+
+    def _conv(self, x: Tensor, output_padding: tuple[int, ...]) -> Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
             if padding == "same":
@@ -113,7 +116,7 @@ class _QConvNd(QuaternionLayer):
             self.dilation,
             self.groups,
             transposed=self._transposed,
-            output_padding=self.output_padding,
+            output_padding=output_padding,
             algorithm=self.algorithm,
             folded=self.folded_weight(),
         )
@@ -160,9 +163,34 @@ class QConv3d(_QConvNd):
 
 
 class _QConvTransposeNd(_QConvNd):
-    """Transposed base: the positional order of ``torch.nn.ConvTranspose{N}d``."""
+    """Transposed base: the positional order of ``torch.nn.ConvTranspose{N}d``, and its
+    ``forward(x, output_size=None)``."""
 
     _transposed = True
+
+    def forward(self, x: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
+        """``output_size`` (the spatial size, optionally after batch and channels) picks
+        the output padding, as in ``torch.nn.ConvTranspose{N}d``."""
+        if output_size is None:
+            return self._conv(x, self.output_padding)
+        size, nd = list(output_size)[-self._nd :], self._nd
+        if len(output_size) not in (nd, nd + 2) or x.dim() != nd + 2:
+            raise ValueError(
+                f"{type(self).__name__}: output_size must have {nd} or {nd + 2} entries for "
+                f"a {nd + 2}-d input, got {list(output_size)} for shape {tuple(x.shape)}"
+            )
+        pads = []
+        for d in range(nd):
+            stride, dilation = self.stride[d], self.dilation[d]
+            least = (x.shape[2 + d] - 1) * stride - 2 * self.padding[d]
+            least += dilation * (self.kernel_size[d] - 1) + 1
+            if not least <= size[d] < least + max(stride, dilation):
+                raise ValueError(
+                    f"{type(self).__name__}: output_size {size} cannot be reached: dimension "
+                    f"{d} must be between {least} and {least + max(stride, dilation) - 1}"
+                )
+            pads.append(size[d] - least)
+        return self._conv(x, tuple(pads))
 
     def __init__(
         self,

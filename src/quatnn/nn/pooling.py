@@ -39,7 +39,8 @@ class _QMaxPoolNd(nn.Module):
         ceil_mode: bool = False,
     ) -> None:
         super().__init__()
-        self.kernel_size, self.stride, self.padding = kernel_size, stride or kernel_size, padding
+        stride = kernel_size if stride is None else stride  # torch: None means kernel_size
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.dilation, self.ceil_mode = dilation, ceil_mode
 
     def forward(self, x: Tensor) -> Tensor:
@@ -59,7 +60,10 @@ class _QMaxPoolNd(nn.Module):
         return _pick_by_norm(x, norms, self._nd)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        return (
+            f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, ceil_mode={self.ceil_mode}"
+        )
 
 
 class _QAdaptiveMaxPoolNd(nn.Module):
