@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import importlib.util
+import io
 import json
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -219,6 +223,67 @@ def test_masks_attach_detach_save_and_load(tmp_path):
     assert (model.fc1.weight.grad != 0).any(), "no hook left after detach"
     with pytest.raises(ValueError, match="shape"):
         attach(model, {"fc1": torch.ones(3, dtype=torch.bool)})
+
+
+def _masked_model() -> tuple[nn.Sequential, dict]:
+    torch.manual_seed(0)
+    model = nn.Sequential(QLinear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    masks = prune(model, dense_masks(model), PruneSpec(rate=0.5))
+    attach(model, masks)
+    return model, masks
+
+
+def _grad_hooks(module: nn.Module) -> int:
+    return len(module.weight._backward_hooks or {})
+
+
+def _pruned_grads_are_zero(model: nn.Module, masks: dict) -> bool:
+    model.zero_grad()
+    model(torch.randn(4, 8)).sum().backward()
+    return all((model.get_submodule(n).weight.grad[~m] == 0).all() for n, m in masks.items())
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_a_masked_model_saved_whole_stays_masked_when_loaded(how):
+    model, masks = _masked_model()
+    if how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+    else:
+        loaded = pickle.loads(pickle.dumps(model))
+    assert masks_of(loaded).keys() == masks.keys()
+    before = {n: p.detach().clone() for n, p in loaded.named_parameters()}
+    opt = OPTIMIZERS["adam-wd"](loaded.parameters())
+    for x, y in _loader():  # no enforce() after the steps: the gradient hook alone
+        opt.zero_grad()
+        nn.functional.cross_entropy(loaded(x), y).backward()
+        opt.step()
+    for name, mask in masks.items():
+        weight = loaded.get_submodule(name).weight
+        assert (weight[~mask] == 0).all(), "pruned weights stay exactly zero"
+        assert (weight.grad[~mask] == 0).all(), "and get no gradient"
+        assert not torch.equal(weight[mask], before[f"{name}.weight"][mask]), "others train"
+    assert _pruned_grads_are_zero(model, masks), "the original is still masked"
+
+
+def test_a_copied_masked_model_masks_its_gradients_and_detaches_on_its_own():
+    model, masks = _masked_model()
+    copied = copy.deepcopy(model)
+    assert _pruned_grads_are_zero(copied, masks), "masked without attaching again"
+    attach(copied, masks)
+    attach(copied, masks)
+    assert _grad_hooks(copied[0]) == _grad_hooks(model[0]) == 1, "attach adds no second hook"
+    assert _pruned_grads_are_zero(copied, masks)
+    detach(copied)
+    assert masks_of(copied) == {} and _grad_hooks(copied[0]) == 0
+    assert not _pruned_grads_are_zero(copied, masks), "the copy is detached"
+    assert _pruned_grads_are_zero(model, masks), "the original is not"
+    other = copy.deepcopy(model)
+    detach(model)
+    assert not _pruned_grads_are_zero(model, masks)
+    assert _pruned_grads_are_zero(other, masks), "detaching the original leaves the copy"
 
 
 # ------------------------------------------------------------------ lottery runs
@@ -437,6 +502,41 @@ def test_a_rewind_after_the_last_epoch_is_refused_before_training(tmp_path):
     with pytest.raises(RunError, match="after the last epoch"):
         run_lottery(CFG, tmp_path / "lottery", lottery, seeds=(0,), progress="off")
     assert not (tmp_path / "lottery").exists()
+
+
+class Unpicklable(Callback):
+    def __init__(self) -> None:
+        self.hook = lambda: None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"progress": "none"}, "progress must be one of"),
+        ({"seeds": ("0",)}, "seeds must be"),
+        ({"variants": "real"}, "variants must be"),
+        ({"callbacks": [object()]}, "Callback objects"),
+        ({"jobs": 2, "callbacks": [Unpicklable()]}, "callbacks that pickle"),
+        ({"tensorboard": True}, "tensorboard package"),
+    ],
+    ids=["progress", "seeds", "variants", "callbacks", "unpicklable", "tensorboard"],
+)
+def test_bad_run_lottery_arguments_are_refused_before_anything_is_written(
+    tmp_path, kwargs, message
+):
+    if "tensorboard" in kwargs and importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed")
+    kwargs = {"seeds": (0,), "progress": "off", **kwargs}
+    with pytest.raises(RunError, match=message):
+        run_lottery(CFG, tmp_path / "lottery", LotteryConfig(levels=1), **kwargs)
+    assert not (tmp_path / "lottery").exists()
+
+
+def test_a_file_is_refused_as_lottery_folder(tmp_path):
+    (tmp_path / "lottery").write_text("notes")
+    with pytest.raises(RunError, match="is a file"):
+        run_lottery(CFG, tmp_path / "lottery", LotteryConfig(levels=1), seeds=(0,))
+    assert (tmp_path / "lottery").read_text() == "notes"
 
 
 def test_lottery_report(lottery, tmp_path):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -50,7 +51,16 @@ from quatnn.train import checkpoint, distributed
 from quatnn.train.config import COMPARE_KEYS, TrainConfig, dumps_toml, load_toml, merge
 from quatnn.train.errors import Interrupted, RunError
 from quatnn.train.loop import Callback, Trainer
-from quatnn.train.runner import DEFAULT_SEEDS, _check_jobs, _datasets, resolve, train, uses_gpu
+from quatnn.train.progress import PROGRESS_MODES
+from quatnn.train.runner import (
+    DEFAULT_SEEDS,
+    _check_jobs,
+    _datasets,
+    _tensorboard_writer_class,
+    resolve,
+    train,
+    uses_gpu,
+)
 from quatnn.train.seeding import mix
 
 __all__ = [
@@ -243,6 +253,8 @@ def _write_recipe(
     refusing a folder that holds another lottery."""
     recipe = {k: v for k, v in base.to_dict().items() if k not in ("variant", "seed")}
     path = out / RECIPE
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} is a file, not a lottery folder; use another --out")
     if path.is_file():
         saved_cfg, _, saved_lottery = load_recipe(path)
         saved = {**saved_cfg.identity(), **saved_lottery.identity()}
@@ -385,9 +397,12 @@ def run_lottery(
 
     ``jobs`` > 1 runs that many variant-and-seed chains of levels at a time, each in a
     process of its own (:func:`quatnn.train.distributed.run_jobs`; ``callbacks`` must then
-    pickle). Under torchrun every level trains on all processes and only rank 0 writes."""
+    pickle). Under torchrun every level trains on all processes and only rank 0 writes.
+
+    Bad input is refused before anything is downloaded or written."""
     out = Path(out)
     ctx = distributed.current()
+    _check_arguments(variants, seeds, progress, tensorboard and ctx.is_main, callbacks, jobs)
     variants = tuple(variants) or (reference_variant(base.dataset), "quaternion")
     if not seeds or len(set(seeds)) != len(seeds) or len(set(variants)) != len(variants):
         raise RunError("a lottery needs at least one seed, and no variant or seed twice")
@@ -440,6 +455,38 @@ def run_lottery(
             "same quatnn lottery command again to continue"
         ) from None
     return [row for rows in chains for row in rows]
+
+
+def _sequence(value: object) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str)
+
+
+def _check_arguments(
+    variants: Sequence[str],
+    seeds: Sequence[int],
+    progress: str,
+    tensorboard: bool,
+    callbacks: Sequence[Callback],
+    jobs: int,
+) -> None:
+    """Refuse (RunError) the bad arguments of :func:`run_lottery` that its training would
+    refuse only after ``lottery.toml`` is written, or not at all."""
+    if not _sequence(variants) or not all(isinstance(v, str) for v in variants):
+        raise RunError(f"variants must be a sequence of variant names, got {variants!r}")
+    if not _sequence(seeds) or not all(type(s) is int for s in seeds):
+        raise RunError(f"seeds must be a sequence of ints, got {seeds!r}")
+    if progress not in PROGRESS_MODES:
+        raise RunError(f"progress must be one of {', '.join(PROGRESS_MODES)}; got {progress!r}")
+    if tensorboard:
+        _tensorboard_writer_class()  # RunError without the tensorboard package
+    strangers = [c for c in callbacks if not isinstance(c, Callback)]
+    if strangers:
+        raise RunError(f"callbacks must be quatnn.train.Callback objects, got {strangers[0]!r}")
+    if jobs > 1:
+        try:
+            pickle.dumps(list(callbacks))
+        except (pickle.PicklingError, AttributeError, TypeError) as err:
+            raise RunError(f"jobs > 1 needs callbacks that pickle: {err}") from None
 
 
 def _run_chain(

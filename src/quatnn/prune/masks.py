@@ -8,6 +8,11 @@ the two, neither a gradient nor an optimizer's state (momentum, Adam moments, we
 decay) can revive a pruned weight. The buffer is not part of the state dict, so
 checkpoints of a masked model load into a plain one.
 
+A masked model pickles and copies whole (``torch.save(model)``, ``copy.deepcopy``) and
+stays masked: PyTorch copies and pickles a weight without its gradient hooks, so a
+forward pre-hook of the layer, copied with it, registers the gradient hook on the
+layer's weight at each forward with gradients enabled where that weight lacks it.
+
 Prunable layers are ``nn.Linear``, real (transposed) convolutions and the quaternion
 layers; biases and norm layers are never pruned. Each has a type: ``conv``, ``fc``, or
 ``output`` for the last prunable layer (the classifier head of every zoo model).
@@ -25,11 +30,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from quatnn.nn.base import QuaternionLayer
 from quatnn.train.checkpoint import write_atomic
@@ -104,23 +110,72 @@ def _checked(model: nn.Module, masks: dict[str, Tensor]) -> dict[str, nn.Module]
     return layers
 
 
-def _mask_grad(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    """A gradient hook reading the layer's current mask (so it follows ``module.to()``)."""
-    return lambda grad: grad * module.weight_mask
+def _mask_grad(module: nn.Module, grad: Tensor) -> Tensor:
+    """The gradient hook: reads the layer's current mask (so it follows ``module.to()``)."""
+    return grad * module.weight_mask
+
+
+class _GradMask:
+    """The forward pre-hook of a masked layer, kept as its attribute ``_prune_mask_hook``:
+    registers the gradient hook on the layer's weight where that weight lacks it.
+
+    Which weight holds the gradient hook is known only to this object and is neither
+    pickled nor copied: a copy of the layer (whose weight PyTorch copies without hooks)
+    gets a copy of this pre-hook that hooks the copy's weight at its first forward."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._hooked: Tensor | None = None  # the weight holding the gradient hook
+        self._grad_hook: RemovableHandle | None = None
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __getstate__(self) -> dict:
+        return {"handle": self.handle}
+
+    def __setstate__(self, state: dict) -> None:
+        self.handle = state["handle"]
+        self._hooked = self._grad_hook = None
+
+    def __call__(self, module: nn.Module, args: object = ()) -> None:
+        if torch.is_grad_enabled():
+            self.hook(module)
+
+    def hook(self, module: nn.Module) -> None:
+        """Register the gradient hook on ``module.weight`` unless it holds it already (or
+        needs none: it does not require grad)."""
+        weight = module.weight
+        if weight is self._hooked or not weight.requires_grad:
+            return
+        self._unhook()
+        self._grad_hook = weight.register_hook(partial(_mask_grad, module))
+        self._hooked = weight
+
+    def _unhook(self) -> None:
+        if self._grad_hook is not None:
+            self._grad_hook.remove()
+        self._hooked = self._grad_hook = None
+
+    def remove(self) -> None:
+        """Remove the gradient hook and this pre-hook."""
+        self._unhook()
+        self.handle.remove()
 
 
 def attach(model: nn.Module, masks: dict[str, Tensor]) -> None:
     """Mask the layers named in ``masks`` (replacing masks attached before): store each
     mask as the layer's ``weight_mask`` buffer on the weight's device, zero the pruned
-    weights in place and zero their gradient from now on. Layers not named keep theirs."""
+    weights in place and zero their gradient from now on. Layers not named keep theirs.
+    Attaching again, also to a copy of a masked model, adds no second hook."""
     layers = _checked(model, masks)
     for name, mask in masks.items():
         module = layers[name]
         module.register_buffer(
             "weight_mask", mask.to(module.weight.device, torch.bool), persistent=False
         )
-        if not hasattr(module, _HOOK):
-            setattr(module, _HOOK, module.weight.register_hook(_mask_grad(module)))
+        hook = getattr(module, _HOOK, None)
+        if hook is None:
+            hook = _GradMask(module)
+            setattr(module, _HOOK, hook)
+        hook.hook(module)
     enforce(model)
 
 
