@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -527,6 +528,120 @@ def test_low_precision_every_flag_combination(mode):
         assert xb.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_batch_in_training_matches_torch_batchnorm(mode):
+    ref = nn.BatchNorm2d(8)
+    bn = QBatchNorm2d(8, mode=mode)
+    before = copy.deepcopy(bn.state_dict())
+    for module in (ref, bn):
+        x = torch.randn(0, 8, 3, 3, requires_grad=True)
+        y = module(x)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        assert torch.equal(module.weight.grad, torch.zeros_like(module.weight))
+        assert torch.equal(module.bias.grad, torch.zeros_like(module.bias))
+    # no statistics: the running ones stay; the call is counted, as nn.BatchNorm does
+    assert int(bn.num_batches_tracked) == int(ref.num_batches_tracked) == 1
+    for k, v in bn.state_dict().items():
+        if k != "num_batches_tracked":
+            assert torch.equal(v, before[k]), k
+    assert bn(torch.randn(3, 8, 0, 2)).shape == (3, 8, 0, 2)
+    no_stats = QBatchNorm2d(8, mode=mode, track_running_stats=False).eval()
+    assert no_stats(torch.randn(0, 8, 2, 2)).shape == (0, 8, 2, 2)
+    with pytest.raises(ValueError, match="more than 1 value"):  # as nn.BatchNorm
+        bn(torch.randn(1, 8, 1, 1))
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile and torch.func
+# ---------------------------------------------------------------------------------------
+
+
+def _outputs_and_grads(fn, bn, x, g):
+    xg = x.clone().requires_grad_()
+    bn.zero_grad()
+    y = fn(xg)
+    y.backward(g)
+    return y.detach(), xg.grad, bn.weight.grad.clone(), bn.bias.grad.clone()
+
+
+def test_whiten_compiled_matches_eager():
+    torch.manual_seed(15)
+    cases = [(QBatchNorm2d, (4, 8, 8, 8), (True, False)), (QBatchNorm1d, (4, 8, 16), (True,))]
+    for cls, shape, modes in cases:
+        eager = cls(8)
+        randomize(eager)
+        compiled_bn = copy.deepcopy(eager)
+        compiled = torch.compile(compiled_bn)
+        x = torch.randn(shape) * 2 + 1
+        g = torch.randn_like(x)
+        for training in modes:  # eval after training: non-trivial running statistics
+            eager.train(training)
+            compiled_bn.train(training)
+            want = _outputs_and_grads(eager, eager, x, g)
+            got = _outputs_and_grads(compiled, compiled_bn, x, g)
+            for a, b in zip(want, got, strict=True):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+            for name, buf in eager.named_buffers():
+                torch.testing.assert_close(compiled_bn.get_buffer(name), buf)
+            if not training:  # no data-dependent branch: torch.export takes eval mode whole
+                exported = torch.export.export(eager, (x,)).module()
+                torch.testing.assert_close(exported(x), want[0], rtol=1e-4, atol=1e-5)
+
+
+def test_eval_under_torch_func_transforms():
+    x, _ = correlated(12, 2, (3, 2), cond=50.0, seed=59)
+    bn = QBatchNorm2d(8).double()
+    randomize(bn)
+    bn(x)
+    bn.eval()
+    xs = torch.randn(3, 2, 8, 3, 2, dtype=torch.float64) * 2 + 1
+    loop = torch.stack([bn(xi) for xi in xs])
+    torch.testing.assert_close(torch.func.vmap(bn)(xs), loop, atol=1e-12, rtol=1e-12)
+    for mode in ("variance", "split"):
+        other = QBatchNorm2d(8, mode=mode).double().eval()
+        ref = torch.stack([other(xi) for xi in xs])
+        torch.testing.assert_close(torch.func.vmap(other)(xs), ref, atol=1e-12, rtol=1e-12)
+
+    # grad (input and parameters) and per-sample gradients match autograd on the module
+    params = {k: v.detach() for k, v in bn.named_parameters()}
+
+    def loss(p, inp):
+        return torch.func.functional_call(bn, p, (inp,)).sin().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, 0))
+    grads_p, grads_x = per_sample(params, xs)
+    for i, xi in enumerate(xs):
+        xg = xi.clone().requires_grad_()
+        bn.zero_grad()
+        bn(xg).sin().sum().backward()
+        torch.testing.assert_close(grads_x[i], xg.grad, atol=1e-12, rtol=1e-10)
+        for k, v in bn.named_parameters():
+            torch.testing.assert_close(grads_p[k][i], v.grad, atol=1e-12, rtol=1e-10)
+
+    # an ensemble: batched parameters and running statistics (torch.func.stack_module_state)
+    members = [copy.deepcopy(bn) for _ in range(3)]
+    for k, member in enumerate(members):
+        member.running_cov.mul_(k + 1)
+        member.running_mean.add_(k)
+    stacked = torch.func.stack_module_state(members)
+    ensemble = torch.func.vmap(lambda p, b, inp: torch.func.functional_call(bn, (p, b), (inp,)))
+    ys = ensemble(*stacked, xs)
+    for k, member in enumerate(members):
+        torch.testing.assert_close(ys[k], member(xs[k]), atol=1e-12, rtol=1e-12)
+
+    # batch statistics are not supported: a clear error, and the state is left alone
+    bn.train()
+    before = copy.deepcopy(bn.state_dict())
+    with pytest.raises(RuntimeError, match="does not support torch.func transforms"):
+        torch.func.vmap(bn)(xs)
+    with pytest.raises(RuntimeError, match="does not support torch.func transforms"):
+        torch.func.grad(lambda inp: bn(inp).sum())(xs[0])
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 # ---------------------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------------------
@@ -608,6 +723,19 @@ def test_layer_norm_equivariant_to_unit_quaternion():
     q = normalize(torch.randn(4, dtype=torch.float64))
     rotate = lambda t: to_blocked(hamilton_product(q, to_explicit(t, -1)), -1)  # noqa: E731
     torch.testing.assert_close(ln(rotate(x)), rotate(ln(x)))
+
+
+def test_layer_norm_empty_input_is_silent():
+    for shape in ((0, 8), (2, 0, 8)):
+        x = torch.randn(shape, requires_grad=True)
+        ln = QLayerNorm(8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y = ln(x)
+            y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+        assert torch.equal(ln.weight.grad, torch.zeros(2))
+        assert torch.equal(ln.bias.grad, torch.zeros(8))
 
 
 # ---------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ __all__ = [
     "resolve_algorithm",
     "use_algorithm",
     "same_padding",
+    "transforming",
 ]
 
 ALGORITHMS = ("auto", "block", "rank8")
@@ -88,8 +89,13 @@ def use_algorithm(name: str | None) -> Iterator[None]:
         _override = previous
 
 
-def _transforming() -> bool:
-    """Whether a ``torch.func`` transform (vmap, grad, jacrev, ...) is running."""
+def transforming() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, ...) is running: the
+    custom autograd Functions of the layers do not run under them.
+
+    >>> transforming()
+    False
+    """
     return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
 
 
@@ -113,7 +119,7 @@ def resolve_algorithm(
     device = x.device.type
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.5
     autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    if exporting or autocast or _transforming() or x.dtype in (torch.float16, torch.bfloat16):
+    if exporting or autocast or transforming() or x.dtype in (torch.float16, torch.bfloat16):
         return "block"
     grad = torch.is_grad_enabled()
     for min_macs, min_channels, needs_grad in RANK8_RULES.get(device, {}).get(kind, ()):
@@ -474,7 +480,7 @@ def _rank8_apply(fn: type[torch.autograd.Function], x: Tensor, weight: Tensor, *
     """Run a rank-8 Function in the promoted dtype with autocast off (tensors in ``args``,
     the bias, are cast too)."""
     device = x.device.type
-    if _transforming():
+    if transforming():
         raise RuntimeError(
             "quatnn: the rank8 algorithm does not support torch.func transforms (vmap, grad, "
             "...); use algorithm='block' (or 'auto', which picks it under them)"

@@ -27,8 +27,16 @@ mode uses them and updates nothing, ``track_running_stats=False`` uses batch sta
 always. Whitening starts from ``running_mean = 0`` and ``running_cov = I``. With batch
 statistics, a NaN/Inf input (detected from the per-channel statistics, not by scanning the
 input) raises ``ValueError`` in the whiten and variance modes; ``"split"`` is exactly
-``nn.BatchNorm`` and, like it, does not check. Gradients are first order only
-(no double backward).
+``nn.BatchNorm`` and, like it, does not check. An empty batch gives an empty output and
+leaves the running statistics as they are; one value per channel raises ``ValueError``.
+Gradients are first order only (no double backward).
+
+``torch.compile`` and ``torch.func``: under torch.compile the training-mode whitening runs
+eagerly between graphs (a graph break, as the finiteness check makes anyway) and eval-mode
+whitening is traced as plain tensor ops (a non-positive-definite ``running_cov`` then raises
+``torch.linalg.cholesky``'s error). Under ``torch.func`` transforms (vmap, grad, ...) eval
+mode (running statistics) works in every mode; batch statistics in the whiten and variance
+modes raise ``RuntimeError``.
 
 Implementation notes. The 4x4 statistics need each quaternion's 4 components side by side,
 while the blocked layout puts them ``C`` channels apart. Instead of permuting the whole
@@ -53,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quatnn.functional import autocast_disabled
+from quatnn.functional import autocast_disabled, transforming
 
 __all__ = [
     "QBatchNorm1d",
@@ -375,6 +383,28 @@ class _Affine4(torch.autograd.Function):
         return dx, dm, None, dshift
 
 
+@torch.compiler.disable
+def _whiten_batch(x: Tensor, gm: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, ...]:
+    """:class:`_WhitenBatch`, run eagerly even inside a compiled model: torch.compile
+    graph-breaks around it (inductor cannot lower the ``out=`` writes through views of
+    the chunked kernels, and the finiteness check breaks the graph anyway)."""
+    return _WhitenBatch.apply(x, gm, beta, eps)
+
+
+def _affine4(x: Tensor, mm: Tensor, center: Tensor, shift: Tensor) -> Tensor:
+    """Blocked ``y = M (x - center) + shift`` per quaternion channel: :class:`_Affine4` in
+    eager mode; plain autograd ops while torch.compile traces or a ``torch.func``
+    transform (vmap, grad, ...) runs, which the chunked kernels do not support."""
+    if not (torch.compiler.is_compiling() or transforming()):
+        return _Affine4.apply(x, mm, center, shift)
+    c = mm.shape[0]
+    ones = (1,) * (x.dim() - 2)
+    with autocast_disabled(x.device.type):
+        d = x.to(mm.dtype).unflatten(1, (4, c)) - center.view(4, c, *ones)
+        y = torch.einsum("cij,njc...->nic...", mm, d) + shift.to(mm.dtype).view(4, c, *ones)
+    return y.flatten(1, 2).to(x.dtype)
+
+
 def _memory_format(x: Tensor) -> torch.memory_format:
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -595,9 +625,16 @@ class _QBatchNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        use_batch = self.training or not self.track_running_stats
+        if use_batch and self.mode != "split" and transforming():
+            raise RuntimeError(
+                f"{type(self).__name__}: mode={self.mode!r} with batch statistics (training, "
+                "or track_running_stats=False) does not support torch.func transforms (vmap, "
+                "grad, ...); use eval mode (running statistics), or mode='split' with "
+                "track_running_stats=False"
+            )
         factor = self._momentum_factor()
         if self.mode == "split":
-            use_batch = self.training or not self.track_running_stats
             track = not self.training or self.track_running_stats
             return F.batch_norm(
                 x,
@@ -609,27 +646,34 @@ class _QBatchNorm(nn.Module):
                 factor,
                 self.eps,
             )
-        use_batch = self.training or not self.track_running_stats
         # dtype of the stand-ins for absent affine parameters: the module's own floating dtype
         state = self.weight if self.weight is not None else self.running_mean
         pdtype = x.dtype if state is None else state.dtype
         if use_batch:
             n = _count(x)
-            if n <= 1:
+            if n == 1:
                 raise ValueError(
                     f"{type(self).__name__}: expected more than 1 value per channel when "
                     f"using batch statistics, got input of shape {tuple(x.shape)}"
                 )
             update = self.training and self.track_running_stats
+            beta = self._beta(pdtype, x.device)
+            # An empty batch (as nn.BatchNorm): an empty output (zero parameter gradients);
+            # there are no statistics, so the running ones stay as they are.
             if self.mode == "whiten":
                 gm = self._gamma_matrix(pdtype, x.device)
-                y, mu, stat = _WhitenBatch.apply(x, gm, self._beta(pdtype, x.device), self.eps)
+                if n == 0:
+                    cdt = _compute_dtype(x.dtype)
+                    return _affine4(x, gm.to(cdt), beta.new_zeros(beta.shape, dtype=cdt), beta)
+                y, mu, stat = _whiten_batch(x, gm, beta, self.eps)
                 mu = _cq_to_blocked(mu)
             else:
                 gamma = self.weight
                 if gamma is None:
                     gamma = torch.ones(self.num_quaternions, dtype=pdtype, device=x.device)
-                y, mu, stat = _VarianceBatch.apply(x, gamma, self._beta(pdtype, x.device), self.eps)
+                if n == 0:
+                    return F.batch_norm(x, None, None, gamma.repeat(4), beta, True, 0.0, self.eps)
+                y, mu, stat = _VarianceBatch.apply(x, gamma, beta, self.eps)
             if update:
                 with torch.no_grad():
                     running = self.running_cov if self.mode == "whiten" else self.running_var
@@ -657,16 +701,21 @@ class _QBatchNorm(nn.Module):
         cdt = _compute_dtype(x.dtype)
         with autocast_disabled(x.device.type):
             eye = torch.eye(4, dtype=cdt, device=x.device)
-            chol, info = torch.linalg.cholesky_ex(self.running_cov.to(cdt) + self.eps * eye)
-            if _flagged((info != 0).any()):
-                raise ValueError(
-                    f"{type(self).__name__}: running_cov + eps*I is not positive definite "
-                    "(non-finite or corrupted running statistics)"
-                )
+            cov = self.running_cov.to(cdt) + self.eps * eye
+            if transforming() or torch.compiler.is_compiling():
+                # no data-dependent branch (vmap, export, one compiled graph): cholesky raises
+                chol = torch.linalg.cholesky(cov)
+            else:
+                chol, info = torch.linalg.cholesky_ex(cov)
+                if _flagged((info != 0).any()):
+                    raise ValueError(
+                        f"{type(self).__name__}: running_cov + eps*I is not positive definite "
+                        "(non-finite or corrupted running statistics)"
+                    )
             w = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
             mm = self._gamma_matrix(pdtype, x.device).to(cdt) @ w
             center = self.running_mean.to(cdt)
-            return _Affine4.apply(x, mm, center, self._beta(pdtype, x.device))
+            return _affine4(x, mm, center, self._beta(pdtype, x.device))
 
 
 class QBatchNorm1d(_QBatchNorm):
@@ -793,7 +842,10 @@ class QLayerNorm(nn.Module):
             )
         c = self.num_quaternions
         xq = x.unflatten(-1, (4, c))
-        var, mu = torch.var_mean(xq, dim=-1, correction=0, keepdim=True)
+        if xq.numel():
+            var, mu = torch.var_mean(xq, dim=-1, correction=0, keepdim=True)
+        else:  # no tokens (var_mean would warn): the empty statistics
+            var = mu = xq[..., :1]
         inv = torch.rsqrt(var.sum(-2, keepdim=True) + self.eps)
         if self.weight is None:
             return ((xq - mu) * inv).flatten(-2)
