@@ -304,13 +304,23 @@ def test_torch_formats_round_trip(tmp_path, fmt):
 
 
 def test_failed_export_names_the_cause_and_writes_nothing(tmp_path):
-    model = models.create("resnet20", "quaternion").eval()
+    """Batch statistics in eval (track_running_stats=False) branch on the data: no trace."""
+    norm = QBatchNorm2d(8, track_running_stats=False)
+    model = nn.Sequential(qnn.QConv2d(4, 8, 3), norm).eval()
     path = tmp_path / "model.pt2"
     with pytest.raises(ValueError, match="export it folded"):
         export(model, torch.randn(2, 4, 32, 32), path, "pt2")
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="format must be one of"):
         export(model, torch.randn(2, 4, 32, 32), path, "tflite")
+
+
+def test_unfolded_whitening_model_exports_to_pt2(tmp_path):
+    """Eval-mode whitening traces as plain ops, so torch.export takes the model as is."""
+    torch.manual_seed(0)
+    model = _randomize_norms(models.create("resnet20", "quaternion")).eval()
+    report = export(model, torch.randn(2, 4, 32, 32), tmp_path / "m.pt2", "pt2")
+    assert report["max_abs_diff"] <= report["tolerance"]
 
 
 # --------------------------------------------------------------------------- compact

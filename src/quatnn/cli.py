@@ -457,9 +457,10 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         "export a run's model: ONNX, TorchScript, torch.export, compact safetensors",
         "Rebuild the model of a run folder from its config.toml and checkpoint and export "
         "it for inference (dynamic batch axis). Quaternion models are folded into plain real "
-        "layers first (--no-fold exports them as they are, which fails for quaternion batch "
-        "norms). The exported file is loaded back (ONNX: with ONNX Runtime) and its outputs "
-        "compared with the PyTorch model before it is written. safetensors writes the "
+        "layers first (--no-fold exports them as they are: slower, and ONNX cannot express "
+        "the whitening batch norm). The exported file is loaded back (ONNX: with ONNX "
+        "Runtime) and its outputs compared with the PyTorch model before it is written. "
+        "safetensors writes the "
         "compact checkpoint (quaternion weights, about 1/4 of the real model; load it with "
         "quatnn.load).",
         [
