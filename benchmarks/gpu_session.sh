@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Everything that needs a CUDA GPU, as one run of under 10 minutes (the README's CUDA rows):
+#     OUT=gpu-results bash benchmarks/gpu_session.sh
+# The CUDA paths of every layer against the float64 reference, the layer, norm and training
+# benchmarks (eager and compiled), and a one-GPU torchrun training smoke run. Each step has
+# its own time limit and a failing step does not stop the others. $OUT gets session.log
+# (every step's output, with its exit status) and the benchmark tables as CSV: six files.
+set -u
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+log=$out/session.log
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$log" 2>&1
+
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name" >>"$log"
+    timeout "$limit" "$@" >>"$log" 2>&1
+    echo "=== $name: exit $?" | tee -a "$log"
+}
+
+step cuda_check 90 python benchmarks/cuda_check.py
+step bench_layers 150 python -m quatnn bench layers --device cuda --out "$out/layers.csv"
+step bench_norm 40 python -m quatnn bench norm --device cuda --out "$out/norm.csv"
+step bench_train 70 python -m quatnn bench train --model conv6 --device cuda --out "$out/train.csv"
+step bench_train_compile 130 python -m quatnn bench train --model conv6 --device cuda \
+    --compile --out "$out/train_compile.csv"
+step torchrun 70 torchrun --nproc_per_node 1 -m quatnn train --model resnet20 \
+    --dataset digits-color --epochs 1 --max-steps 30 --sync-bn --amp --channels-last \
+    --device cuda --progress off --out /tmp/quatnn-gpu-run
