@@ -50,7 +50,7 @@ def _notes(runs: Sequence[Run], rows: Sequence[dict]) -> list[str]:
         "Accuracies: test accuracy of the last epoch (final) and of the best epoch, mean ± "
         "sample std over the runs of a row (a single run: its value).",
         "Time per epoch and samples/s: training only (evaluation excluded), mean over the "
-        "epochs after the first (warm-up)"
+        "epochs after the first (warm-up; a run of one epoch: that epoch, warm-up included)"
         + (f"; measured on {', '.join(devices)}." if devices else "."),
     ]
     if references:
