@@ -99,6 +99,11 @@ def transforming() -> bool:
     return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
 
 
+def _autocasting(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (never on devices without it: meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def resolve_algorithm(
     algorithm: str, x: Tensor, macs_per_product: int, channels: int, kind: str = "linear"
 ) -> str:
@@ -118,8 +123,12 @@ def resolve_algorithm(
         return chosen
     device = x.device.type
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.5
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    if exporting or autocast or transforming() or x.dtype in (torch.float16, torch.bfloat16):
+    if (
+        exporting
+        or _autocasting(device)
+        or transforming()
+        or x.dtype in (torch.float16, torch.bfloat16)
+    ):
         return "block"
     grad = torch.is_grad_enabled()
     for min_macs, min_channels, needs_grad in RANK8_RULES.get(device, {}).get(kind, ()):
@@ -485,8 +494,7 @@ def _rank8_apply(fn: type[torch.autograd.Function], x: Tensor, weight: Tensor, *
             "quatnn: the rank8 algorithm does not support torch.func transforms (vmap, grad, "
             "...); use algorithm='block' (or 'auto', which picks it under them)"
         )
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    if x.dtype != weight.dtype and not autocast:  # as torch.nn layers (and block) do
+    if x.dtype != weight.dtype and not _autocasting(device):  # as torch.nn layers (and block) do
         raise RuntimeError(
             f"quatnn: input dtype {x.dtype} and weight dtype {weight.dtype} differ; cast one "
             "(under autocast they may)"

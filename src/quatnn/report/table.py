@@ -63,7 +63,8 @@ IGNORED_KEYS = (
 ``seed`` share a row: of ``config.toml``, where the data is read from and how the run
 was executed (``sync_bn`` is not one: it changes batch norm statistics under torchrun);
 of a lottery's ``[lottery]`` table, how many levels and controls it trains and when it
-stops."""
+stops. Spelled out because the report reads files and never imports the training code;
+a test holds them equal to the runtime fields and the lottery's bookkeeping keys."""
 
 
 @dataclass

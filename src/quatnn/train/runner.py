@@ -584,7 +584,7 @@ def compare(
             )
         for path, cfg in runs:
             _plan(path, cfg, "continue")
-    if saved is None or overwrite:  # a new comparison: its data is there before its folder
+    if saved is None or overwrite or jobs > 1:  # the data, before the folder (and the jobs)
         distributed.in_turn(ctx, lambda: _datasets(runs[0][1], download))
     ctx.barrier()  # every process has checked the folder before rank 0 changes it
     if ctx.is_main:
@@ -638,7 +638,6 @@ def _compare_jobs(runs: list[tuple[Path, TrainConfig]], jobs: int, options: dict
             todo.append((i, path, cfg))
     if not todo:
         return
-    _datasets(todo[0][2], options["download"])  # download once, before the jobs start
     tasks = [
         distributed.Job(
             f"{cfg.variant} seed {cfg.seed}",
