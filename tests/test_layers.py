@@ -182,6 +182,37 @@ def test_gradcheck_conv(algorithm, nd, transposed, groups):
     )
 
 
+def test_rank8_butterfly_plans_are_the_decomposition_matrices():
+    """The pre-addition is G = H diag(1,-1,-1,-1) into the Q slots (order q0, q2, q1, q3),
+    the post-addition H out of them, and the transposed pre-addition G^T."""
+    h = torch.tensor(
+        [[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.float64
+    )
+    g = h * torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=torch.float64)
+    order = [0, 2, 1, 3]
+    units = list(torch.eye(4, dtype=torch.float64))  # plane j = e_j: output c = row c
+
+    def matrix(plan):
+        return torch.stack(QF._butterfly(units, plan))
+
+    torch.testing.assert_close(matrix(QF._PRE), g[order])
+    torch.testing.assert_close(matrix(QF._POST), h[:, order])
+    torch.testing.assert_close(matrix(QF._PRE_T), g[order].T)
+
+
+def test_rank8_decomposition_is_the_hamilton_product():
+    """a (x) b = H q + 2 r with q_k = -(G a)_k (G b)_k / 4 and r_c = a_SIGMA[c] b_RHO[c],
+    on scalar quaternions against the algebra module."""
+    a, b = torch.randn(2, 4, dtype=torch.float64)
+    h = torch.tensor(
+        [[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.float64
+    )
+    g = h * torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=torch.float64)
+    q = -(g @ a) * (g @ b) / 4
+    r = torch.stack([a[QF._SIGMA[c]] * b[QF._RHO[c]] for c in range(4)])
+    torch.testing.assert_close(h @ q + 2 * r, algebra.hamilton_product(a, b))
+
+
 def test_rank8_double_backward_raises_clearly():
     x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
@@ -620,7 +651,7 @@ def test_unfolded_layers_export_with_a_dynamic_batch():
     batch. The constant tensors that the trace builds stay out of the caches that eager
     calls use (cleared first, so that the trace is what would fill them)."""
     QF._fold_plan.cache_clear()
-    QF._coefficients.cache_clear()
+    QF._constants.cache_clear()
     model = nn.Sequential(
         QConv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), QLinear(16 * 36, 8)
     ).eval()

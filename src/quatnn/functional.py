@@ -8,8 +8,8 @@ component-blocked tensors:
 * ``"rank8"``: quaternion multiplication has bilinear rank 8 (Howell & Lafon 1975), so the
   quaternion product is formed from 8 real products of quaternion size on pre-added
   (Hadamard) combinations of weight and input, then post-added: half the multiply-adds of
-  the real layer of the same width. Its backward is again two rank-8 quaternion products
-  (``dx = W^H (x) dy``, ``dW = dy (x) conj(x)``), so no 16-block matrix is ever formed.
+  the real layer of the same width. Its backward is the same decomposition transposed
+  (the linear map keeps its pre-added input for it), so no 16-block matrix is ever formed.
   It computes in the promoted dtype of its inputs with autocast off (the pre-added
   combinations lose bits in 16-bit floats).
 * ``"auto"`` (default): block under autocast or for half-precision inputs, otherwise rank8
@@ -215,69 +215,90 @@ def _from_group_major(y: Tensor, groups: int) -> Tensor:
 
 # --------------------------------------------------------------------------- rank 8
 
-_H = ((1.0, 1.0, 1.0, 1.0), (1.0, -1.0, 1.0, -1.0), (1.0, 1.0, -1.0, -1.0), (1.0, -1.0, -1.0, 1.0))
-_CONJ = (1.0, -1.0, -1.0, -1.0)
+# The rank-8 decomposition used here (a variant of the one in REFERENCES.md, checked
+# against the Hamilton product by the tests; it holds for matrix-valued components):
+#   a (x) b = H q + 2 r,   q_k = -(G a)_k (G b)_k / 4,   r_c = a_SIGMA[c] b_RHO[c],
+# with H the 4x4 Hadamard matrix (rows ++++, +-+-, ++--, +--+) and G = H diag(1,-1,-1,-1).
+# Forward y = W (x) x: pre-add x and W with G, 8 real products, post-add with H. Backward
+# is the transposed algorithm: dq = H dy, dx = G^T (dq W-side) + the R terms, and dW the
+# same with x; the pre-added input of the forward is reused, so a training step costs
+# 24 quaternion-size products instead of the 48 of the 16-block matrix.
+_SIGMA = (0, 2, 3, 1)  # R product c multiplies weight component SIGMA[c] ...
+_RHO = (0, 3, 1, 2)  # ... by input component RHO[c] into output component c
+_RHO_INV = (0, 2, 3, 1)  # input component j feeds R product RHO_INV[j]
+
+# A 4x4 +-1 transform as two butterfly stages over 4 planes (slots). A stage
+# (a, b, plus, minus, flip) writes out[plus[p]] = s[a[p]] + s[b[p]] and out[minus[p]] =
+# s[a[p]] - s[b[p]] (s[b[p]] - s[a[p]] with flip) for p = 0, 1. Found by enumerating every
+# two-stage plan: G sends input components to the 4 Q slots in the order q0, q2, q1, q3,
+# H maps those slots back to output components (and output gradients to Q slots), and
+# G^T maps Q slots to input components.
+_Plan = tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int], bool], ...]
+_PRE: _Plan = (((0, 1), (2, 3), (1, 2), (0, 3), False), ((0, 1), (2, 3), (2, 3), (0, 1), False))
+_POST: _Plan = (((0, 1), (2, 3), (0, 1), (2, 3), False), ((0, 2), (1, 3), (0, 1), (2, 3), False))
+_PRE_T: _Plan = (((0, 3), (1, 2), (0, 1), (2, 3), True), ((0, 3), (1, 2), (0, 3), (1, 2), True))
+_SCALES = (-0.25,) * 4 + (2.0,) * 4  # of the 4 Q and the 4 R weight operands
 
 
-# R products pair a_k with b_PAIR[k]: (a0 b0, a1 b3, a2 b1, a3 b2), so the weight side of
-# the R half is the weight itself, never a copy. OUT_R[k] = (output component, coefficient).
-_PAIR = (0, 3, 1, 2)
-_OUT_R = ((0, 2.0), (2, -2.0), (3, -2.0), (1, -2.0))
+def _butterfly(
+    src: Sequence[Tensor],
+    plan: _Plan,
+    out: Sequence[Tensor] | None = None,
+    extra: Sequence[Tensor] | None = None,
+) -> list[Tensor]:
+    """Apply ``plan`` to the 4 planes ``src``: 8 element-wise passes, written into the
+    planes ``out`` if given, with ``extra[j]`` added to output plane ``j`` if given."""
+    planes = list(src)
+    for stage, (a, b, plus, minus, flip) in enumerate(plan):
+        last = stage == len(plan) - 1
+        result: list[Tensor] = [planes[0]] * 4
+        for p in range(2):
+            first, second = planes[a[p]], planes[b[p]]
+            for slot, subtract in ((plus[p], False), (minus[p], True)):
+                lhs, rhs = (second, first) if subtract and flip else (first, second)
+                op = torch.sub if subtract else torch.add
+                if not last or out is None:
+                    result[slot] = op(lhs, rhs)
+                elif extra is None:
+                    result[slot] = op(lhs, rhs, out=out[slot])
+                else:
+                    result[slot] = torch.add(extra[slot], lhs, out=out[slot])
+                    (result[slot].sub_ if subtract else result[slot].add_)(rhs)
+        planes = result
+    return planes
 
 
 @_constant_cache
-def _coefficients(
-    conj_a: bool, conj_b: bool, dtype: torch.dtype, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Pre-addition matrices of the left and right operands (4x4 each, for the Q half)
-    and the post-addition matrices of the Q and R halves (4x4 each) of the rank-8 product
-    (REFERENCES.md): Q_i = (H a)_i (H b)_i, R = (a0 b0, a3 b2, a1 b3, a2 b1), G = H Q / 4,
-    a (x) b = (2 R0 - G0, G1 - 2 R1, G2 - 2 R2, G3 - 2 R3). Conjugating an operand flips
-    the signs of its imaginary components: in the pre-additions for Q, in the post-additions
-    for R (whose operands are used as they are)."""
-    h = torch.tensor(_H, dtype=torch.float64)
-    signs = torch.tensor(_CONJ, dtype=torch.float64)
-    ones = torch.ones(4, dtype=torch.float64)
-    sign_a, sign_b = (signs if conj_a else ones), (signs if conj_b else ones)
-    post_q = torch.diag(torch.tensor([-0.25, 0.25, 0.25, 0.25], dtype=torch.float64)) @ h
-    post_r = torch.zeros(4, 4, dtype=torch.float64)
-    for k, (out, coefficient) in enumerate(_OUT_R):
-        post_r[out, k] = coefficient * sign_a[k] * sign_b[_PAIR[k]]
-    mats = (h * sign_a, h * sign_b, post_q, post_r)
-    return tuple(m.to(dtype=dtype, device=device) for m in mats)
+def _constants(dtype: torch.dtype, device: torch.device, dims: int) -> tuple[Tensor, ...]:
+    """The scalings of the 8 weight operands, shaped to broadcast over ``(8, ...)`` of
+    ``dims`` dims, and :data:`_SIGMA` and :data:`_RHO` as indices."""
+    scale = torch.tensor(_SCALES, dtype=dtype, device=device).view(8, *([1] * (dims - 1)))
+    return scale, torch.tensor(_SIGMA, device=device), torch.tensor(_RHO, device=device)
 
 
-def _mix(coefficients: Tensor, stacked: Tensor) -> Tensor:
-    """``coefficients (k, 4)`` applied along the leading axis of ``stacked (4, ...)``."""
-    flat = stacked.reshape(stacked.shape[0], -1)
-    return (coefficients @ flat).view(coefficients.shape[0], *stacked.shape[1:])
+def _weight_operands(weight: Tensor) -> Tensor:
+    """The 8 weight operands ``(8, *weight.shape[1:])``: the 4 Q sides ``-(G W)/4`` in the
+    Q slot order, then the 4 R sides ``2 W_SIGMA[c]``."""
+    w8 = weight.new_empty(8, *weight.shape[1:])
+    scale, sigma, _ = _constants(weight.dtype, weight.device, w8.dim())
+    torch.index_select(weight, 0, sigma, out=w8[4:])
+    _butterfly(weight, _PRE, out=w8[:4])
+    return w8.mul_(scale)
 
 
-def _rank8(
-    a: Tensor,
-    b: Tensor,
-    products: Callable[[Tensor, Tensor], Tensor],
-    *,
-    conj_a: bool = False,
-    conj_b: bool = False,
-    blocked: bool = False,
-) -> Tensor:
-    """The quaternion product ``a (x) b`` (conjugating either side on request) for any
-    bilinear real product. ``a`` and ``b`` hold components on axis 0; ``products`` maps 4
-    stacked left and right operands to the 4 stacked real products; it is called twice:
-    on the Hadamard combinations (Q) and on ``a`` with reordered ``b`` (R). The result
-    has the components on axis 0, or, with ``blocked``, is the blocked ``(N, 4C)`` matrix
-    written by the post-additions (no extra copy). Used by the linear map; the convolution
-    has its own chunked form (:class:`_Rank8Conv`)."""
-    left, right, post_q, post_r = _coefficients(conj_a, conj_b, a.dtype, a.device)
-    q = products(_mix(left, a), _mix(right, b))
-    r = products(a, b[list(_PAIR)])
-    if not blocked:
-        return torch.addmm(post_q @ q.flatten(1), post_r, r.flatten(1)).view(q.shape)
-    n = q.shape[1]  # (4, N, C, ...) -> per sample (4, C * ...) matrices, mixed by 4x4 ones
-    qs, rs = q.transpose(0, 1).flatten(2), r.transpose(0, 1).flatten(2)
-    y = torch.baddbmm(torch.matmul(post_q, qs), post_r.expand(n, 4, 4), rs)
-    return y.view(n, -1, *q.shape[3:])
+def _weight_grad(grads: Tensor) -> Tensor:
+    """The weight gradient from the gradients ``(8, ...)`` of :func:`_weight_operands`
+    (scaled in place)."""
+    scale, sigma, _ = _constants(grads.dtype, grads.device, grads.dim())
+    grads.mul_(scale)
+    grad = torch.empty_like(grads[:4])
+    _butterfly(grads[:4], _PRE_T, out=grad)
+    return grad.index_add_(0, sigma, grads[4:])
+
+
+def _components(x: Tensor, count: int = 4) -> Tensor:
+    """``(N, count * C, ...)`` -> a view ``(count, N, C, ...)`` of its component planes."""
+    return x.unflatten(1, (count, -1)).movedim(1, 0)
 
 
 class _Conv(NamedTuple):
@@ -319,11 +340,6 @@ def _convolve_backward(g: _Conv, grad: Tensor, x: Tensor, w: Tensor, which: int)
     )[which]
 
 
-def _stacked(x: Tensor, dim: int) -> Tensor:
-    """Blocked tensor -> components on a new leading axis (a view)."""
-    return x.unflatten(dim, (4, -1)).movedim(dim, 0)
-
-
 def _no_double_backward() -> None:
     if torch.is_grad_enabled():  # backward(create_graph=True) records a graph
         raise RuntimeError(
@@ -333,68 +349,56 @@ def _no_double_backward() -> None:
 
 
 class _Rank8Linear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:  # x: (B, 4I), weight (4, O, I)
-        ctx.save_for_backward(x, weight)
-        return _rank8(
-            weight, _stacked(x, 1), lambda w, v: torch.bmm(v, w.transpose(1, 2)), blocked=True
-        )
+    """``x (N, 4I)``, ``weight (4, O, I)``, optional ``bias (4O)`` -> ``(N, 4O)``. The 8
+    products of each pass are one batched matrix product."""
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        n, out_channels = len(x), weight.shape[1]
+        w8 = _weight_operands(weight)
+        xs = _components(x)
+        z = x.new_empty(8, n, weight.shape[2])  # Q inputs G x, then the R inputs x_RHO[c]
+        _butterfly(xs, _PRE, out=z[:4])
+        torch.index_select(xs, 0, _constants(x.dtype, x.device, 1)[2], out=z[4:])
+        if bias is None:
+            products = torch.bmm(z, w8.transpose(1, 2))
+        else:  # the R products carry the bias
+            bias8 = torch.cat([bias.new_zeros(4, out_channels), bias.view(4, out_channels)])
+            products = torch.baddbmm(bias8.unsqueeze(1), z, w8.transpose(1, 2))
+        y = x.new_empty(n, 4 * out_channels)
+        _butterfly(products[:4], _POST, out=_components(y), extra=products[4:])
+        ctx.save_for_backward(z, w8)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         _no_double_backward()
-        x, weight = ctx.saved_tensors
-        g = _stacked(grad, 1)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:  # dx = W^H (x) dy: per part dy @ W
-            grad_x = _rank8(weight, g, lambda w, d: torch.bmm(d, w), conj_a=True, blocked=True)
-        if ctx.needs_input_grad[1]:  # dW = dy (x) conj(x): per part dy^T @ x
-            grad_w = _rank8(
-                g,
-                _stacked(x, 1),
-                lambda d, v: torch.bmm(d.transpose(1, 2), v),
-                conj_b=True,
-            )
-        return grad_x, grad_w
+        z, w8 = ctx.saved_tensors
+        n, in_channels = z.shape[1], z.shape[2]
+        grads = grad.new_empty(8, n, w8.shape[1])  # of the Q products, then of the R ones
+        gs = _components(grad)
+        _butterfly(gs, _POST, out=grads[:4])
+        grads[4:].copy_(gs)
+        grad_x = grad_w = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            gz = torch.bmm(grads, w8)
+            grad_x = z.new_empty(n, 4 * in_channels)
+            r_terms = [gz[4 + c] for c in _RHO_INV]
+            _butterfly(gz[:4], _PRE_T, out=_components(grad_x), extra=r_terms)
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad(torch.bmm(grads.transpose(1, 2), z))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grads[4:].sum(1).flatten()
+        return grad_x, grad_w, grad_bias
 
 
-# The convolution runs the rank-8 product on batch chunks, on the component planes of the
-# blocked tensors: the pre- and post-additions are butterflies (two add/sub stages) whose
-# temporaries stay small enough for the CPU caches and for malloc to recycle (full-size
-# temporaries were page-faulted anew on every call and cost more than the arithmetic saved),
-# and the scalings of the post-additions are folded into the (small) weight operands.
+# The convolution runs the 8 products as separate convolutions (one grouped convolution of
+# 8 groups was slower in oneDNN) on chunks of the batch: the pre- and post-additions then
+# work on temporaries small enough for the CPU caches and for malloc to recycle
+# (full-size temporaries were page-faulted anew on every call and cost more than the
+# arithmetic saved).
 _CHUNK_BYTES = 2 << 20  # bytes of one component plane of one chunk
-
-
-def _hadamard(parts: Sequence[Tensor], conj: bool = False) -> tuple[Tensor, ...]:
-    """``H p`` (or ``H conj(p)``) for the 4 component planes ``p``, in two butterfly stages."""
-    p0, p1, p2, p3 = parts
-    if conj:  # rows (1,-1,-1,-1), (1,1,-1,1), (1,-1,1,1), (1,1,1,-1)
-        a, b, c, d = p0 - p1, p0 + p1, p2 + p3, p2 - p3
-        return a - c, b - d, a + c, b + d
-    a, b, c, d = p0 + p1, p0 - p1, p2 + p3, p2 - p3
-    return a + c, b + d, a - c, b - d
-
-
-def _post_add(q: Sequence[Tensor], r: Sequence[Tensor], out: Sequence[Tensor]) -> None:
-    """Write the post-additions into the component planes ``out``: ``out[c] = s_c (H Q)_c
-    + R_k`` for the ``k`` with ``_OUT_R[k][0] == c``, where ``s = (-1, 1, 1, 1)`` (the
-    signs of ``post_q``); the ``1/4`` of ``post_q`` and the coefficients of ``post_r`` are
-    already in the weight operands (:func:`_weight_operands`)."""
-    u0, u1, u2, u3 = q[0] + q[1], q[0] - q[1], q[2] + q[3], q[2] - q[3]
-    torch.sub(r[0], u0, out=out[0]).sub_(u2)
-    torch.add(u1, u3, out=out[1]).add_(r[3])
-    torch.sub(u0, u2, out=out[2]).add_(r[1])
-    torch.sub(u1, u3, out=out[3]).add_(r[2])
-
-
-def _weight_operands(weight: Tensor, conj: bool) -> tuple[Tensor, Tensor]:
-    """The weight sides of the Q half (``H w / 4``) and the R half (``w_k`` times its
-    post-addition coefficient), conjugating ``w`` on request, for :func:`_post_add`."""
-    left, _, post_q, post_r = _coefficients(conj, False, weight.dtype, weight.device)
-    q = _mix(left * post_q[1, 0], weight)  # post_q = diag(-1, 1, 1, 1) H / 4
-    r_scale = post_r.sum(0)  # one nonzero per column
-    return q, weight * r_scale.view(4, *([1] * (weight.dim() - 1)))
 
 
 def _chunks(x: Tensor, *others: Tensor) -> Iterator[slice]:
@@ -413,62 +417,50 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _planes(x: Tensor, rows: slice) -> tuple[Tensor, ...]:
-    """The 4 component planes ``(n, C, ...)`` of rows of a blocked tensor (views)."""
-    return x[rows].unflatten(1, (4, -1)).unbind(1)
-
-
 class _Rank8Conv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, conv: _Conv) -> Tensor:
-        ctx.save_for_backward(x, weight)
+        w8 = _weight_operands(weight)
+        ctx.save_for_backward(x, w8)
         ctx.conv = conv
-        wq, wr = _weight_operands(weight, conj=False)
+        bias4 = [None] * 4 if bias is None else bias.view(4, -1).unbind()
         y = None
-        bias = None if bias is None else bias.view(1, -1, *([1] * (x.dim() - 2)))
         for rows in _chunks(x):
-            xp = _planes(x, rows)
-            hx = _hadamard(xp)
-            q = [_convolve(conv, hx[k], wq[k]) for k in range(4)]
-            r = [_convolve(conv, xp[_PAIR[k]], wr[k]) for k in range(4)]
+            xs = _components(x[rows])
+            u = _butterfly(xs, _PRE)
+            q = [_convolve(conv, u[k], w8[k]) for k in range(4)]
+            r = [_convolve(conv, xs[_RHO[c]], w8[4 + c], bias4[c]) for c in range(4)]
             if y is None:  # in x's memory format, as torch's convolutions do
                 size = (len(x), 4 * q[0].shape[1], *q[0].shape[2:])
                 y = torch.empty(
                     size, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)
                 )
-            _post_add(q, r, _planes(y, rows))
-            if bias is not None:  # while the chunk is in the caches
-                y[rows] += bias
+            _butterfly(q, _POST, out=_components(y[rows]), extra=r)
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         _no_double_backward()
-        x, weight = ctx.saved_tensors
+        x, w8 = ctx.saved_tensors
         conv: _Conv = ctx.conv
         need_x, need_w, need_bias = ctx.needs_input_grad[:3]
         grad_x = torch.empty_like(x) if need_x else None
-        # dW = dy (x) conj(x): its 8 products summed over the chunks, post-added once
-        q_sum, r_sum = torch.zeros((2, *weight.shape), dtype=x.dtype, device=x.device)
-        if need_x:  # dx = W^H (x) dy
-            wq, wr = _weight_operands(weight, conj=True)
+        grads8 = torch.zeros_like(w8) if need_w else None  # summed over the chunks
         for rows in _chunks(x, grad):
-            gp = _planes(grad, rows)
-            hg = _hadamard(gp)
-            xp = _planes(x, rows)
+            gs = _components(grad[rows])
+            dq = _butterfly(gs, _POST)
+            xs = _components(x[rows])
             if need_x:
-                q = [_convolve_backward(conv, hg[k], xp[0], wq[k], 0) for k in range(4)]
-                r = [_convolve_backward(conv, gp[_PAIR[k]], xp[0], wr[k], 0) for k in range(4)]
-                _post_add(q, r, _planes(grad_x, rows))
+                du = [_convolve_backward(conv, dq[k], xs[0], w8[k], 0) for k in range(4)]
+                dr = [_convolve_backward(conv, gs[c], xs[0], w8[4 + c], 0) for c in range(4)]
+                r_terms = [dr[c] for c in _RHO_INV]
+                _butterfly(du, _PRE_T, out=_components(grad_x[rows]), extra=r_terms)
             if need_w:
-                hx = _hadamard(xp, conj=True)
+                u = _butterfly(xs, _PRE)
                 for k in range(4):
-                    q_sum[k] += _convolve_backward(conv, hg[k], hx[k], weight[0], 1)
-                    r_sum[k] += _convolve_backward(conv, gp[k], xp[_PAIR[k]], weight[0], 1)
-        grad_w = None
-        if need_w:
-            _, _, post_q, post_r = _coefficients(False, True, x.dtype, x.device)
-            grad_w = _mix(post_q, q_sum) + _mix(post_r, r_sum)
+                    grads8[k] += _convolve_backward(conv, dq[k], u[k], w8[0], 1)
+                    grads8[4 + k] += _convolve_backward(conv, gs[k], xs[_RHO[k]], w8[0], 1)
+        grad_w = _weight_grad(grads8) if need_w else None
         grad_bias = grad.sum([0, *range(2, grad.dim())]) if need_bias else None
         return grad_x, grad_w, grad_bias, None
 
@@ -535,9 +527,8 @@ def quaternion_linear(
     algo = resolve_algorithm(algorithm, x, macs, min(weight.shape[1], weight.shape[2]))
     if algo == "block" or rows == 0:  # an empty batch needs no products
         return F.linear(x, block_weight(weight) if folded is None else folded, bias)
-    y = _rank8_apply(_Rank8Linear, x.reshape(rows, n_in), weight)
-    y = y.view(*x.shape[:-1], y.shape[-1])
-    return y if bias is None else y + bias
+    y = _rank8_apply(_Rank8Linear, x.reshape(rows, n_in), weight, bias)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _tuple(value: int | Sequence[int], nd: int, name: str, minimum: int = 0) -> tuple[int, ...]:
