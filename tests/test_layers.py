@@ -201,15 +201,17 @@ def test_rank8_butterfly_plans_are_the_decomposition_matrices():
 
 
 def test_rank8_decomposition_is_the_hamilton_product():
-    """a (x) b = H q + 2 r with q_k = -(G a)_k (G b)_k / 4 and r_c = a_SIGMA[c] b_RHO[c],
-    on scalar quaternions against the algebra module."""
+    """a (x) b = H q + 2 r with q_k = -(G a)_k (G b)_k / 4 and r_k = a_k b_R_IN[k] into
+    output component R_OUT[k], on scalar quaternions against the algebra module."""
     a, b = torch.randn(2, 4, dtype=torch.float64)
     h = torch.tensor(
         [[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.float64
     )
     g = h * torch.tensor([1.0, -1.0, -1.0, -1.0], dtype=torch.float64)
     q = -(g @ a) * (g @ b) / 4
-    r = torch.stack([a[QF._SIGMA[c]] * b[QF._RHO[c]] for c in range(4)])
+    r = torch.zeros(4, dtype=torch.float64)
+    for k in range(4):
+        r[QF._R_OUT[k]] = a[k] * b[QF._R_IN[k]]
     torch.testing.assert_close(h @ q + 2 * r, algebra.hamilton_product(a, b))
 
 
@@ -651,7 +653,7 @@ def test_unfolded_layers_export_with_a_dynamic_batch():
     batch. The constant tensors that the trace builds stay out of the caches that eager
     calls use (cleared first, so that the trace is what would fill them)."""
     QF._fold_plan.cache_clear()
-    QF._constants.cache_clear()
+    QF._r_index.cache_clear()
     model = nn.Sequential(
         QConv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), QLinear(16 * 36, 8)
     ).eval()

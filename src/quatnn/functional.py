@@ -217,15 +217,16 @@ def _from_group_major(y: Tensor, groups: int) -> Tensor:
 
 # The rank-8 decomposition used here (a variant of the one in REFERENCES.md, checked
 # against the Hamilton product by the tests; it holds for matrix-valued components):
-#   a (x) b = H q + 2 r,   q_k = -(G a)_k (G b)_k / 4,   r_c = a_SIGMA[c] b_RHO[c],
-# with H the 4x4 Hadamard matrix (rows ++++, +-+-, ++--, +--+) and G = H diag(1,-1,-1,-1).
-# Forward y = W (x) x: pre-add x and W with G, 8 real products, post-add with H. Backward
-# is the transposed algorithm: dq = H dy, dx = G^T (dq W-side) + the R terms, and dW the
-# same with x; the pre-added input of the forward is reused, so a training step costs
-# 24 quaternion-size products instead of the 48 of the 16-block matrix.
-_SIGMA = (0, 2, 3, 1)  # R product c multiplies weight component SIGMA[c] ...
-_RHO = (0, 3, 1, 2)  # ... by input component RHO[c] into output component c
-_RHO_INV = (0, 2, 3, 1)  # input component j feeds R product RHO_INV[j]
+#   a (x) b = H q + 2 r,   q_k = -(G a)_k (G b)_k / 4,   r_k = a_k b_R_IN[k] -> output R_OUT[k]
+# with H the 4x4 Hadamard matrix (rows ++++, +-+-, ++--, +--+), G = H diag(1,-1,-1,-1),
+# and r the products 1 1 -> 1, i j -> k, j k -> i, k i -> j. Forward y = W (x) x: pre-add
+# x and W with G, 8 real products, post-add with H. Backward is the same algorithm
+# transposed: pre-add dy with H (the R products take dy as it is), 8 transposed products
+# each for dx and dW, post-add both with G^T. A training step costs 24 quaternion-size
+# products instead of the 48 of the 16-block matrix.
+_R_IN = (0, 2, 3, 1)  # R product k: weight component k times input component R_IN[k]
+_R_OUT = (0, 3, 1, 2)  # ... into output component R_OUT[k] (the inverse permutation)
+_Q_SCALE, _R_SCALE = -0.25, 2.0
 
 # A 4x4 +-1 transform as two butterfly stages over 4 planes (slots). A stage
 # (a, b, plus, minus, flip) writes out[plus[p]] = s[a[p]] + s[b[p]] and out[minus[p]] =
@@ -237,7 +238,6 @@ _Plan = tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int
 _PRE: _Plan = (((0, 1), (2, 3), (1, 2), (0, 3), False), ((0, 1), (2, 3), (2, 3), (0, 1), False))
 _POST: _Plan = (((0, 1), (2, 3), (0, 1), (2, 3), False), ((0, 2), (1, 3), (0, 1), (2, 3), False))
 _PRE_T: _Plan = (((0, 3), (1, 2), (0, 1), (2, 3), True), ((0, 3), (1, 2), (0, 3), (1, 2), True))
-_SCALES = (-0.25,) * 4 + (2.0,) * 4  # of the 4 Q and the 4 R weight operands
 
 
 def _butterfly(
@@ -251,7 +251,7 @@ def _butterfly(
     planes = list(src)
     for stage, (a, b, plus, minus, flip) in enumerate(plan):
         last = stage == len(plan) - 1
-        result: list[Tensor] = [planes[0]] * 4
+        result = list(planes)  # every slot is overwritten
         for p in range(2):
             first, second = planes[a[p]], planes[b[p]]
             for slot, subtract in ((plus[p], False), (minus[p], True)):
@@ -268,37 +268,25 @@ def _butterfly(
     return planes
 
 
+def _by_output(r: Sequence[Tensor]) -> list[Tensor]:
+    """The R products (weight order) in output component order."""
+    return [r[_R_OUT.index(c)] for c in range(4)]
+
+
+def _by_input(r: Sequence[Tensor]) -> list[Tensor]:
+    """Per-R-product gradients (weight order) in input component order."""
+    return [r[_R_IN.index(j)] for j in range(4)]
+
+
 @_constant_cache
-def _constants(dtype: torch.dtype, device: torch.device, dims: int) -> tuple[Tensor, ...]:
-    """The scalings of the 8 weight operands, shaped to broadcast over ``(8, ...)`` of
-    ``dims`` dims, and :data:`_SIGMA` and :data:`_RHO` as indices."""
-    scale = torch.tensor(_SCALES, dtype=dtype, device=device).view(8, *([1] * (dims - 1)))
-    return scale, torch.tensor(_SIGMA, device=device), torch.tensor(_RHO, device=device)
+def _r_index(device: torch.device) -> tuple[Tensor, Tensor]:
+    """:data:`_R_IN` and :data:`_R_OUT` as index tensors."""
+    return torch.tensor(_R_IN, device=device), torch.tensor(_R_OUT, device=device)
 
 
-def _weight_operands(weight: Tensor) -> Tensor:
-    """The 8 weight operands ``(8, *weight.shape[1:])``: the 4 Q sides ``-(G W)/4`` in the
-    Q slot order, then the 4 R sides ``2 W_SIGMA[c]``."""
-    w8 = weight.new_empty(8, *weight.shape[1:])
-    scale, sigma, _ = _constants(weight.dtype, weight.device, w8.dim())
-    torch.index_select(weight, 0, sigma, out=w8[4:])
-    _butterfly(weight, _PRE, out=w8[:4])
-    return w8.mul_(scale)
-
-
-def _weight_grad(grads: Tensor) -> Tensor:
-    """The weight gradient from the gradients ``(8, ...)`` of :func:`_weight_operands`
-    (scaled in place)."""
-    scale, sigma, _ = _constants(grads.dtype, grads.device, grads.dim())
-    grads.mul_(scale)
-    grad = torch.empty_like(grads[:4])
-    _butterfly(grads[:4], _PRE_T, out=grad)
-    return grad.index_add_(0, sigma, grads[4:])
-
-
-def _components(x: Tensor, count: int = 4) -> Tensor:
-    """``(N, count * C, ...)`` -> a view ``(count, N, C, ...)`` of its component planes."""
-    return x.unflatten(1, (count, -1)).movedim(1, 0)
+def _components(x: Tensor) -> Tensor:
+    """Blocked ``(N, 4C, ...)`` -> a view ``(4, N, C, ...)`` of its component planes."""
+    return x.unflatten(1, (4, -1)).movedim(1, 0)
 
 
 class _Conv(NamedTuple):
@@ -349,47 +337,51 @@ def _no_double_backward() -> None:
 
 
 class _Rank8Linear(torch.autograd.Function):
-    """``x (N, 4I)``, ``weight (4, O, I)``, optional ``bias (4O)`` -> ``(N, 4O)``. The 8
-    products of each pass are one batched matrix product."""
+    """``x (N, 4I)``, ``weight (4, O, I)``, optional ``bias (4O)`` -> ``(N, 4O)``. The Q
+    and the R products of each pass are a batched matrix product each, scaled by the
+    product (``alpha``) rather than by a pass over the (large) weight operands."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        n, out_channels = len(x), weight.shape[1]
-        w8 = _weight_operands(weight)
+        r_in, r_out = _r_index(x.device)
         xs = _components(x)
-        z = x.new_empty(8, n, weight.shape[2])  # Q inputs G x, then the R inputs x_RHO[c]
-        _butterfly(xs, _PRE, out=z[:4])
-        torch.index_select(xs, 0, _constants(x.dtype, x.device, 1)[2], out=z[4:])
-        if bias is None:
-            products = torch.bmm(z, w8.transpose(1, 2))
-        else:  # the R products carry the bias
-            bias8 = torch.cat([bias.new_zeros(4, out_channels), bias.view(4, out_channels)])
-            products = torch.baddbmm(bias8.unsqueeze(1), z, w8.transpose(1, 2))
-        y = x.new_empty(n, 4 * out_channels)
-        _butterfly(products[:4], _POST, out=_components(y), extra=products[4:])
-        ctx.save_for_backward(z, w8)
+        gx = torch.empty_like(xs, memory_format=torch.contiguous_format)
+        _butterfly(xs, _PRE, out=gx)
+        gw = torch.empty_like(weight)
+        _butterfly(weight, _PRE, out=gw)
+        xr = xs.index_select(0, r_in)  # the input side of the R products
+        none = x.new_zeros(())  # baddbmm with beta=0: a plain scaled product
+        q = torch.baddbmm(none, gx, gw.mT, beta=0, alpha=_Q_SCALE)
+        r_bias = none if bias is None else bias.view(4, 1, -1).index_select(0, r_out)
+        r = torch.baddbmm(r_bias, xr, weight.mT, beta=int(bias is not None), alpha=_R_SCALE)
+        y = x.new_empty(len(x), 4 * weight.shape[1])
+        _butterfly(q, _POST, out=_components(y), extra=_by_output(r))
+        ctx.save_for_backward(gx, xr, gw, weight)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         _no_double_backward()
-        z, w8 = ctx.saved_tensors
-        n, in_channels = z.shape[1], z.shape[2]
-        grads = grad.new_empty(8, n, w8.shape[1])  # of the Q products, then of the R ones
+        gx, xr, gw, weight = ctx.saved_tensors
         gs = _components(grad)
-        _butterfly(gs, _POST, out=grads[:4])
-        grads[4:].copy_(gs)
+        dq = torch.empty_like(gs, memory_format=torch.contiguous_format)
+        _butterfly(gs, _POST, out=dq)
+        gr = gs.index_select(0, _r_index(grad.device)[1])  # the output side of the R products
+        none = grad.new_zeros(())
         grad_x = grad_w = grad_bias = None
         if ctx.needs_input_grad[0]:
-            gz = torch.bmm(grads, w8)
-            grad_x = z.new_empty(n, 4 * in_channels)
-            r_terms = [gz[4 + c] for c in _RHO_INV]
-            _butterfly(gz[:4], _PRE_T, out=_components(grad_x), extra=r_terms)
+            du = torch.baddbmm(none, dq, gw, beta=0, alpha=_Q_SCALE)
+            dr = torch.baddbmm(none, gr, weight, beta=0, alpha=_R_SCALE)
+            grad_x = grad.new_empty(len(grad), 4 * weight.shape[2])
+            _butterfly(du, _PRE_T, out=_components(grad_x), extra=_by_input(dr))
         if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad(torch.bmm(grads.transpose(1, 2), z))
+            dv = torch.baddbmm(none, dq.mT, gx, beta=0, alpha=_Q_SCALE)
+            grad_w = torch.empty_like(weight)
+            _butterfly(dv, _PRE_T, out=grad_w)
+            grad_w.baddbmm_(gr.mT, xr, alpha=_R_SCALE)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grads[4:].sum(1).flatten()
+            grad_bias = grad.sum(0)
         return grad_x, grad_w, grad_bias
 
 
@@ -417,25 +409,35 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _conv_weights(weight: Tensor) -> Tensor:
+    """The 8 (small) weight operands of the convolution, scaled: ``(8, *weight.shape[1:])``
+    holding ``-(G W)/4`` in the Q slot order, then ``2 W``."""
+    w8 = weight.new_empty(8, *weight.shape[1:])
+    _butterfly(weight, _PRE, out=w8[:4])
+    w8[:4].mul_(_Q_SCALE)
+    torch.mul(weight, _R_SCALE, out=w8[4:])
+    return w8
+
+
 class _Rank8Conv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, conv: _Conv) -> Tensor:
-        w8 = _weight_operands(weight)
+        w8 = _conv_weights(weight)
         ctx.save_for_backward(x, w8)
         ctx.conv = conv
         bias4 = [None] * 4 if bias is None else bias.view(4, -1).unbind()
         y = None
         for rows in _chunks(x):
             xs = _components(x[rows])
-            u = _butterfly(xs, _PRE)
-            q = [_convolve(conv, u[k], w8[k]) for k in range(4)]
-            r = [_convolve(conv, xs[_RHO[c]], w8[4 + c], bias4[c]) for c in range(4)]
+            gx = _butterfly(xs, _PRE)
+            q = [_convolve(conv, gx[k], w8[k]) for k in range(4)]
+            r = [_convolve(conv, xs[_R_IN[k]], w8[4 + k], bias4[_R_OUT[k]]) for k in range(4)]
             if y is None:  # in x's memory format, as torch's convolutions do
                 size = (len(x), 4 * q[0].shape[1], *q[0].shape[2:])
                 y = torch.empty(
                     size, dtype=x.dtype, device=x.device, memory_format=_memory_format(x)
                 )
-            _butterfly(q, _POST, out=_components(y[rows]), extra=r)
+            _butterfly(q, _POST, out=_components(y[rows]), extra=_by_output(r))
         return y
 
     @staticmethod
@@ -452,15 +454,20 @@ class _Rank8Conv(torch.autograd.Function):
             xs = _components(x[rows])
             if need_x:
                 du = [_convolve_backward(conv, dq[k], xs[0], w8[k], 0) for k in range(4)]
-                dr = [_convolve_backward(conv, gs[c], xs[0], w8[4 + c], 0) for c in range(4)]
-                r_terms = [dr[c] for c in _RHO_INV]
-                _butterfly(du, _PRE_T, out=_components(grad_x[rows]), extra=r_terms)
+                dr = [
+                    _convolve_backward(conv, gs[_R_OUT[k]], xs[0], w8[4 + k], 0) for k in range(4)
+                ]
+                _butterfly(du, _PRE_T, out=_components(grad_x[rows]), extra=_by_input(dr))
             if need_w:
-                u = _butterfly(xs, _PRE)
+                gx = _butterfly(xs, _PRE)
                 for k in range(4):
-                    grads8[k] += _convolve_backward(conv, dq[k], u[k], w8[0], 1)
-                    grads8[4 + k] += _convolve_backward(conv, gs[k], xs[_RHO[k]], w8[0], 1)
-        grad_w = _weight_grad(grads8) if need_w else None
+                    grads8[k] += _convolve_backward(conv, dq[k], gx[k], w8[0], 1)
+                    grads8[4 + k] += _convolve_backward(conv, gs[_R_OUT[k]], xs[_R_IN[k]], w8[0], 1)
+        grad_w = None
+        if need_w:
+            grad_w = torch.empty_like(grads8[:4])
+            _butterfly(grads8[:4].mul_(_Q_SCALE), _PRE_T, out=grad_w)
+            grad_w.add_(grads8[4:], alpha=_R_SCALE)
         grad_bias = grad.sum([0, *range(2, grad.dim())]) if need_bias else None
         return grad_x, grad_w, grad_bias, None
 
