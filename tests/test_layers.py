@@ -246,6 +246,9 @@ def test_auto_rule_and_override():
     assert QF.resolve_algorithm("auto", small, 2 * 2 * 2, 2) == "block"
     assert QF.resolve_algorithm("auto", big, 256 * 1024 * 1024, 1024) == "rank8"
     assert QF.resolve_algorithm("auto", big, 256 * 1024 * 1024, 8) == "block"  # narrow
+    assert QF.resolve_algorithm("auto", big, 2**20, 160) == "rank8"  # in training ...
+    with torch.no_grad():
+        assert QF.resolve_algorithm("auto", big, 2**20, 160) == "block"  # ... only
     assert QF.resolve_algorithm("auto", big, 2**30, 64, "conv") == "rank8"
     assert QF.resolve_algorithm("auto", big, 2**27, 16, "conv") == "rank8"
     with torch.no_grad():  # narrow convolutions gain in the backward only
