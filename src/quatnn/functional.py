@@ -350,25 +350,26 @@ class _Rank8Linear(torch.autograd.Function):
         _butterfly(xs, _PRE, out=gx)
         gw = torch.empty_like(weight)
         _butterfly(weight, _PRE, out=gw)
-        xr = xs.index_select(0, r_in)  # the input side of the R products
         none = x.new_zeros(())  # baddbmm with beta=0: a plain scaled product
         q = torch.baddbmm(none, gx, gw.mT, beta=0, alpha=_Q_SCALE)
         r_bias = none if bias is None else bias.view(4, 1, -1).index_select(0, r_out)
+        xr = xs.index_select(0, r_in)  # the input side of the R products
         r = torch.baddbmm(r_bias, xr, weight.mT, beta=int(bias is not None), alpha=_R_SCALE)
         y = x.new_empty(len(x), 4 * weight.shape[1])
         _butterfly(q, _POST, out=_components(y), extra=_by_output(r))
-        ctx.save_for_backward(gx, xr, gw, weight)
+        ctx.save_for_backward(x, gx, gw, weight)  # x rather than its permuted copy xr
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         _no_double_backward()
-        gx, xr, gw, weight = ctx.saved_tensors
+        x, gx, gw, weight = ctx.saved_tensors
+        r_in, r_out = _r_index(x.device)
         gs = _components(grad)
         dq = torch.empty_like(gs, memory_format=torch.contiguous_format)
         _butterfly(gs, _POST, out=dq)
-        gr = gs.index_select(0, _r_index(grad.device)[1])  # the output side of the R products
+        gr = gs.index_select(0, r_out)  # the output side of the R products
         none = grad.new_zeros(())
         grad_x = grad_w = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -380,7 +381,7 @@ class _Rank8Linear(torch.autograd.Function):
             dv = torch.baddbmm(none, dq.mT, gx, beta=0, alpha=_Q_SCALE)
             grad_w = torch.empty_like(weight)
             _butterfly(dv, _PRE_T, out=grad_w)
-            grad_w.baddbmm_(gr.mT, xr, alpha=_R_SCALE)
+            grad_w.baddbmm_(gr.mT, _components(x).index_select(0, r_in), alpha=_R_SCALE)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_w, grad_bias
