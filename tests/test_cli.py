@@ -217,6 +217,32 @@ def test_bench_dispatches_to_the_named_module(monkeypatch, capsys):
     assert "unknown benchmark 'nope'; available: fake" in _error_line(capsys, ["bench", "nope"])
 
 
+def test_bench_layers_times_the_sizes_given(monkeypatch, capsys, tmp_path):
+    """--linear/--conv replace the default sizes; every contender runs on each."""
+    from quatnn.bench import layers
+
+    ran = []
+
+    def once(fns, device, repeats, min_seconds):
+        for fn in fns.values():
+            fn()  # each contender really runs
+        ran.append(list(fns))
+        return {name: 1.0 + i for i, name in enumerate(fns)}
+
+    monkeypatch.setattr(layers, "interleaved_seconds", once)
+    out = tmp_path / "t.csv"
+    argv = ["bench", "layers", "--linear", "4x8,2x16", "--conv", "2x8x4", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert ran == [["real", "block", "rank8", "auto"]] * 6  # 3 sizes x (fwd, fwd+bwd)
+    names = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
+    assert names == [
+        *["linear 8 (batch 4)"] * 2,
+        *["linear 16 (batch 2)"] * 2,
+        *["conv3x3 8ch 4x4 (batch 2)"] * 2,
+    ]
+    assert "| linear 8 (batch 4) | fwd | 1e+03 | 2 | 3 | 4 |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -235,6 +261,9 @@ def test_bench_errors_are_one_line(capsys, argv, message):
         (["bench", "norm", "--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
         (["bench", "train", "--steps", "-3"], "argument --steps: must be at least 1"),
         (["bench", "layers", "--device", "tpu"], "argument --device: unknown device 'tpu'"),
+        (["bench", "layers", "--linear", "8x6"], "'8x6' is not BATCHxWIDTH"),
+        (["bench", "layers", "--conv", "2x8"], "'2x8' is not BATCHxCHANNELSxSIZE"),
+        (["bench", "layers", "--quick", "--conv", "2x8x4"], "--quick times its own"),
         (["compare", "--variants", ","], "argument --variants: needs at least one"),
         (["models", "--names", ""], "argument --names: needs at least one"),
     ],

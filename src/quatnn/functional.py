@@ -54,15 +54,15 @@ ALGORITHMS = ("auto", "block", "rank8")
 
 # When "auto" picks rank8, per device type and kind of layer: any of the options (least
 # multiply-adds in ONE of the 8 real products, least quaternion channels per group on either
-# side of it, only while gradients are recorded). Measured with `quatnn bench layers` and
-# sweeps of convolution sizes and of linear widths 512-2048 at batches 64-1024 on 2 CPU
-# threads (README): smaller products lose more to the extra element-wise passes and kernel
-# calls than the halved arithmetic saves (a linear layer of 128 quaternions tied at every
-# batch, one of 160 won or tied, in training from batch 64: 1.14x-1.20x the real layer
-# against 1.37x-1.83x for block), and oneDNN runs narrow convolutions less
-# efficiently (at 16 quaternion channels only the backward gains enough). On CUDA (H200,
-# before the chunked convolution) rank8 lost at every benchmarked size (2.5x-7x the real
-# layer, block 1.2x-2.3x), so there is no CUDA rule.
+# side of it, only while gradients are recorded). Measured on 2 CPU threads with `quatnn
+# bench layers` (its --linear/--conv options time any sizes: sweeps of convolution sizes
+# and of linear widths 384-2048 at batches 64-1024, README): smaller products lose more to
+# the extra element-wise passes and kernel calls than the halved arithmetic saves (a
+# linear layer of 128 quaternions tied at every batch, one of 160 won or tied, in training
+# from batch 64: 1.14x-1.20x the real layer against 1.37x-1.83x for block), and oneDNN
+# runs narrow convolutions less efficiently (at 16 quaternion channels only the backward
+# gains enough). On CUDA (H200, before the chunked convolution) rank8 lost at every
+# benchmarked size (2.5x-7x the real layer, block 1.2x-2.3x), so there is no CUDA rule.
 RANK8_RULES = {
     "cpu": {
         "linear": ((2**21, 160, False), (2**20, 160, True)),

@@ -7,6 +7,7 @@ forward+backward, and prints ratios to the real layer (below 1 = faster than rea
 Example:
     quatnn bench layers --quick
     quatnn bench layers --device cuda --out bench-layers.csv
+    quatnn bench layers --linear 64x640,256x512 --conv 64x128x32
 """
 
 from __future__ import annotations
@@ -32,11 +33,38 @@ LINEAR = [(256, 256), (256, 1024), (256, 4096)]  # (batch, real width)
 CONV = [(64, 64, 32), (64, 256, 32)]  # (batch, real channels, image size), 3x3, padding 1
 
 
+def sizes(fields: str) -> Callable[[str], list[tuple[int, ...]]]:
+    """argparse type: comma-separated sizes such as ``256x1024``, one integer per name in
+    ``fields`` (``"batch,width"``); the second, a real width, must be a multiple of 4."""
+    names = fields.split(",")
+
+    def parse(text: str) -> list[tuple[int, ...]]:
+        out = []
+        for item in text.split(","):
+            try:
+                values = tuple(int(v) for v in item.strip().lower().split("x"))
+            except ValueError:
+                values = ()
+            if len(values) != len(names) or min(values) < 1 or values[1] % 4:
+                raise argparse.ArgumentTypeError(
+                    f"{item.strip()!r} is not {'x'.join(n.upper() for n in names)} "
+                    f"(positive integers, the {names[1]} a multiple of 4)"
+                )
+            out.append(values)
+        return out
+
+    return parse
+
+
 def _cases(
     quick: bool,
+    linear: list[tuple[int, ...]] | None = None,
+    conv: list[tuple[int, ...]] | None = None,
 ) -> list[tuple[str, Callable[[], nn.Module], Callable[[], nn.Module], tuple]]:
-    linear = LINEAR[:2] if quick else LINEAR
-    conv = [(16, 64, 16)] if quick else CONV
+    if linear is None and conv is None:
+        linear = LINEAR[:2] if quick else LINEAR
+        conv = [(16, 64, 16)] if quick else CONV
+    linear, conv = linear or [], conv or []
     cases = [
         (f"linear {w} (batch {b})", lambda w=w: nn.Linear(w, w), lambda w=w: QLinear(w, w), (b, w))
         for b, w in linear
@@ -73,10 +101,18 @@ def _with_algorithm(algorithm: str, fn: Callable[[], None]) -> Callable[[], None
     return run
 
 
-def run(device: str = "cpu", quick: bool = False, repeats: int = 5) -> list[dict]:
-    """Time every case; one row per (case, pass) with seconds and ratios to real."""
+def run(
+    device: str = "cpu",
+    quick: bool = False,
+    repeats: int = 5,
+    linear: list[tuple[int, ...]] | None = None,
+    conv: list[tuple[int, ...]] | None = None,
+) -> list[dict]:
+    """Time every case; one row per (case, pass) with seconds and ratios to real. Sizes
+    given as ``linear`` ``(batch, width)`` or ``conv`` ``(batch, channels, image size)``
+    replace the default ones."""
     rows = []
-    for name, make_real, make_quat, shape in _cases(quick):
+    for name, make_real, make_quat, shape in _cases(quick, linear, conv):
         real, quat = make_real().to(device), make_quat().to(device)
         x = torch.randn(*shape, device=device)
         for backward in (False, True):
@@ -103,6 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes only (seconds)")
     parser.add_argument(
+        "--linear",
+        type=sizes("batch,width"),
+        metavar="BxW[,...]",
+        help="linear sizes to time instead of the defaults, e.g. 64x512,256x640 (batch x "
+        "real width): to re-measure the auto rule (quatnn.functional.RANK8_RULES) here",
+    )
+    parser.add_argument(
+        "--conv",
+        type=sizes("batch,channels,size"),
+        metavar="BxCxS[,...]",
+        help="3x3 convolution sizes to time instead of the defaults, e.g. 64x128x32 "
+        "(batch x real channels x image size)",
+    )
+    parser.add_argument(
         "--repeats", type=positive_int, default=5, help="timed runs per measurement"
     )
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
@@ -112,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    rows = run(args.device, args.quick, args.repeats)
+    if args.quick and (args.linear or args.conv):
+        parser.error("--quick times its own small sizes: give it or --linear/--conv")
+    rows = run(args.device, args.quick, args.repeats, args.linear, args.conv)
     print(markdown_table(rows, list(rows[0])))
     if args.out:
         write_rows(rows, args.out)
