@@ -4,7 +4,9 @@
 # The CUDA paths of every layer against the float64 reference, the layer, norm and training
 # benchmarks (eager and compiled), and a one-GPU torchrun training smoke run. Each step has
 # its own time limit and a failing step does not stop the others. $OUT gets session.log
-# (every step's output, with its exit status) and the benchmark tables as CSV: six files.
+# (every step's output, with its exit status) and the benchmark tables as CSV: seven files.
+# layers_large.csv tells whether rank8 wins on the GPU once the products are large (no
+# CUDA rule in quatnn.functional.RANK8_RULES yet: it lost at every default size).
 set -u
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -22,6 +24,8 @@ step() {  # step NAME SECONDS COMMAND...
 
 step cuda_check 90 python benchmarks/cuda_check.py
 step bench_layers 150 python -m quatnn bench layers --device cuda --out "$out/layers.csv"
+step bench_layers_large 40 python -m quatnn bench layers --device cuda \
+    --linear 1024x4096,4096x8192 --conv 256x256x32 --out "$out/layers_large.csv"
 step bench_norm 40 python -m quatnn bench norm --device cuda --out "$out/norm.csv"
 step bench_train 70 python -m quatnn bench train --model conv6 --device cuda --out "$out/train.csv"
 step bench_train_compile 130 python -m quatnn bench train --model conv6 --device cuda \
