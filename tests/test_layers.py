@@ -426,6 +426,27 @@ def _fused_adam_step(layer: QLinear, x: torch.Tensor) -> None:
     opt.step()
 
 
+@pytest.mark.parametrize(
+    ("layer", "x"),
+    [
+        (QLinear(1024, 1024, fold_cache=True), torch.randn(256, 1024)),
+        (QConv2d(256, 256, 3, padding=1, fold_cache=True), torch.randn(2, 256, 64, 64)),
+    ],
+)
+def test_fold_cache_is_built_only_when_the_block_path_runs(monkeypatch, layer, x):
+    """Wide layers take rank8 in inference: their cache (4x the weight) is never built."""
+    layer.eval()
+    folds = []
+    monkeypatch.setattr(layer, "_fold", lambda: folds.append(1) or QF.block_weight(layer.weight))
+    with torch.no_grad():
+        y = layer(x)
+        assert folds == []
+        with QF.use_algorithm("block"):
+            torch.testing.assert_close(layer(x), y, rtol=1e-4, atol=1e-4)
+            layer(x)
+    assert folds == [1]  # built once, then reused
+
+
 def test_fold_cache_leaves_inference_tensors_and_functional_calls_alone():
     x = torch.randn(3, 16)
     with torch.inference_mode():

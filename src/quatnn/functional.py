@@ -508,17 +508,28 @@ def _rank8_apply(fn: type[torch.autograd.Function], x: Tensor, weight: Tensor, *
 
 # --------------------------------------------------------------------------- public API
 
+_Folded = Tensor | Callable[[], Tensor | None] | None
+
+
+def _folded(weight: Tensor, folded: _Folded, groups: int = 1, transposed: bool = False) -> Tensor:
+    """The block path's real weight: ``folded`` if given (called if a function that may
+    return None), else :func:`block_weight` of ``weight``."""
+    w = folded() if callable(folded) else folded
+    return block_weight(weight, groups, transposed) if w is None else w
+
 
 def quaternion_linear(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None = None,
     algorithm: str = "auto",
-    folded: Tensor | None = None,
+    folded: _Folded = None,
 ) -> Tensor:
     """Quaternion linear map of ``x (..., 4I)`` with ``weight (4, O, I)`` -> ``(..., 4O)``.
 
-    ``folded`` may pass a precomputed :func:`block_weight` (used by the block path only).
+    ``folded`` may pass a precomputed :func:`block_weight`, or a function that returns one
+    (or None) and is called only if the block path runs: layers pass their eval-mode cache
+    this way, so that a call that takes rank8 never builds it.
 
     >>> quaternion_linear(torch.randn(5, 8), torch.randn(4, 1, 2)).shape
     torch.Size([5, 4])
@@ -535,7 +546,7 @@ def quaternion_linear(
     macs = rows * weight.shape[1] * weight.shape[2]
     algo = resolve_algorithm(algorithm, x, macs, min(weight.shape[1], weight.shape[2]))
     if algo == "block" or rows == 0:  # an empty batch needs no products
-        return F.linear(x, block_weight(weight) if folded is None else folded, bias)
+        return F.linear(x, _folded(weight, folded), bias)
     y = _rank8_apply(_Rank8Linear, x.reshape(rows, n_in), weight, bias)
     return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -569,7 +580,7 @@ def quaternion_conv(
     transposed: bool = False,
     output_padding: int | Sequence[int] = 0,
     algorithm: str = "auto",
-    folded: Tensor | None = None,
+    folded: _Folded = None,
 ) -> Tensor:
     """N-d quaternion (transposed) convolution of a blocked ``x (N, 4I, *spatial)``.
 
@@ -626,7 +637,7 @@ def quaternion_conv(
     algo = resolve_algorithm(algorithm, x, macs, channels, "conv")
     if algo == "rank8":
         return _rank8_apply(_Rank8Conv, x, weight, bias, conv)
-    w = block_weight(weight, groups, transposed) if folded is None else folded
+    w = _folded(weight, folded, groups, transposed)
     if groups == 1:
         return _convolve(conv, x, w, bias)
     layout = _memory_format(x)  # kept through the channel permutations, as torch does

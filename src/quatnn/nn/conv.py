@@ -118,7 +118,7 @@ class _QConvNd(QuaternionLayer):
             transposed=self._transposed,
             output_padding=output_padding,
             algorithm=self.algorithm,
-            folded=self.folded_weight(),
+            folded=self.folded_weight,
         )
 
     def extra_repr(self) -> str:

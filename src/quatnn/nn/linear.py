@@ -22,7 +22,8 @@ class QLinear(QuaternionLayer):
         algorithm: ``"auto"``, ``"block"`` or ``"rank8"`` (:mod:`quatnn.functional`).
         init_criterion: ``"he"`` or ``"glorot"`` (:mod:`quatnn.nn.init`).
         fold_cache: in eval mode under ``torch.no_grad()``, reuse the folded real weight
-            between calls (:meth:`~quatnn.nn.base.QuaternionLayer.folded_weight`).
+            between calls that take the block path (built on the first such call;
+            :meth:`~quatnn.nn.base.QuaternionLayer.folded_weight`).
 
     Example:
         >>> layer = QLinear(8, 12)
@@ -59,7 +60,7 @@ class QLinear(QuaternionLayer):
         return QF.block_weight(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return QF.quaternion_linear(x, self.weight, self.bias, self.algorithm, self.folded_weight())
+        return QF.quaternion_linear(x, self.weight, self.bias, self.algorithm, self.folded_weight)
 
     def extra_repr(self) -> str:
         return (
