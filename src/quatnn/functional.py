@@ -247,8 +247,9 @@ def _butterfly(
     out: Sequence[Tensor] | None = None,
     extra: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
-    """Apply ``plan`` to the 4 planes ``src``: 8 element-wise passes, written into the
-    planes ``out`` if given, with ``extra[j]`` added to output plane ``j`` if given."""
+    """Apply ``plan`` to the 4 planes ``src``: 8 element-wise passes (12 with ``extra``),
+    written into the planes ``out`` if given, with ``extra[j]`` added to output plane
+    ``j`` if given."""
     planes = list(src)
     for stage, (a, b, plus, minus, flip) in enumerate(plan):
         last = stage == len(plan) - 1
