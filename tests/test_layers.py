@@ -677,7 +677,6 @@ def test_unfolded_layers_export_with_a_dynamic_batch():
     batch. The constant tensors that the trace builds stay out of the caches that eager
     calls use (cleared first, so that the trace is what would fill them)."""
     QF._fold_plan.cache_clear()
-    QF._r_index.cache_clear()
     model = nn.Sequential(
         QConv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), QLinear(16 * 36, 8)
     ).eval()

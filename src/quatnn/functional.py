@@ -280,12 +280,6 @@ def _by_input(r: Sequence[Tensor]) -> list[Tensor]:
     return [r[_R_IN.index(j)] for j in range(4)]
 
 
-@_constant_cache
-def _r_index(device: torch.device) -> tuple[Tensor, Tensor]:
-    """:data:`_R_IN` and :data:`_R_OUT` as index tensors."""
-    return torch.tensor(_R_IN, device=device), torch.tensor(_R_OUT, device=device)
-
-
 def _components(x: Tensor) -> Tensor:
     """Blocked ``(N, 4C, ...)`` -> a view ``(4, N, C, ...)`` of its component planes."""
     return x.unflatten(1, (4, -1)).movedim(1, 0)
@@ -339,26 +333,25 @@ def _no_double_backward() -> None:
 
 
 class _Rank8Linear(torch.autograd.Function):
-    """``x (N, 4I)``, ``weight (4, O, I)``, optional ``bias (4O)`` -> ``(N, 4O)``. The Q
-    and the R products of each pass are a batched matrix product each, scaled by the
-    product (``alpha``) rather than by a pass over the (large) weight operands."""
+    """``x (N, 4I)``, ``weight (4, O, I)``, optional ``bias (4O)`` -> ``(N, 4O)``. The 4 Q
+    products of each pass are one batched matrix product, scaled by the product
+    (``alpha``) rather than by a pass over the (large) weight operand; the 4 R products
+    accumulate straight into the component planes of the result (``addmm_``)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        r_in, r_out = _r_index(x.device)
         xs = _components(x)
         gx = torch.empty_like(xs, memory_format=torch.contiguous_format)
         _butterfly(xs, _PRE, out=gx)
         gw = torch.empty_like(weight)
         _butterfly(weight, _PRE, out=gw)
-        none = x.new_zeros(())  # baddbmm with beta=0: a plain scaled product
-        q = torch.baddbmm(none, gx, gw.mT, beta=0, alpha=_Q_SCALE)
-        r_bias = none if bias is None else bias.view(4, 1, -1).index_select(0, r_out)
-        xr = xs.index_select(0, r_in)  # the input side of the R products
-        r = torch.baddbmm(r_bias, xr, weight.mT, beta=int(bias is not None), alpha=_R_SCALE)
+        q = torch.baddbmm(x.new_zeros(()), gx, gw.mT, beta=0, alpha=_Q_SCALE)
         y = x.new_empty(len(x), 4 * weight.shape[1])
-        _butterfly(q, _POST, out=_components(y), extra=_by_output(r))
-        ctx.save_for_backward(x, gx, gw, weight)  # x rather than its permuted copy xr
+        ys = _components(y)
+        _butterfly(q, _POST, out=ys, extra=None if bias is None else bias.view(4, 1, -1))
+        for k in range(4):
+            ys[_R_OUT[k]].addmm_(xs[_R_IN[k]], weight[k].T, alpha=_R_SCALE)
+        ctx.save_for_backward(x, gx, gw, weight)
         ctx.has_bias = bias is not None
         return y
 
@@ -366,23 +359,23 @@ class _Rank8Linear(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         _no_double_backward()
         x, gx, gw, weight = ctx.saved_tensors
-        r_in, r_out = _r_index(x.device)
-        gs = _components(grad)
+        xs, gs = _components(x), _components(grad)
         dq = torch.empty_like(gs, memory_format=torch.contiguous_format)
         _butterfly(gs, _POST, out=dq)
-        gr = gs.index_select(0, r_out)  # the output side of the R products
-        none = grad.new_zeros(())
         grad_x = grad_w = grad_bias = None
         if ctx.needs_input_grad[0]:
-            du = torch.baddbmm(none, dq, gw, beta=0, alpha=_Q_SCALE)
-            dr = torch.baddbmm(none, gr, weight, beta=0, alpha=_R_SCALE)
+            du = torch.baddbmm(grad.new_zeros(()), dq, gw, beta=0, alpha=_Q_SCALE)
             grad_x = grad.new_empty(len(grad), 4 * weight.shape[2])
-            _butterfly(du, _PRE_T, out=_components(grad_x), extra=_by_input(dr))
+            grad_xs = _components(grad_x)
+            _butterfly(du, _PRE_T, out=grad_xs)
+            for k in range(4):
+                grad_xs[_R_IN[k]].addmm_(gs[_R_OUT[k]], weight[k], alpha=_R_SCALE)
         if ctx.needs_input_grad[1]:
-            dv = torch.baddbmm(none, dq.mT, gx, beta=0, alpha=_Q_SCALE)
+            dv = torch.baddbmm(grad.new_zeros(()), dq.mT, gx, beta=0, alpha=_Q_SCALE)
             grad_w = torch.empty_like(weight)
             _butterfly(dv, _PRE_T, out=grad_w)
-            grad_w.baddbmm_(gr.mT, _components(x).index_select(0, r_in), alpha=_R_SCALE)
+            for k in range(4):
+                grad_w[k].addmm_(gs[_R_OUT[k]].T, xs[_R_IN[k]], alpha=_R_SCALE)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_w, grad_bias
