@@ -85,6 +85,7 @@ def _step(module: nn.Module, x: torch.Tensor, backward: bool) -> Callable[[], No
     def run() -> None:
         if backward:
             module.zero_grad(set_to_none=True)
+            x.grad = None
             module(x).sum().backward()
         else:
             with torch.no_grad():
@@ -107,20 +108,23 @@ def run(
     repeats: int = 5,
     linear: list[tuple[int, ...]] | None = None,
     conv: list[tuple[int, ...]] | None = None,
+    input_grad: bool = False,
 ) -> list[dict]:
     """Time every case; one row per (case, pass) with seconds and ratios to real. Sizes
     given as ``linear`` ``(batch, width)`` or ``conv`` ``(batch, channels, image size)``
-    replace the default ones."""
+    replace the default ones. The backward computes the input's gradient too (as in a
+    middle layer) with ``input_grad``, else only the parameters' (as in a first layer)."""
     rows = []
     for name, make_real, make_quat, shape in _cases(quick, linear, conv):
         real, quat = make_real().to(device), make_quat().to(device)
-        x = torch.randn(*shape, device=device)
+        x = torch.randn(*shape, device=device, requires_grad=input_grad)
         for backward in (False, True):
             fns = {"real": _step(real, x, backward)}
             for algorithm in ALGORITHMS:
                 fns[algorithm] = _with_algorithm(algorithm, _step(quat, x, backward))
             seconds = interleaved_seconds(fns, device, repeats, min_seconds=1.0)
-            row: dict = {"layer": name, "pass": "fwd+bwd" if backward else "fwd"}
+            passes = "fwd+bwd+dx" if input_grad else "fwd+bwd"
+            row: dict = {"layer": name, "pass": passes if backward else "fwd"}
             row["real_ms"] = 1e3 * seconds["real"]
             row.update({f"{a}_x": seconds[a] / seconds["real"] for a in ALGORITHMS})
             rows.append(row)
@@ -155,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=positive_int, default=5, help="timed runs per measurement"
     )
+    parser.add_argument(
+        "--input-grad",
+        action="store_true",
+        help="the backward also computes the input's gradient, as in a middle layer (pass "
+        "'fwd+bwd+dx'); by default only the parameters' (a first layer)",
+    )
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="also write the table (.csv or .json)")
     args = parser.parse_args(argv)
@@ -164,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.quick and (args.linear or args.conv):
         parser.error("--quick times its own small sizes: give it or --linear/--conv")
-    rows = run(args.device, args.quick, args.repeats, args.linear, args.conv)
+    rows = run(args.device, args.quick, args.repeats, args.linear, args.conv, args.input_grad)
     print(markdown_table(rows, list(rows[0])))
     if args.out:
         write_rows(rows, args.out)
