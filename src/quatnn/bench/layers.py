@@ -33,7 +33,7 @@ LINEAR = [(256, 256), (256, 1024), (256, 4096)]  # (batch, real width)
 CONV = [(64, 64, 32), (64, 256, 32)]  # (batch, real channels, image size), 3x3, padding 1
 
 
-def sizes(fields: str) -> Callable[[str], list[tuple[int, ...]]]:
+def _sizes(fields: str) -> Callable[[str], list[tuple[int, ...]]]:
     """argparse type: comma-separated sizes such as ``256x1024``, one integer per name in
     ``fields`` (``"batch,width"``); the second, a real width, must be a multiple of 4."""
     names = fields.split(",")
@@ -144,14 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes only (seconds)")
     parser.add_argument(
         "--linear",
-        type=sizes("batch,width"),
+        type=_sizes("batch,width"),
         metavar="BxW[,...]",
         help="linear sizes to time instead of the defaults, e.g. 64x512,256x640 (batch x "
         "real width): to re-measure the auto rule (quatnn.functional.RANK8_RULES) here",
     )
     parser.add_argument(
         "--conv",
-        type=sizes("batch,channels,size"),
+        type=_sizes("batch,channels,size"),
         metavar="BxCxS[,...]",
         help="3x3 convolution sizes to time instead of the defaults, e.g. 64x128x32 "
         "(batch x real channels x image size)",
@@ -168,12 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="also write the table (.csv or .json)")
     args = parser.parse_args(argv)
+    if args.quick and (args.linear or args.conv):
+        parser.error("--quick times its own small sizes: give it or --linear/--conv")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    if args.quick and (args.linear or args.conv):
-        parser.error("--quick times its own small sizes: give it or --linear/--conv")
     rows = run(args.device, args.quick, args.repeats, args.linear, args.conv, args.input_grad)
     print(markdown_table(rows, list(rows[0])))
     if args.out:
