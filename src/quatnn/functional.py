@@ -6,10 +6,11 @@ component-blocked tensors:
 * ``"block"``: fold ``W`` into the 16-block real matrix (:func:`block_weight`) and run one
   real GEMM/convolution. Few kernels, so it wins on small layers and under autocast.
 * ``"rank8"``: quaternion multiplication has bilinear rank 8 (Howell & Lafon 1975), so the
-  quaternion product is formed from 8 real products of quaternion size on pre-added
-  (Hadamard) combinations of weight and input, then post-added: half the multiply-adds of
-  the real layer of the same width. Its backward is the same decomposition transposed
-  (the linear map keeps its pre-added input for it), so no 16-block matrix is ever formed.
+  quaternion product is formed from 8 real products of quaternion size (4 on pre-added,
+  Hadamard, combinations of weight and input, 4 on single components), then post-added:
+  half the multiply-adds of the real layer of the same width. Its backward is the same
+  decomposition transposed (the linear map keeps its pre-added input for it), so no
+  16-block matrix is ever formed.
   It computes in the promoted dtype of its inputs with autocast off (the pre-added
   combinations lose bits in 16-bit floats).
 * ``"auto"`` (default): block under autocast or for half-precision inputs, otherwise rank8
