@@ -30,7 +30,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from quatnn.models import VARIANTS
 from quatnn.report.runs import ReportError, read_run
-from quatnn.report.table import Report, markdown_table
+from quatnn.report.table import Report, markdown_table, percent
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -124,8 +124,7 @@ def summarize_levels(rows: Sequence[dict], metric: str = "final") -> list[dict]:
 def _cell(row: dict | None) -> str:
     if row is None:
         return "-"
-    spread = f" ± {100 * row['acc_std']:.2f}" if row["runs"] > 1 else ""
-    return f"{100 * row['acc']:.2f}{spread} (n={row['runs']})"
+    return f"{percent(row['acc'], row['acc_std'], row['runs'])} (n={row['runs']})"
 
 
 def level_table(summary: Sequence[dict]) -> str:

@@ -135,7 +135,8 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
                 "at any depth)"
             )
         for folder in folders:
-            if folder.resolve() not in seen:
-                seen.add(folder.resolve())
+            key = folder.resolve()
+            if key not in seen:
+                seen.add(key)
                 runs.append(read_run(folder))
     return runs

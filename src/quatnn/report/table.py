@@ -234,7 +234,7 @@ def summarize(runs: Sequence[Run]) -> list[dict]:
     return rows
 
 
-def _percent(mean: float, std: float, runs: int) -> str:
+def percent(mean: float, std: float, runs: int) -> str:
     """``mean ± std`` in percent; the value alone for a single run."""
     return f"{100 * mean:.2f}" if runs == 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
@@ -252,8 +252,8 @@ def display_rows(rows: Sequence[dict]) -> list[dict]:
                 "epochs": str(r["epochs"]),
                 "params": "?" if r["params"] is None else f"{r['params']:,}",
                 "ratio to real": "-" if r["ratio"] is None else f"{r['ratio']:.3f}",
-                "final test acc (%)": _percent(r["final_acc"], r["final_acc_std"], r["runs"]),
-                "best test acc (%)": _percent(r["best_acc"], r["best_acc_std"], r["runs"]),
+                "final test acc (%)": percent(r["final_acc"], r["final_acc_std"], r["runs"]),
+                "best test acc (%)": percent(r["best_acc"], r["best_acc_std"], r["runs"]),
                 "s/epoch": f"{r['seconds_per_epoch']:.2f}",
                 "samples/s": f"{r['samples_per_second']:.0f}",
             }
