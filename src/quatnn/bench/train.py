@@ -125,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = tuple(v for v in args.variants.split(",") if v)
+    try:
+        if not variants:
+            raise ValueError("--variants needs at least one variant")
+        for variant in variants:
+            models.default_in_channels(args.model, variant)  # checks both names
+    except ValueError as err:
+        parser.error(str(err))
     print(f"{args.model} batch {args.batch} on {args.device}, torch {torch.__version__}")
     rows = run(
         args.model,
