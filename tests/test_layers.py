@@ -44,6 +44,24 @@ def test_linear_matches_reference(algorithm, lead):
     torch.testing.assert_close(layer(x), want)
 
 
+@pytest.mark.parametrize(
+    ("lead", "on_products"), [((3,), True), ((2, 1), True), ((6,), False), ((9,), False)]
+)
+def test_block_linear_applies_its_signs_on_the_smaller_side(monkeypatch, lead, on_products):
+    """Block folds the weight (16 O I elements) unless the input has fewer rows than input
+    quaternions: then its signs go on the 16 rows O products. Both sides equal the
+    reference product and pass gradcheck."""
+    original, folds = QF.block_weight, []
+    monkeypatch.setattr(QF, "block_weight", lambda *a: folds.append(1) or original(*a))
+    x = torch.randn(*lead, 24, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    y = QF.quaternion_linear(x, w, b, "block")
+    assert folds == ([] if on_products else [1])
+    torch.testing.assert_close(y, algebra.reference_linear(x, w, b))
+    assert torch.autograd.gradcheck(lambda *t: QF.quaternion_linear(*t, "block"), (x, w, b))
+
+
 # (nd, kernel, stride, padding, dilation, groups, in, out)
 CONV_GRID = [
     (1, 3, 1, 0, 1, 1, 8, 12),
@@ -665,7 +683,8 @@ def test_torch_func_transforms_take_block():
     with QF.use_algorithm("block"):  # what auto takes under the transforms
         layer(x).sum().backward()
         want = layer(x)
-    torch.testing.assert_close(grads["weight"], layer.weight.grad)
+    # outside, block applies its signs to this small batch's products: sums in another order
+    torch.testing.assert_close(grads["weight"], layer.weight.grad, rtol=1e-4, atol=1e-4)
     ys = torch.func.vmap(layer)(x.view(4, 16, 1024))
     torch.testing.assert_close(ys.view(64, 1024), want)
     with pytest.raises(RuntimeError, match="does not support torch.func"):

@@ -4,7 +4,9 @@ Both compute ``y_o = sum_i W_oi (x) x_i + b_o`` (left Hamilton product, DESIGN.m
 component-blocked tensors:
 
 * ``"block"``: fold ``W`` into the 16-block real matrix (:func:`block_weight`) and run one
-  real GEMM/convolution. Few kernels, so it wins on small layers and under autocast.
+  real GEMM/convolution. Few kernels, so it wins on small layers and under autocast. A
+  linear map of fewer input rows than input quaternions applies the signs to its 16
+  component products instead of folding the weight (fewer elements to move).
 * ``"rank8"``: quaternion multiplication has bilinear rank 8 (Howell & Lafon 1975), so the
   quaternion product is formed from 8 real products of quaternion size (4 on pre-added,
   Hadamard, combinations of weight and input, 4 on single components), then post-added:
@@ -106,6 +108,19 @@ def _autocasting(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
+def _plain_block_only(x: Tensor) -> bool:
+    """Whether only the plain block path (folded weight, one torch.nn product) may run:
+    while torch.export traces (an exported graph must not branch on the batch size),
+    under autocast, under torch.func transforms, and for 16-bit inputs."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.5
+    return (
+        exporting
+        or _autocasting(x.device.type)
+        or transforming()
+        or x.dtype in (torch.float16, torch.bfloat16)
+    )
+
+
 def resolve_algorithm(
     algorithm: str, x: Tensor, macs_per_product: int, channels: int, kind: str = "linear"
 ) -> str:
@@ -123,17 +138,10 @@ def resolve_algorithm(
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {chosen!r}")
     if chosen != "auto":
         return chosen
-    device = x.device.type
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.5
-    if (
-        exporting
-        or _autocasting(device)
-        or transforming()
-        or x.dtype in (torch.float16, torch.bfloat16)
-    ):
+    if _plain_block_only(x):
         return "block"
     grad = torch.is_grad_enabled()
-    for min_macs, min_channels, needs_grad in RANK8_RULES.get(device, {}).get(kind, ()):
+    for min_macs, min_channels, needs_grad in RANK8_RULES.get(x.device.type, {}).get(kind, ()):
         if macs_per_product >= min_macs and channels >= min_channels and (grad or not needs_grad):
             return "rank8"
     return "block"
@@ -205,6 +213,36 @@ def block_weight(weight: Tensor, groups: int = 1, transposed: bool = False) -> T
     index, sign = _fold_plan(rows, groups, transposed, weight.dtype, weight.device)
     folded = weight.reshape(4 * rows, -1).index_select(0, index) * sign
     return folded.view(4 * rows, 4 * weight.shape[2], *weight.shape[3:])
+
+
+@_constant_cache
+def _product_plan(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The signed sums of :func:`_linear_on_products`: ``index`` (16,) lists, for each
+    input component ``c`` and output component ``o`` (``c``-major), the slot ``4c + k`` of
+    the product ``x_c w_k`` that output ``o`` takes from input ``c``; ``sign`` (4, 4, 1)
+    its sign, as in :func:`block_weight`."""
+    index = [c * 4 + _BLOCK_INDEX[o][c] for c in range(4) for o in range(4)]
+    sign = [[_BLOCK_SIGN[o][c]] for c in range(4) for o in range(4)]
+    return (
+        torch.tensor(index, device=device),
+        torch.tensor(sign, dtype=dtype, device=device).view(4, 4, 1),
+    )
+
+
+def _linear_on_products(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The block linear map with its sign pattern applied to the products instead of the
+    weight: one real product of the input's component rows ``(4 rows, I)`` (a view) with
+    the stacked components ``(4O, I)`` forms all 16 component products ``x_c w_k``, and
+    each output component is a signed sum of four of them. Its extra passes cover
+    ``16 rows O`` elements instead of the folded weight's ``16 O I``, so it is the cheaper
+    block path when there are fewer rows than input quaternions (small batches)."""
+    _, n_out, n_in = weight.shape
+    rows = x.numel() // (4 * n_in)
+    index, sign = _product_plan(x.dtype, x.device)
+    z = torch.mm(x.reshape(4 * rows, n_in), weight.reshape(4 * n_out, n_in).t())
+    y = (z.view(rows, 16, n_out).index_select(1, index).view(rows, 4, 4, n_out) * sign).sum(1)
+    y = y.view(*x.shape[:-1], 4 * n_out)
+    return y if bias is None else y + bias
 
 
 def _to_group_major(x: Tensor, groups: int) -> Tensor:
@@ -506,11 +544,9 @@ def _rank8_apply(fn: type[torch.autograd.Function], x: Tensor, weight: Tensor, *
 _Folded = Tensor | Callable[[], Tensor | None] | None
 
 
-def _folded(weight: Tensor, folded: _Folded, groups: int = 1, transposed: bool = False) -> Tensor:
-    """The block path's real weight: ``folded`` if given (called if a function that may
-    return None), else :func:`block_weight` of ``weight``."""
-    w = folded() if callable(folded) else folded
-    return block_weight(weight, groups, transposed) if w is None else w
+def _given(folded: _Folded) -> Tensor | None:
+    """The block weight passed as ``folded``, if any (a function is called for it)."""
+    return folded() if callable(folded) else folded
 
 
 def quaternion_linear(
@@ -524,7 +560,8 @@ def quaternion_linear(
 
     ``folded`` may pass a precomputed :func:`block_weight`, or a function that returns one
     (or None) and is called only if the block path runs: layers pass their eval-mode cache
-    this way, so that a call that takes rank8 never builds it.
+    this way, so that a call that takes rank8 never builds it. A folded weight, when there
+    is one, is used at every batch size (block's products side does not fold).
 
     >>> quaternion_linear(torch.randn(5, 8), torch.randn(4, 1, 2)).shape
     torch.Size([5, 4])
@@ -541,7 +578,10 @@ def quaternion_linear(
     macs = rows * weight.shape[1] * weight.shape[2]
     algo = resolve_algorithm(algorithm, x, macs, min(weight.shape[1], weight.shape[2]))
     if algo == "block" or rows == 0:  # an empty batch needs no products
-        return F.linear(x, _folded(weight, folded), bias)
+        given = _given(folded)
+        if given is None and not _plain_block_only(x) and 0 < rows < weight.shape[2]:
+            return _linear_on_products(x, weight, bias)
+        return F.linear(x, block_weight(weight) if given is None else given, bias)
     y = _rank8_apply(_Rank8Linear, x.reshape(rows, n_in), weight, bias)
     return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -632,7 +672,9 @@ def quaternion_conv(
     algo = resolve_algorithm(algorithm, x, macs, channels, "conv")
     if algo == "rank8":
         return _rank8_apply(_Rank8Conv, x, weight, bias, conv)
-    w = _folded(weight, folded, groups, transposed)
+    w = _given(folded)
+    if w is None:
+        w = block_weight(weight, groups, transposed)
     if groups == 1:
         return _convolve(conv, x, w, bias)
     layout = _memory_format(x)  # kept through the channel permutations, as torch does
