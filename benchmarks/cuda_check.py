@@ -29,21 +29,23 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float) -> None
     print(f"{'ok  ' if ok else 'FAIL'} {name}: relative error {err:.2e} (limit {rtol:.0e})")
 
 
-x, w = torch.randn(64, 1024, dtype=torch.float64), torch.randn(4, 128, 256, dtype=torch.float64)
-ref = algebra.reference_linear(x, w)
-for algo in ("block", "rank8"):
-    check(
-        f"linear {algo} float64",
-        QF.quaternion_linear(x.to(dev), w.to(dev), algorithm=algo),
-        ref,
-        1e-12,
-    )
-    check(
-        f"linear {algo} float32",
-        QF.quaternion_linear(x.float().to(dev), w.float().to(dev), algorithm=algo),
-        ref,
-        1e-5,
-    )
+w = torch.randn(4, 128, 256, dtype=torch.float64)
+for rows in (64, 512):  # block applies its signs to the products below 256 rows, else folds
+    x = torch.randn(rows, 1024, dtype=torch.float64)
+    ref = algebra.reference_linear(x, w)
+    for algo in ("block", "rank8"):
+        check(
+            f"linear {algo} float64, {rows} rows",
+            QF.quaternion_linear(x.to(dev), w.to(dev), algorithm=algo),
+            ref,
+            1e-12,
+        )
+        check(
+            f"linear {algo} float32, {rows} rows",
+            QF.quaternion_linear(x.float().to(dev), w.float().to(dev), algorithm=algo),
+            ref,
+            1e-5,
+        )
 for kw in ({"padding": 1}, {"stride": 2, "padding": 1, "groups": 2}, {"padding": 1, "groups": 8}):
     xc = torch.randn(4, 32, 12, 12, dtype=torch.float64)
     wc = torch.randn(4, 8, 8 // kw.get("groups", 1), 3, 3, dtype=torch.float64)

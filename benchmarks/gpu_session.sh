@@ -4,9 +4,11 @@
 # The CUDA paths of every layer against the float64 reference, the layer, norm and training
 # benchmarks (eager and compiled), and a one-GPU torchrun training smoke run. Each step has
 # its own time limit and a failing step does not stop the others. $OUT gets session.log
-# (every step's output, with its exit status) and the benchmark tables as CSV: seven files.
+# (every step's output, with its exit status) and the benchmark tables as CSV: eight files.
 # layers_large.csv tells whether rank8 wins on the GPU once the products are large (no
-# CUDA rule in quatnn.functional.RANK8_RULES yet: it lost at every default size).
+# CUDA rule in quatnn.functional.RANK8_RULES yet: it lost at every default size), and
+# (32x2048) how block's products side, taken at small batches, does there; so does
+# train_lenet.csv, whose linear layers take it at batch 60.
 set -u
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -23,11 +25,13 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 step cuda_check 90 python benchmarks/cuda_check.py
-step bench_layers 150 python -m quatnn bench layers --device cuda --out "$out/layers.csv"
+step bench_layers 130 python -m quatnn bench layers --device cuda --out "$out/layers.csv"
 step bench_layers_large 40 python -m quatnn bench layers --device cuda \
-    --linear 1024x4096,4096x8192 --conv 256x256x32 --out "$out/layers_large.csv"
+    --linear 1024x4096,4096x8192,32x2048 --conv 256x256x32 --out "$out/layers_large.csv"
 step bench_norm 40 python -m quatnn bench norm --device cuda --out "$out/norm.csv"
 step bench_train 70 python -m quatnn bench train --model conv6 --device cuda --out "$out/train.csv"
+step bench_train_lenet 20 python -m quatnn bench train --model lenet_300_100 \
+    --variants real,quaternion --steps 500 --device cuda --out "$out/train_lenet.csv"
 step bench_train_compile 130 python -m quatnn bench train --model conv6 --device cuda \
     --compile --out "$out/train_compile.csv"
 step torchrun 70 torchrun --nproc_per_node 1 -m quatnn train --model resnet20 \
