@@ -50,7 +50,7 @@ def test_linear_matches_reference(algorithm, lead):
 def test_block_linear_applies_its_signs_on_the_smaller_side(monkeypatch, lead, on_products):
     """Block folds the weight (16 O I elements) unless the input has fewer rows than input
     quaternions: then its signs go on the 16 rows O products. Both sides equal the
-    reference product and pass gradcheck."""
+    reference product and pass gradcheck and gradgradcheck (double backward)."""
     original, folds = QF.block_weight, []
     monkeypatch.setattr(QF, "block_weight", lambda *a: folds.append(1) or original(*a))
     x = torch.randn(*lead, 24, dtype=torch.float64, requires_grad=True)
@@ -59,7 +59,12 @@ def test_block_linear_applies_its_signs_on_the_smaller_side(monkeypatch, lead, o
     y = QF.quaternion_linear(x, w, b, "block")
     assert folds == ([] if on_products else [1])
     torch.testing.assert_close(y, algebra.reference_linear(x, w, b))
-    assert torch.autograd.gradcheck(lambda *t: QF.quaternion_linear(*t, "block"), (x, w, b))
+
+    def block(*t: torch.Tensor) -> torch.Tensor:
+        return QF.quaternion_linear(*t, "block")
+
+    assert torch.autograd.gradcheck(block, (x, w, b))
+    assert torch.autograd.gradgradcheck(block, (x, w, b))
 
 
 # (nd, kernel, stride, padding, dilation, groups, in, out)
