@@ -709,3 +709,18 @@ def test_unfolded_layers_export_with_a_dynamic_batch():
     for n in (1, 5):
         x = torch.randn(n, 8, 6, 6)
         torch.testing.assert_close(program.module()(x), model(x))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:.*deprecated")
+def test_jit_trace_folds_the_weight(monkeypatch):
+    """Under torch.jit.trace block folds the weight whatever the batch (no branch on it is
+    recorded), and the traced layer serves other batch sizes."""
+    original, folds = QF.block_weight, []
+    monkeypatch.setattr(QF, "block_weight", lambda *a: folds.append(1) or original(*a))
+    layer = QLinear(32, 8).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, torch.randn(2, 32), check_trace=False)  # 2 rows < 8
+        assert folds == [1]
+        for n in (1, 5, 40):
+            x = torch.randn(n, 32)
+            torch.testing.assert_close(traced(x), layer(x))

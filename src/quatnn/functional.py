@@ -110,11 +110,12 @@ def _autocasting(device_type: str) -> bool:
 
 def _plain_block_only(x: Tensor) -> bool:
     """Whether only the plain block path (folded weight, one torch.nn product) may run:
-    while torch.export traces (an exported graph must not branch on the batch size),
-    under autocast, under torch.func transforms, and for 16-bit inputs."""
+    while torch.export or torch.jit traces (an exported graph must not branch on the batch
+    size), under autocast, under torch.func transforms, and for 16-bit inputs."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.5
     return (
         exporting
+        or torch.jit.is_tracing()
         or _autocasting(x.device.type)
         or transforming()
         or x.dtype in (torch.float16, torch.bfloat16)
@@ -126,13 +127,13 @@ def resolve_algorithm(
 ) -> str:
     """The algorithm a call will use: the :func:`use_algorithm` override if set, else
     ``algorithm`` unless it is ``"auto"``. ``"auto"`` picks ``"block"`` under autocast, for
-    16-bit inputs, while ``torch.export`` traces (so that an exported graph has no branch
-    on the batch size and keeps it dynamic) and under ``torch.func`` transforms (vmap,
-    grad, ...: the rank-8 Functions do not support them); ``"rank8"`` where an option of
-    :data:`RANK8_RULES` says it wins (one real product has at least that many multiply-adds,
-    ``channels`` = the fewer quaternion channels per group of input and output reaches the
-    minimum, gradients are recorded if the option needs them); ``"block"`` otherwise.
-    ``kind`` is ``"linear"`` or ``"conv"``."""
+    16-bit inputs, while ``torch.export`` or ``torch.jit`` traces (so that an exported
+    graph has no branch on the batch size and keeps it dynamic) and under ``torch.func``
+    transforms (vmap, grad, ...: the rank-8 Functions do not support them); ``"rank8"``
+    where an option of :data:`RANK8_RULES` says it wins (one real product has at least
+    that many multiply-adds, ``channels`` = the fewer quaternion channels per group of
+    input and output reaches the minimum, gradients are recorded if the option needs
+    them); ``"block"`` otherwise. ``kind`` is ``"linear"`` or ``"conv"``."""
     chosen = _override if _override not in (None, "auto") else algorithm
     if chosen not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {chosen!r}")
