@@ -515,13 +515,14 @@ def test_channels_last_input():
             )
 
 
-def test_compiled_matches_eager():
+@pytest.mark.parametrize("algorithm", ALGOS)  # block: its linear layer is on the products side
+def test_compiled_matches_eager(algorithm):
     torch.manual_seed(0)
     model = nn.Sequential(
-        QConv2d(4, 8, 3, padding=1, algorithm="rank8"),
+        QConv2d(4, 8, 3, padding=1, algorithm=algorithm),
         nn.ReLU(),
         nn.Flatten(),
-        QLinear(8 * 16, 8, algorithm="rank8"),
+        QLinear(8 * 16, 8, algorithm=algorithm),
     )
     x = torch.randn(3, 4, 4, 4)
     compiled = torch.compile(model)
