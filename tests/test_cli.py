@@ -231,13 +231,13 @@ def test_bench_layers_times_the_sizes_given(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setattr(layers, "interleaved_seconds", once)
     out = tmp_path / "t.csv"
-    argv = ["bench", "layers", "--linear", "4x8,2x16", "--conv", "2x8x4", "--out", str(out)]
+    argv = ["bench", "layers", "--linear", "4x8,2x16x12", "--conv", "2x8x4", "--out", str(out)]
     assert cli.main(argv) == 0
     assert ran == [["real", "block", "rank8", "auto"]] * 6  # 3 sizes x (fwd, fwd+bwd)
     names = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
     assert names == [
         *["linear 8 (batch 4)"] * 2,
-        *["linear 16 (batch 2)"] * 2,
+        *["linear 16->12 (batch 2)"] * 2,
         *["conv3x3 8ch 4x4 (batch 2)"] * 2,
     ]
     assert "| linear 8 (batch 4) | fwd | 1e+03 | 2 | 3 | 4 |" in capsys.readouterr().out
@@ -269,7 +269,9 @@ def test_bench_errors_are_one_line(capsys, argv, message):
         (["bench", "train", "--variants", "real4,foo"], "unknown variant 'foo'; valid"),
         (["bench", "train", "--variants", ","], "--variants needs at least one variant"),
         (["bench", "layers", "--device", "tpu"], "argument --device: unknown device 'tpu'"),
-        (["bench", "layers", "--linear", "8x6"], "'8x6' is not BATCHxWIDTH"),
+        (["bench", "layers", "--linear", "8x6"], "'8x6' is not BATCHxWIDTH[xOUT]"),
+        (["bench", "layers", "--linear", "8x8x6"], "'8x8x6' is not BATCHxWIDTH[xOUT]"),
+        (["bench", "layers", "--linear", "8x8x8x8"], "'8x8x8x8' is not BATCHxWIDTH[xOUT]"),
         (["bench", "layers", "--conv", "2x8"], "'2x8' is not BATCHxCHANNELSxSIZE"),
         (["bench", "layers", "--quick", "--conv", "2x8x4"], "--quick times its own"),
         (["compare", "--variants", ","], "argument --variants: needs at least one"),

@@ -33,10 +33,12 @@ LINEAR = [(256, 256), (256, 1024), (256, 4096)]  # (batch, real width)
 CONV = [(64, 64, 32), (64, 256, 32)]  # (batch, real channels, image size), 3x3, padding 1
 
 
-def _sizes(fields: str) -> Callable[[str], list[tuple[int, ...]]]:
-    """argparse type: comma-separated sizes such as ``256x1024``, one integer per name in
-    ``fields`` (``"batch,width"``); the second, a real width, must be a multiple of 4."""
-    names = fields.split(",")
+def _sizes(
+    form: str, counts: tuple[int, ...], quads: tuple[int, ...]
+) -> Callable[[str], list[tuple[int, ...]]]:
+    """argparse type: comma-separated sizes such as ``256x1024``, written as ``form`` says
+    (in errors): as many positive integers as one of ``counts``, those at the positions
+    ``quads`` (real sizes) multiples of 4."""
 
     def parse(text: str) -> list[tuple[int, ...]]:
         out = []
@@ -45,10 +47,13 @@ def _sizes(fields: str) -> Callable[[str], list[tuple[int, ...]]]:
                 values = tuple(int(v) for v in item.strip().lower().split("x"))
             except ValueError:
                 values = ()
-            if len(values) != len(names) or min(values) < 1 or values[1] % 4:
+            if (
+                len(values) not in counts
+                or min(values) < 1
+                or any(values[q] % 4 for q in quads if q < len(values))
+            ):
                 raise argparse.ArgumentTypeError(
-                    f"{item.strip()!r} is not {'x'.join(n.upper() for n in names)} "
-                    f"(positive integers, the {names[1]} a multiple of 4)"
+                    f"{item.strip()!r} is not {form} (positive integers, real sizes multiples of 4)"
                 )
             out.append(values)
         return out
@@ -65,10 +70,18 @@ def _cases(
         linear = LINEAR[:2] if quick else LINEAR
         conv = [(16, 64, 16)] if quick else CONV
     linear, conv = linear or [], conv or []
-    cases = [
-        (f"linear {w} (batch {b})", lambda w=w: nn.Linear(w, w), lambda w=w: QLinear(w, w), (b, w))
-        for b, w in linear
-    ]
+    cases = []
+    for b, n_in, *rest in linear:  # batch x width, or batch x in x out
+        n_out = rest[0] if rest else n_in
+        name = f"linear {n_in}" if n_out == n_in else f"linear {n_in}->{n_out}"
+        cases.append(
+            (
+                f"{name} (batch {b})",
+                lambda i=n_in, o=n_out: nn.Linear(i, o),
+                lambda i=n_in, o=n_out: QLinear(i, o),
+                (b, n_in),
+            )
+        )
     cases += [
         (
             f"conv3x3 {c}ch {s}x{s} (batch {b})",
@@ -144,14 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes only (seconds)")
     parser.add_argument(
         "--linear",
-        type=_sizes("batch,width"),
-        metavar="BxW[,...]",
-        help="linear sizes to time instead of the defaults, e.g. 64x512,256x640 (batch x "
-        "real width): to re-measure the auto rule (quatnn.functional.RANK8_RULES) here",
+        type=_sizes("BATCHxWIDTH[xOUT]", (2, 3), (1, 2)),
+        metavar="BxW[xO][,...]",
+        help="linear sizes to time instead of the defaults, e.g. 64x512,60x784x300 (batch x "
+        "real width, or batch x real in x real out): to re-measure the auto rule "
+        "(quatnn.functional.RANK8_RULES) here",
     )
     parser.add_argument(
         "--conv",
-        type=_sizes("batch,channels,size"),
+        type=_sizes("BATCHxCHANNELSxSIZE", (3,), (1,)),
         metavar="BxCxS[,...]",
         help="3x3 convolution sizes to time instead of the defaults, e.g. 64x128x32 "
         "(batch x real channels x image size)",
