@@ -134,6 +134,39 @@ def test_conv_transpose_matches_reference(algorithm, nd, k, s, p, op, d, g, cin,
     torch.testing.assert_close(layer(x), want)
 
 
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "options", "on_products"),
+    [
+        ((1, 32, 3), (4, 3, 8, 3), {"padding": 1}, True),
+        ((2, 16, 3, 3), (4, 2, 4, 3, 3), {"stride": 2, "padding": 1, "dilation": 2}, True),
+        ((1, 32, 2, 2, 2), (4, 3, 8, 2, 1, 2), {"padding": (1, 0, 1)}, True),
+        ((1, 16, 2, 2), (4, 4, 3, 3, 3), {"stride": 2, "transposed": True, "output_padding": 1},
+         True),
+        ((2, 8, 6, 6), (4, 3, 2, 3, 3), {"padding": 1}, False),  # 72 positions > 2 x 9
+    ],
+)  # fmt: skip
+def test_block_conv_applies_its_signs_on_the_smaller_side(
+    monkeypatch, x_shape, w_shape, options, on_products
+):
+    """As the linear map: block convolutions with fewer output positions than input
+    quaternions x kernel size (late layers at small batches) sum signed component
+    products instead of folding the weight; both sides equal the reference."""
+    original, folds = QF.block_weight, []
+    monkeypatch.setattr(QF, "block_weight", lambda *a: folds.append(1) or original(*a))
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(w_shape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4 * w_shape[2 if options.get("transposed") else 1], dtype=torch.float64)
+    b.requires_grad_()
+
+    def block(*t: torch.Tensor) -> torch.Tensor:
+        return QF.quaternion_conv(*t, algorithm="block", **options)
+
+    y = block(x, w, b)
+    assert folds == ([] if on_products else [1])
+    torch.testing.assert_close(y, algebra.reference_conv(x, w, b, **options))
+    assert torch.autograd.gradcheck(block, (x, w, b))
+
+
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize(
     "padding,k,d", [("same", 4, 1), ("same", 3, 2), (2, 3, 1), ("valid", 3, 1)]

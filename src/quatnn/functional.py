@@ -218,10 +218,10 @@ def block_weight(weight: Tensor, groups: int = 1, transposed: bool = False) -> T
 
 @_constant_cache
 def _product_plan(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The signed sums of :func:`_linear_on_products`: ``index`` (16,) lists, for each
-    input component ``c`` and output component ``o`` (``c``-major), the slot ``4c + k`` of
-    the product ``x_c w_k`` that output ``o`` takes from input ``c``; ``sign`` (4, 4, 1)
-    its sign, as in :func:`block_weight`."""
+    """The signed sums of :func:`_sum_products`: ``index`` (16,) lists, for each input
+    component ``c`` and output component ``o`` (``c``-major), the slot ``4c + k`` of the
+    product ``x_c w_k`` that output ``o`` takes from input ``c``; ``sign`` (4, 4, 1) its
+    sign, as in :func:`block_weight`."""
     index = [c * 4 + _BLOCK_INDEX[o][c] for c in range(4) for o in range(4)]
     sign = [[_BLOCK_SIGN[o][c]] for c in range(4) for o in range(4)]
     return (
@@ -230,20 +230,16 @@ def _product_plan(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Ten
     )
 
 
-def _linear_on_products(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The block linear map with its sign pattern applied to the products instead of the
-    weight: one real product of the input's component rows ``(4 rows, I)`` (a view) with
-    the stacked components ``(4O, I)`` forms all 16 component products ``x_c w_k``, and
-    each output component is a signed sum of four of them. Its extra passes cover
-    ``16 rows O`` elements instead of the folded weight's ``16 O I``, so it is the cheaper
-    block path when there are fewer rows than input quaternions (small batches)."""
-    _, n_out, n_in = weight.shape
-    rows = x.numel() // (4 * n_in)
-    index, sign = _product_plan(x.dtype, x.device)
-    z = torch.mm(x.reshape(4 * rows, n_in), weight.reshape(4 * n_out, n_in).t())
-    y = (z.view(rows, 16, n_out).index_select(1, index).view(rows, 4, 4, n_out) * sign).sum(1)
-    y = y.view(*x.shape[:-1], 4 * n_out)
-    return y if bias is None else y + bias
+def _sum_products(z: Tensor, rows: int) -> Tensor:
+    """Block's products side: ``z (4 rows, 4O, *rest)`` holds, at row ``4r + c`` and
+    channel ``kO + o``, the real product of input component ``c`` with weight component
+    ``k`` (one real GEMM/convolution of the input's component rows, a view, with the 4
+    stacked weight components forms all 16). Each output component is a signed sum of
+    four of them: ``(rows, 4O, *rest)``. Its passes cover ``16 rows O rest`` elements where
+    folding the weight moves ``16 O I kernel``: the cheaper side for few output positions."""
+    index, sign = _product_plan(z.dtype, z.device)
+    y = (z.reshape(rows, 16, -1).index_select(1, index).view(rows, 4, 4, -1) * sign).sum(1)
+    return y.view(rows, *z.shape[1:])
 
 
 def _to_group_major(x: Tensor, groups: int) -> Tensor:
@@ -581,7 +577,9 @@ def quaternion_linear(
     if algo == "block" or rows == 0:  # an empty batch needs no products
         given = _given(folded)
         if given is None and not _plain_block_only(x) and 0 < rows < weight.shape[2]:
-            return _linear_on_products(x, weight, bias)
+            z = torch.mm(x.reshape(4 * rows, -1), weight.reshape(-1, weight.shape[2]).t())
+            y = _sum_products(z, rows).view(*x.shape[:-1], -1)
+            return y if bias is None else y + bias
         return F.linear(x, block_weight(weight) if given is None else given, bias)
     y = _rank8_apply(_Rank8Linear, x.reshape(rows, n_in), weight, bias)
     return y.view(*x.shape[:-1], y.shape[-1])
@@ -674,6 +672,20 @@ def quaternion_conv(
     if algo == "rank8":
         return _rank8_apply(_Rank8Conv, x, weight, bias, conv)
     w = _given(folded)
+    n_in_q = weight.shape[1] if transposed else weight.shape[2]
+    positions = out_positions * (math.prod(conv.stride) if transposed else 1)
+    if (
+        w is None
+        and groups == 1
+        and not _plain_block_only(x)
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and 0 < positions < n_in_q * math.prod(kernel)
+    ):  # block's products side: fewer output positions than input quaternions x kernel
+        stacked = weight.transpose(0, 1).flatten(1, 2) if transposed else weight.flatten(0, 1)
+        z = _convolve(conv, x.reshape(4 * x.shape[0], n_in_q, *x.shape[2:]), stacked)
+        y = _sum_products(z, x.shape[0])
+        return y if bias is None else y + bias.view(1, -1, *([1] * nd))
     if w is None:
         w = block_weight(weight, groups, transposed)
     if groups == 1:
