@@ -46,19 +46,25 @@ for rows in (64, 512):  # block applies its signs to the products below 256 rows
             ref,
             1e-5,
         )
-for kw in ({"padding": 1}, {"stride": 2, "padding": 1, "groups": 2}, {"padding": 1, "groups": 8}):
-    xc = torch.randn(4, 32, 12, 12, dtype=torch.float64)
+CONVS = [  # (options, image size); block sums the products at 2x2 (16 positions < 8 x 9)
+    ({"padding": 1}, 12),
+    ({"stride": 2, "padding": 1, "groups": 2}, 12),
+    ({"padding": 1, "groups": 8}, 12),
+    ({"padding": 1}, 2),
+]
+for kw, size in CONVS:
+    xc = torch.randn(4, 32, size, size, dtype=torch.float64)
     wc = torch.randn(4, 8, 8 // kw.get("groups", 1), 3, 3, dtype=torch.float64)
     ref = algebra.reference_conv(xc, wc, **kw)
     for algo in ("block", "rank8"):
         check(
-            f"conv2d {kw} {algo} float64",
+            f"conv2d {kw} {size}x{size} {algo} float64",
             QF.quaternion_conv(xc.to(dev), wc.to(dev), algorithm=algo, **kw),
             ref,
             1e-12,
         )
         check(
-            f"conv2d {kw} {algo} float32",
+            f"conv2d {kw} {size}x{size} {algo} float32",
             QF.quaternion_conv(xc.float().to(dev), wc.float().to(dev), algorithm=algo, **kw),
             ref,
             1e-5,

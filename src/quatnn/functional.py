@@ -4,9 +4,10 @@ Both compute ``y_o = sum_i W_oi (x) x_i + b_o`` (left Hamilton product, DESIGN.m
 component-blocked tensors:
 
 * ``"block"``: fold ``W`` into the 16-block real matrix (:func:`block_weight`) and run one
-  real GEMM/convolution. Few kernels, so it wins on small layers and under autocast. A
-  linear map of fewer input rows than input quaternions applies the signs to its 16
-  component products instead of folding the weight (fewer elements to move).
+  real GEMM/convolution. Few kernels, so it wins on small layers and under autocast. With
+  fewer output positions (rows of a linear map's input) than input quaternions x kernel
+  size, it applies the signs to the 16 component products instead of folding the weight
+  (fewer elements to move; :func:`_sum_products`).
 * ``"rank8"``: quaternion multiplication has bilinear rank 8 (Howell & Lafon 1975), so the
   quaternion product is formed from 8 real products of quaternion size (4 on pre-added,
   Hadamard, combinations of weight and input, 4 on single components), then post-added:
