@@ -63,10 +63,12 @@ ALGORITHMS = ("auto", "block", "rank8")
 # and of linear widths 384-2048 at batches 64-1024, README): smaller products lose more to
 # the extra element-wise passes and kernel calls than the halved arithmetic saves (a
 # linear layer of 128 quaternions tied at every batch, one of 160 won or tied, in training
-# from batch 64: 1.14x-1.20x the real layer against 1.37x-1.83x for block), and oneDNN
-# runs narrow convolutions less efficiently (at 16 quaternion channels only the backward
-# gains enough). On CUDA (H200, before the chunked convolution) rank8 lost at every
-# benchmarked size (2.5x-7x the real layer, block 1.2x-2.3x), so there is no CUDA rule.
+# from batch 64: 1.14x-1.20x the real layer against 1.37x-1.83x for block's weight fold;
+# beside block's products side, at batch 64: 1.16x vs 1.22x at width 640, 0.96x vs 1.11x
+# at 1024, middle layers), and oneDNN runs narrow convolutions less efficiently (at 16
+# quaternion channels only the backward gains enough). On CUDA (H200, before the chunked
+# convolution) rank8 lost at every benchmarked size (2.5x-7x the real layer, block
+# 1.2x-2.3x), so there is no CUDA rule.
 RANK8_RULES = {
     "cpu": {
         "linear": ((2**21, 160, False), (2**20, 160, True)),
