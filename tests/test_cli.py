@@ -317,6 +317,9 @@ def test_run_folder_errors(tmp_path, capsys, digits_run):
 
     same = ["--variant", "real", "--epochs", "2", "--out", str(digits_run)]
     assert "holds a different run (lr = 0.0012 there, 0.1 here)" in run(*same, "--lr", "0.1")
+    line = run("--variant", "quaternion", "--epochs", "2", "--out", str(digits_run))
+    # the saved auto encoding is compared as what it resolved to for that run
+    assert "(variant = 'real' there, 'quaternion' here, encoding = 'identity' there" in line
     assert "already holds this run, finished; use --overwrite" in run(*same)
     assert f"nothing to resume: {tmp_path} holds no run" in run("--resume", str(tmp_path))
     (tmp_path / "notes.txt").write_text("mine")

@@ -139,9 +139,9 @@ def _plan(out: Path, cfg: TrainConfig, if_exists: str) -> str:
         if if_exists == "resume":
             raise RunError(f"nothing to resume: {out} holds no run")
         return "new"
-    same_inputs = ("model", "dataset", "data_dir", "variant")
-    if saved.encoding == "auto" and all(getattr(saved, k) == getattr(cfg, k) for k in same_inputs):
-        saved = dataclasses.replace(saved, encoding=cfg.encoding)  # what resolve gives it
+    if saved.encoding == "auto":  # compare the encoding the saved run trains with
+        with contextlib.suppress(RunError):  # a saved run that no longer resolves differs
+            saved = dataclasses.replace(saved, encoding=resolve(saved).encoding)
     if if_exists == "overwrite":
         return "overwrite"
     finished = (out / "summary.json").is_file()
