@@ -503,6 +503,27 @@ def test_fold_cache_is_built_only_when_the_block_path_runs(monkeypatch, layer, x
     assert folds == [1]  # built once, then reused
 
 
+@pytest.mark.parametrize(
+    ("layer", "x"),
+    [(QLinear(32, 32, fold_cache=True), torch.randn(2, 32)),
+     (QConv2d(32, 32, 3, padding=1, fold_cache=True), torch.randn(1, 32, 2, 2))],
+)  # fmt: skip
+def test_large_folds_are_not_cached_for_the_products_side(monkeypatch, layer, x):
+    """Calls that may take block's products side consult the fold cache only below
+    CACHED_FOLD_MAX_BYTES (these layers' folds are 4 KiB and 36 KiB); above, they take the
+    products side and never build the cache."""
+    layer.eval()
+    asked, cache = [], layer.folded_weight
+    monkeypatch.setattr(layer, "folded_weight", lambda: asked.append(1) or cache())
+    with torch.no_grad(), QF.use_algorithm("block"):
+        monkeypatch.setitem(QF.CACHED_FOLD_MAX_BYTES, "cpu", 1024)
+        y = layer(x)
+        assert asked == []  # the products side, the cache never asked for
+        monkeypatch.setitem(QF.CACHED_FOLD_MAX_BYTES, "cpu", 2**30)
+        torch.testing.assert_close(layer(x), y)  # the cached fold: same values
+        assert asked == [1]
+
+
 def test_fold_cache_leaves_inference_tensors_and_functional_calls_alone():
     x = torch.randn(3, 16)
     with torch.inference_mode():

@@ -76,6 +76,15 @@ RANK8_RULES = {
     }
 }
 
+# On CPU a folded weight from this size up is read from memory on every call, and block's
+# products side reads a quarter of it: calls that may take the products side do so even
+# when a folded weight is cached (fold_cache). Measured on 2 CPU threads, inference,
+# linear layers of width 4q at batches 1-32: with a 4 MiB fold (q = 256) the products side
+# tied at batch 1 and won from batch 8 (168 vs 298 us), at 16-64 MiB it took 0.3x-0.8x
+# the cached fold's time; at 1 MiB and below the cached fold won (25 vs 33 us at batch 1).
+# Late 3x3 convolutions (9 MiB folds) tied or won (481 vs 618 us, 512 channels 4x4).
+CACHED_FOLD_MAX_BYTES = {"cpu": 4 * 2**20}
+
 _override: str | None = None
 
 
@@ -544,8 +553,13 @@ def _rank8_apply(fn: type[torch.autograd.Function], x: Tensor, weight: Tensor, *
 _Folded = Tensor | Callable[[], Tensor | None] | None
 
 
-def _given(folded: _Folded) -> Tensor | None:
-    """The block weight passed as ``folded``, if any (a function is called for it)."""
+def _given(folded: _Folded, x: Tensor, weight: Tensor, on_products: bool) -> Tensor | None:
+    """The block weight passed as ``folded``, if any (a function is called for it), unless
+    the call may take block's products side and the folded weight (4x ``weight``) reaches
+    :data:`CACHED_FOLD_MAX_BYTES` on this device."""
+    limit = CACHED_FOLD_MAX_BYTES.get(x.device.type)
+    if on_products and limit is not None and 4 * weight.numel() * weight.element_size() >= limit:
+        return None
     return folded() if callable(folded) else folded
 
 
@@ -560,8 +574,8 @@ def quaternion_linear(
 
     ``folded`` may pass a precomputed :func:`block_weight`, or a function that returns one
     (or None) and is called only if the block path runs: layers pass their eval-mode cache
-    this way, so that a call that takes rank8 never builds it. A folded weight, when there
-    is one, is used at every batch size (block's products side does not fold).
+    this way, so that a call that takes rank8 never builds it. Calls that may take block's
+    products side ignore a folded weight from :data:`CACHED_FOLD_MAX_BYTES` up.
 
     >>> quaternion_linear(torch.randn(5, 8), torch.randn(4, 1, 2)).shape
     torch.Size([5, 4])
@@ -578,8 +592,9 @@ def quaternion_linear(
     macs = rows * weight.shape[1] * weight.shape[2]
     algo = resolve_algorithm(algorithm, x, macs, min(weight.shape[1], weight.shape[2]))
     if algo == "block" or rows == 0:  # an empty batch needs no products
-        given = _given(folded)
-        if given is None and not _plain_block_only(x) and 0 < rows < weight.shape[2]:
+        on_products = not _plain_block_only(x) and 0 < rows < weight.shape[2]
+        given = _given(folded, x, weight, on_products)
+        if given is None and on_products:
             z = torch.mm(x.reshape(4 * rows, -1), weight.reshape(-1, weight.shape[2]).t())
             y = _sum_products(z, rows).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
@@ -674,17 +689,17 @@ def quaternion_conv(
     algo = resolve_algorithm(algorithm, x, macs, channels, "conv")
     if algo == "rank8":
         return _rank8_apply(_Rank8Conv, x, weight, bias, conv)
-    w = _given(folded)
     n_in_q = weight.shape[1] if transposed else weight.shape[2]
     positions = out_positions * (math.prod(conv.stride) if transposed else 1)
-    if (
-        w is None
-        and groups == 1
+    on_products = (  # fewer output positions than input quaternions x kernel size
+        groups == 1
         and not _plain_block_only(x)
         and x.is_contiguous()
         and weight.is_contiguous()
         and 0 < positions < n_in_q * math.prod(kernel)
-    ):  # block's products side: fewer output positions than input quaternions x kernel
+    )
+    w = _given(folded, x, weight, on_products)
+    if w is None and on_products:
         stacked = weight.transpose(0, 1).flatten(1, 2) if transposed else weight.flatten(0, 1)
         z = _convolve(conv, x.reshape(4 * x.shape[0], n_in_q, *x.shape[2:]), stacked)
         y = _sum_products(z, x.shape[0])

@@ -23,7 +23,8 @@ class QLinear(QuaternionLayer):
         init_criterion: ``"he"`` or ``"glorot"`` (:mod:`quatnn.nn.init`).
         fold_cache: in eval mode under ``torch.no_grad()``, reuse the folded real weight
             between calls that take the block path (built on the first such call;
-            :meth:`~quatnn.nn.base.QuaternionLayer.folded_weight`).
+            :meth:`~quatnn.nn.base.QuaternionLayer.folded_weight`; small batches skip a
+            large one, :data:`quatnn.functional.CACHED_FOLD_MAX_BYTES`).
 
     Example:
         >>> layer = QLinear(8, 12)
