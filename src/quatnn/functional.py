@@ -694,6 +694,7 @@ def quaternion_conv(
     on_products = (  # fewer output positions than input quaternions x kernel size
         groups == 1
         and not _plain_block_only(x)
+        and not torch.compiler.is_compiling()  # Inductor (2.14) fails on its dynamic shapes
         and x.is_contiguous()
         and weight.is_contiguous()
         and 0 < positions < n_in_q * math.prod(kernel)
