@@ -773,3 +773,42 @@ def test_convert_batchnorm():
     assert net[1].running_cov.shape == (2, 4, 4)
     single = convert_batchnorm(nn.BatchNorm3d(8), mode="variance")
     assert isinstance(single, QBatchNorm3d) and single.mode == "variance"
+
+
+def test_eval_whitening_is_cached_until_statistics_or_weight_move(monkeypatch):
+    """Under no_grad, eval-mode whitening factorizes the running covariance once; an
+    in-place update of it, a loaded state, an optimizer step, and a .data edit followed
+    by eval() each give the output of a fresh copy with the same state."""
+    torch.manual_seed(0)
+    bn, x = QBatchNorm2d(8), torch.randn(6, 8, 3, 3)
+    bn(torch.randn(6, 8, 3, 3) * 3 + 1)  # running statistics away from the identity
+    bn.eval()
+    factorizations, cholesky_ex = [], torch.linalg.cholesky_ex
+    monkeypatch.setattr(
+        torch.linalg, "cholesky_ex", lambda *a: factorizations.append(1) or cholesky_ex(*a)
+    )
+
+    def check() -> torch.Tensor:
+        with torch.no_grad():
+            y = bn(x)
+            torch.testing.assert_close(y, copy.deepcopy(bn)(x))  # the copy factorizes anew
+        return y
+
+    with torch.no_grad():
+        first = bn(x)
+        torch.testing.assert_close(bn(x), first)
+    assert factorizations == [1]  # the second call reused it
+    with torch.no_grad():
+        bn.running_cov.mul_(2)  # as a training step would update it
+    assert not torch.allclose(check(), first)
+    other = QBatchNorm2d(8)
+    other(torch.randn(6, 8, 3, 3) - 2)
+    bn.load_state_dict(other.state_dict())
+    check()
+    opt = torch.optim.SGD(bn.parameters(), lr=0.5)
+    bn(x).square().sum().backward()  # eval mode with grad: computed afresh, not cached
+    opt.step()
+    check()
+    bn.weight.data.mul_(0.5)  # bypasses the version counter ...
+    bn.eval()  # ... so, as for fold_cache, a mode switch drops the cache
+    check()
