@@ -11,10 +11,10 @@ their errors, marked with their rank.
 
 Example:
     >>> main(["models", "--names", "lenet_300_100"])  # doctest: +NORMALIZE_WHITESPACE
-    | name | variant | params | ratio_to_real | macs |
+    | model | variant | params | ratio to real | MACs |
     |---|---|---|---|---|
-    | lenet_300_100 | real | 266610 | 1.0 | 266200 |
-    | lenet_300_100 | quaternion | 67710 | 0.254 | 266200 |
+    | lenet_300_100 | real | 266,610 | 1.0000 | 266,200 |
+    | lenet_300_100 | quaternion | 67,710 | 0.2540 | 266,200 |
     0
 """
 

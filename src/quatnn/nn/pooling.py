@@ -91,6 +91,7 @@ class QMaxPool2d(_QMaxPoolNd):
     """Norm-based quaternion ``nn.MaxPool2d``.
 
     Example:
+        >>> import torch
         >>> QMaxPool2d(2)(torch.randn(1, 8, 4, 4)).shape
         torch.Size([1, 8, 2, 2])
     """
@@ -114,6 +115,7 @@ class QAdaptiveMaxPool2d(_QAdaptiveMaxPoolNd):
     """Norm-based quaternion ``nn.AdaptiveMaxPool2d``.
 
     Example:
+        >>> import torch
         >>> QAdaptiveMaxPool2d(1)(torch.randn(2, 8, 5, 5)).shape
         torch.Size([2, 8, 1, 1])
     """
