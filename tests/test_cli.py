@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -375,3 +376,20 @@ def test_tensorboard_flag(tmp_path, capsys):
     else:
         assert cli.main(argv) == 0
         assert any((tmp_path / "r" / "tensorboard").iterdir())
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line(monkeypatch, capsys):
+    """The console script imports the command (and torch) inside main: Ctrl-C there is
+    status 130 and one line. `import quatnn` alone loads no torch, so the script can."""
+    from quatnn import launch
+
+    class Loading(types.ModuleType):
+        def __getattr__(self, name: str) -> object:
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "quatnn.cli", Loading("quatnn.cli"))
+    assert launch.main(["models"]) == 130
+    assert capsys.readouterr().err == "quatnn: interrupted\n"
+    code = "import sys, quatnn; print('torch' in sys.modules, quatnn.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == "False"

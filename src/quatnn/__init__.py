@@ -1,7 +1,9 @@
 """quatnn: quaternion neural networks for PyTorch.
 
-Subpackages: ``algebra``, ``functional``, ``nn`` (imported eagerly) and ``models``,
-``data``, ``train``, ``prune``, ``report``, ``export``, ``bench`` (imported on first use).
+Subpackages ``algebra``, ``functional``, ``nn``, ``models``, ``data``, ``train``,
+``prune``, ``report``, ``export`` and ``bench`` are imported on first use, so that
+``import quatnn`` (and the ``quatnn`` command's start, which can then take Ctrl-C while
+torch loads) does not import torch.
 
 Example:
     >>> import torch, quatnn
@@ -12,12 +14,21 @@ Example:
 
 import importlib
 
-from quatnn import algebra, functional, nn
-
 __version__ = "0.1.0"
 __all__ = ["algebra", "functional", "nn", "load", "__version__"]
 
-_LAZY = ("models", "data", "train", "prune", "report", "export", "bench")
+_LAZY = (
+    "algebra",
+    "functional",
+    "nn",
+    "models",
+    "data",
+    "train",
+    "prune",
+    "report",
+    "export",
+    "bench",
+)
 
 
 def __getattr__(name: str):

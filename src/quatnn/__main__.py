@@ -1,5 +1,5 @@
 """``python -m quatnn`` runs the ``quatnn`` command (also under ``torchrun -m quatnn``)."""
 
-from quatnn.cli import main
+from quatnn.launch import main
 
 raise SystemExit(main())
