@@ -1,6 +1,9 @@
-"""What every weighted quaternion layer shares: size checks, init, the folded-weight cache."""
+"""What every weighted quaternion layer shares: size checks, init, the folded-weight cache;
+and the keeping of values derived from a module's tensors (:class:`KeepsDerived`)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +22,40 @@ def quaternion_units(owner: str, name: str, value: int) -> int:
     return value // 4
 
 
-class QuaternionLayer(nn.Module):
+class KeepsDerived(nn.Module):
+    """A module that keeps values computed from its tensors between no-grad calls
+    (:meth:`_kept`); every ``train()``/``eval()`` call drops them."""
+
+    def train(self, mode: bool = True) -> KeepsDerived:
+        """``torch.nn.Module.train``; also drops the kept values."""
+        self.__dict__.pop("_kept_values", None)
+        return super().train(mode)
+
+    def _kept(
+        self, name: str, tensors: Sequence[Tensor], compute: Callable[[], Tensor], *extra: object
+    ) -> Tensor | None:
+        """``compute()``, kept under ``name`` and reused until one of ``tensors`` is
+        replaced or updated in place (any update autograd sees: an optimizer step,
+        ``load_state_dict``, running statistics) or ``extra`` changes; a ``train()``/
+        ``eval()`` call also catches updates that bypass the version counters (``.data``,
+        fused optimizer steps). None where nothing can be kept: while gradients are
+        recorded, under torch.func transforms or torch.compile, and for inference tensors
+        (no version counter)."""
+        if (
+            torch.is_grad_enabled()
+            or QF.transforming()
+            or torch.compiler.is_compiling()
+            or any(t.is_inference() for t in tensors)
+        ):
+            return None
+        key = (*((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors), *extra)
+        kept = self.__dict__.setdefault("_kept_values", {})
+        if name not in kept or kept[name][0] != key:
+            kept[name] = (key, compute())
+        return kept[name][1]
+
+
+class QuaternionLayer(KeepsDerived):
     """Base of the layers holding one quaternion ``weight (4, ...)`` and a real ``bias``.
 
     Subclasses set ``weight``, ``bias``, ``algorithm``, ``init_criterion`` and
@@ -70,32 +106,14 @@ class QuaternionLayer(nn.Module):
 
         return super()._apply(per_component, recurse)
 
-    def train(self, mode: bool = True) -> QuaternionLayer:
-        """``torch.nn.Module.train``; also drops the folded-weight cache."""
-        self._fold_key = None
-        return super().train(mode)
-
     def folded_weight(self) -> Tensor | None:
         """The cached folded real weight when ``fold_cache`` is on, the layer is in eval
         mode and no gradient is being recorded; else ``None``.
 
-        It is rebuilt when the weight's version counter moves (any in-place update that
-        autograd sees: an optimizer step, ``load_state_dict``) and dropped by every
-        ``train()``/``eval()`` call, which also catches updates that bypass the counter
-        (edits through ``.data``, fused optimizer steps). Weights swapped in by
+        It is rebuilt when the weight moves and dropped by every ``train()``/``eval()``
+        call (:meth:`KeepsDerived._kept`). Weights swapped in by
         ``torch.func.functional_call`` and inference tensors are never cached."""
         w = self.weight
-        if (
-            not self.fold_cache
-            or self.training
-            or torch.is_grad_enabled()
-            or not isinstance(w, nn.Parameter)
-            or w.is_inference()
-        ):
+        if not self.fold_cache or self.training or not isinstance(w, nn.Parameter):
             return None
-        key = (w._version, w.data_ptr(), w.dtype, w.device)
-        if getattr(self, "_fold_key", None) != key:
-            with torch.no_grad():
-                self._folded = self._fold()
-            self._fold_key = key
-        return self._folded
+        return self._kept("folded weight", (w,), self._fold)

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quatnn.functional import autocast_disabled, transforming
+from quatnn.nn.base import KeepsDerived
 
 __all__ = [
     "QBatchNorm1d",
@@ -499,7 +500,7 @@ class _VarianceBatch(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------
 
 
-class _QBatchNorm(nn.Module):
+class _QBatchNorm(KeepsDerived):
     """Shared implementation of :class:`QBatchNorm1d`, :class:`QBatchNorm2d` and
     :class:`QBatchNorm3d`; subclasses only fix the accepted input ranks."""
 
@@ -703,46 +704,32 @@ class _QBatchNorm(nn.Module):
             mm = self._running_whitening(pdtype, cdt, x.device)
             return _affine4(x, mm, self.running_mean.to(cdt), self._beta(pdtype, x.device))
 
-    def train(self, mode: bool = True) -> _QBatchNorm:
-        """``torch.nn.Module.train``; also drops the cached eval-mode whitening matrices."""
-        self._whitening_key = None
-        return super().train(mode)
-
     def _running_whitening(
         self, pdtype: torch.dtype, cdt: torch.dtype, device: torch.device
     ) -> Tensor:
         """Gamma times the inverse Cholesky factor of ``running_cov + eps I``, per channel
-        (eval-mode whitening). Kept between calls under ``torch.no_grad()`` (rebuilt when
-        the running covariance or the weight moves, dropped by every ``train()``/``eval()``
-        call) instead of factorizing every call."""
-        key = None
+        (eval-mode whitening), kept between no-grad calls (:meth:`KeepsDerived._kept`)
+        instead of factorizing every call."""
+
+        def compute() -> Tensor:
+            eye = torch.eye(4, dtype=cdt, device=device)
+            cov = self.running_cov.to(cdt) + self.eps * eye
+            if transforming() or torch.compiler.is_compiling():
+                # no data-dependent branch (vmap, export, one compiled graph): cholesky raises
+                chol = torch.linalg.cholesky(cov)
+            else:
+                chol, info = torch.linalg.cholesky_ex(cov)
+                if _flagged((info != 0).any()):
+                    raise ValueError(
+                        f"{type(self).__name__}: running_cov + eps*I is not positive definite "
+                        "(non-finite or corrupted running statistics)"
+                    )
+            w = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+            return self._gamma_matrix(pdtype, device).to(cdt) @ w
+
         tensors = [t for t in (self.running_cov, self.weight) if t is not None]
-        if not (
-            torch.is_grad_enabled()
-            or transforming()
-            or torch.compiler.is_compiling()
-            or any(t.is_inference() for t in tensors)  # no version counter to watch
-        ):
-            key = (*((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors), cdt, self.eps)
-            if getattr(self, "_whitening_key", None) == key:
-                return self._whitening
-        eye = torch.eye(4, dtype=cdt, device=device)
-        cov = self.running_cov.to(cdt) + self.eps * eye
-        if transforming() or torch.compiler.is_compiling():
-            # no data-dependent branch (vmap, export, one compiled graph): cholesky raises
-            chol = torch.linalg.cholesky(cov)
-        else:
-            chol, info = torch.linalg.cholesky_ex(cov)
-            if _flagged((info != 0).any()):
-                raise ValueError(
-                    f"{type(self).__name__}: running_cov + eps*I is not positive definite "
-                    "(non-finite or corrupted running statistics)"
-                )
-        w = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-        mm = self._gamma_matrix(pdtype, device).to(cdt) @ w
-        if key is not None:
-            self._whitening, self._whitening_key = mm, key
-        return mm
+        kept = self._kept("whitening", tensors, compute, cdt, self.eps)
+        return compute() if kept is None else kept
 
 
 class QBatchNorm1d(_QBatchNorm):
