@@ -528,3 +528,33 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     for name in ("m.safetensors", "m.pt2"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2", "m.safetensors"]
+
+
+def test_bench_infer_times_every_contender_with_quiet_onnx_sessions(monkeypatch):
+    """``quatnn bench infer`` end to end on Lenet; no ONNX Runtime session may spin (idle
+    spinning threads take the cores from the PyTorch contender timed next)."""
+    ort = _onnxruntime()
+    from quatnn.bench import infer
+
+    sessions = []
+    opened = ort.InferenceSession
+    monkeypatch.setattr(
+        ort, "InferenceSession", lambda *a, **k: sessions.append(opened(*a, **k)) or sessions[-1]
+    )
+    rows = infer.run("lenet_300_100", (1, 3), repeats=1)
+    assert [r["model"] for r in rows] == [
+        "real (PyTorch)",
+        "real (ONNX Runtime)",
+        "quaternion (quaternion layers)",
+        "quaternion folded (PyTorch)",
+        "quaternion folded (ONNX Runtime)",
+    ]
+    by_name = {r["model"]: r for r in rows}
+    assert by_name["real (PyTorch)"]["b3_x"] == 1.0
+    assert by_name["quaternion (quaternion layers)"]["params"] == 67_710  # Lenet's quarter
+    assert 0.24 < by_name["quaternion folded (PyTorch)"]["size_x"] < 0.27
+    assert all(r[f"b{b}_ms"] > 0 for r in rows for b in (1, 3))
+    assert len(sessions) == 4  # each export's check, then each timed session
+    for session in sessions:
+        config = session.get_session_options().get_session_config_entry
+        assert config("session.intra_op.allow_spinning") == "0"

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import tempfile
 from collections.abc import Callable
@@ -44,19 +45,13 @@ def _torch_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 def _onnx_session(model: nn.Module, reference: nn.Module, example: torch.Tensor, path: str):
     """Export (checked against ``reference``) and open an ONNX Runtime session, or None
     when onnxruntime is missing."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
+    if importlib.util.find_spec("onnxruntime") is None:
         return None, 0
     from quatnn.export import export
+    from quatnn.export.formats import onnx_session
 
     report = export(model, example, path, "onnx", reference=reference)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return session, report["bytes"]
+    return onnx_session(path, threads=torch.get_num_threads()), report["bytes"]
 
 
 def _ort_fn(session, x: torch.Tensor) -> Callable[[], object]:

@@ -89,7 +89,12 @@ def _onnx(model: nn.Module, example: Tensor, path: str, opset: int, exporter: st
         return program.model.opset_imports.get("", opset)
 
 
-def _onnx_runner(path: str) -> Callable[[Tensor], Tensor]:
+def onnx_session(path: str, threads: int | None = None) -> object:
+    """An ONNX Runtime CPU session of the file at ``path`` (``threads`` intra-op threads,
+    else ONNX Runtime's default). Its idle threads do not spin: by default they keep
+    spinning after each run and take the cores from whatever runs next in this process
+    (on 2 threads, ResNet-18 real4 in PyTorch took 20.7 ms at batch 1 beside spinning
+    sessions, 10.1 ms alone)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -99,7 +104,15 @@ def _onnx_runner(path: str) -> Callable[[Tensor], Tensor]:
         ) from None
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def _onnx_runner(path: str) -> Callable[[Tensor], Tensor]:
+    session = onnx_session(path)
     name = session.get_inputs()[0].name
 
     def run(x: Tensor) -> Tensor:
