@@ -251,6 +251,18 @@ def test_bench_layers_times_the_sizes_given(monkeypatch, capsys, tmp_path):
     assert made[-1].shape == (4, 8) and made[-1].grad is not None  # dx was computed
 
 
+def test_bench_train_builds_the_models_with_the_options_given(capsys):
+    from quatnn import models
+    from quatnn.bench import train
+
+    rows = train.run("resnet20", ("quaternion",), batch=2, steps=1, chunk=1,
+                     options={"norm": "variance"})  # fmt: skip
+    variance = models.count_parameters(models.create("resnet20", "quaternion", norm="variance"))
+    assert rows[0]["params"] == variance
+    assert variance != models.count_parameters(models.create("resnet20", "quaternion"))
+    assert rows[0]["steps_per_s"] > 0 and rows[0]["speed_x"] == 1.0
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -269,6 +281,9 @@ def test_bench_errors_are_one_line(capsys, argv, message):
         (["bench", "train", "--model", "nope"], "unknown model 'nope'; valid models: lenet"),
         (["bench", "train", "--variants", "real4,foo"], "unknown variant 'foo'; valid"),
         (["bench", "train", "--variants", ","], "--variants needs at least one variant"),
+        (["bench", "train", "--option", "norm=bogus", "--model", "resnet20"], "unknown norm"),
+        (["bench", "train", "--option", "norm=whiten"], "conv6: unknown option(s) norm"),
+        (["bench", "train", "--option", "norm"], "'norm' must look like KEY=VALUE"),
         (["bench", "layers", "--device", "tpu"], "argument --device: unknown device 'tpu'"),
         (["bench", "layers", "--linear", "8x6"], "'8x6' is not BATCHxWIDTH[xOUT]"),
         (["bench", "layers", "--linear", "8x8x6"], "'8x8x6' is not BATCHxWIDTH[xOUT]"),

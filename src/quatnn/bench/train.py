@@ -7,6 +7,7 @@ in chunks, and prints steps/s, samples/s, peak memory and the ratio to the first
 Example:
     quatnn bench train --model conv6 --variants real4,quaternion --steps 200
     quatnn bench train --model resnet18 --device cuda --amp bf16 --channels-last
+    quatnn bench train --model resnet20 --option norm=variance
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 
 from quatnn import models
 from quatnn.bench.timing import device_name, markdown_table, positive_int, sync, write_rows
+from quatnn.train.config import parse_option
+from quatnn.train.errors import RunError
 
 COLUMNS = ("variant", "params", "steps_per_s", "samples_per_s", "peak_mem_MB", "speed_x")
 
@@ -39,14 +42,16 @@ def run(
     amp: str | None = None,
     channels_last: bool = False,
     compile: bool = False,
+    options: dict | None = None,
 ) -> list[dict]:
-    """Steps/s and peak memory per variant (rows), ``speed_x`` relative to the first."""
+    """Steps/s and peak memory per variant (rows), ``speed_x`` relative to the first;
+    ``options`` are the model's own (:func:`quatnn.models.create`)."""
     dev = torch.device(device)
     spec = models.spec(model)
     nets, opts, inputs = {}, {}, {}
     for variant in variants:
         torch.manual_seed(0)
-        net = models.create(model, variant).to(dev)
+        net = models.create(model, variant, **(options or {})).to(dev)
         channels = models.default_in_channels(model, variant)
         shape = (batch, channels, *spec.default_input_size)
         x = torch.randn(shape, device=dev)
@@ -119,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="autocast dtype")
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model option, repeatable (as in quatnn train), e.g. norm=variance for ResNets",
+    )
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="also write the table (.csv or .json)")
     args = parser.parse_args(argv)
@@ -128,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not variants:
             raise ValueError("--variants needs at least one variant")
-        for variant in variants:
-            models.default_in_channels(args.model, variant)  # checks both names
-    except ValueError as err:
+        options = dict(parse_option(text) for text in args.option)
+        with torch.device("meta"):  # checks the names and options before anything runs
+            for variant in variants:
+                models.create(args.model, variant, **options)
+    except (ValueError, TypeError, RunError) as err:
         parser.error(str(err))
     print(f"{args.model} batch {args.batch} on {args.device}, torch {torch.__version__}")
     rows = run(
@@ -142,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         amp=args.amp,
         channels_last=args.channels_last,
         compile=args.compile,
+        options=options,
     )
     print(markdown_table(rows, COLUMNS))
     if args.out:
