@@ -80,6 +80,36 @@ def test_help_describes_each_command_with_an_example(capsys, command):
     assert f"quatnn {command}" in out and "examples:" in out
 
 
+def test_help_does_not_load_torch():
+    """Every subcommand's --help (and bad usage) answers without importing torch (seconds)."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from quatnn import cli\n"
+        "for command in ('train', 'compare', 'lottery', 'report', 'export', 'models'):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        cli.main([command, '--help'])\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'matplotlib') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("package", ["quatnn.train", "quatnn.export"])
+def test_lazy_package_names_are_what_they_name_after_every_import(package):
+    """A public name of a package that imports its names on use must not be a submodule's
+    name too: importing the submodule would replace the name with the module."""
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module(package)
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{package}.{info.name}")
+    for name in pkg.__all__:
+        value = getattr(pkg, name)
+        assert not isinstance(value, types.ModuleType), f"{package}.{name} is a module"
+        assert name in dir(pkg)
+
+
 def test_train_writes_a_complete_run_that_learns(digits_run):
     names = {p.name for p in digits_run.iterdir()}
     assert {

@@ -28,20 +28,28 @@ import pkgutil
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import quatnn
-from quatnn import data, models, prune, report, train
-from quatnn.report import lottery as lottery_report
-from quatnn.train import distributed
-from quatnn.train.config import COMPARE_KEYS, FIELDS, parse_option
+from quatnn import export, train  # each name imported on use: --help does not load torch
+from quatnn.train.config import COMPARE_KEYS, DEFAULT_SEEDS, FIELDS, parse_option
 from quatnn.train.progress import PROGRESS_MODES
+
+if TYPE_CHECKING:
+    from quatnn.report import Report
 
 
 class UsageError(Exception):
     """Bad command-line input found by a handler; the message is one line."""
 
 
-USER_ERRORS = (UsageError, train.RunError, report.ReportError, data.DatasetMissingError)
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors that are bad input (one line and exit status 2), imported when one
+    is raised (torch has loaded by then)."""
+    from quatnn.data.registry import DatasetMissingError
+    from quatnn.report.runs import ReportError
+
+    return (UsageError, train.RunError, ReportError, DatasetMissingError)
 
 
 def _add_parser(
@@ -152,6 +160,8 @@ def _add_jobs_flag(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from quatnn.train import distributed
+
     overrides = _overrides(args)
     if args.resume is None:
         cfg, _ = train.load_config(args.config, overrides)
@@ -200,13 +210,16 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from quatnn import report
+    from quatnn.train import distributed
+
     cfg, extra = train.load_config(args.config, _overrides(args), compare=True)
     with distributed.session(cfg.backend, cfg.device) as ctx:
         train.compare(
             cfg,
             args.out,
             variants=extra.get("variants", ()),
-            seeds=extra.get("seeds", train.DEFAULT_SEEDS),
+            seeds=extra.get("seeds", DEFAULT_SEEDS),
             overwrite=args.overwrite,
             jobs=args.jobs,
             **_run_options(args),
@@ -232,7 +245,7 @@ def _add_sweep_flags(
         "--seeds",
         type=_comma_list(int, empty=False),
         default=argparse.SUPPRESS,
-        help=f"comma-separated seeds (default: {','.join(map(str, train.DEFAULT_SEEDS))})",
+        help=f"comma-separated seeds (default: {','.join(map(str, DEFAULT_SEEDS))})",
     )
 
 
@@ -262,7 +275,7 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_compare)
 
 
-def _print_report(result: report.Report) -> int:
+def _print_report(result: Report) -> int:
     """Print a written report's table and where its main file is; exit status 0."""
     print(result.table)
     print(f"report: {result.files[0]}")
@@ -270,6 +283,9 @@ def _print_report(result: report.Report) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from quatnn import report
+    from quatnn.report import lottery as lottery_report
+
     if len(args.runs) == 1 and lottery_report.is_lottery(args.runs[0]):
         result = lottery_report.write_lottery_report(args.runs[0], args.out)
     else:
@@ -302,6 +318,9 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
 
 
 def _models(args: argparse.Namespace) -> int:
+    from quatnn import models
+    from quatnn.report import markdown_table
+
     try:
         rows = models.table(args.names, args.variants)
     except ValueError as err:
@@ -311,7 +330,7 @@ def _models(args: argparse.Namespace) -> int:
          "ratio to real": f"{r['ratio_to_real']:.4f}", "MACs": f"{r['macs']:,}"}
         for r in rows
     ]  # fmt: skip
-    print(report.markdown_table(shown))
+    print(markdown_table(shown))
     return 0
 
 
@@ -358,6 +377,10 @@ def _lottery(args: argparse.Namespace) -> int:
                 f"--rates takes TYPE=RATE pairs, e.g. conv=0.1,fc=0.2; got {malformed[0]!r}"
             )
         settings["rates"] = dict(parse_option(text) for text in settings["rates"])
+    from quatnn import prune
+    from quatnn.report import lottery as lottery_report
+    from quatnn.train import distributed
+
     cfg, extra, lottery = prune.load_recipe(args.config, _overrides(args), settings)
     with distributed.session(cfg.backend, cfg.device) as ctx:
         prune.run_lottery(
@@ -365,7 +388,7 @@ def _lottery(args: argparse.Namespace) -> int:
             args.out,
             lottery,
             variants=extra.get("variants", ()),
-            seeds=extra.get("seeds", train.DEFAULT_SEEDS),
+            seeds=extra.get("seeds", DEFAULT_SEEDS),
             overwrite=args.overwrite,
             jobs=args.jobs,
             **_run_options(args),
@@ -411,8 +434,6 @@ def _add_lottery(commands: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from quatnn import export
-
     try:
         result = export.export_run(
             args.run,
@@ -449,8 +470,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
-    from quatnn.export.run import RUN_FORMATS
-
     parser = _add_parser(
         commands,
         "export",
@@ -471,7 +490,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run", metavar="RUN_DIR", help="the run folder")
     parser.add_argument(
-        "--format", choices=RUN_FORMATS, default="onnx", help="output format (default: onnx)"
+        "--format", choices=export.RUN_FORMATS, default="onnx", help="output format (default: onnx)"
     )
     parser.add_argument(
         "--out", metavar="FILE", help="output file (default: RUN_DIR/model.onnx, .ts, .pt2, ...)"
@@ -494,8 +513,9 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--opset",
         type=int,
-        default=18,
-        help="ONNX opset (default: 18; the dynamo exporter writes 18 or newer)",
+        default=export.ONNX_OPSET,
+        help=f"ONNX opset (default: {export.ONNX_OPSET}; the dynamo exporter writes "
+        f"{export.ONNX_OPSET} or newer)",
     )
     parser.add_argument(
         "--onnx-exporter",
@@ -601,11 +621,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
-    rank = distributed.env_rank() if "WORLD_SIZE" in os.environ else 0
+    rank = 0
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun
+        from quatnn.train import distributed
+
+        rank = distributed.env_rank()
     who = f"quatnn (rank {rank})" if rank else "quatnn"
     try:
         return args.handler(args)
-    except USER_ERRORS as err:
+    except _user_errors() as err:
         print(f"{who}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except train.NonFiniteLoss as err:  # every rank stops at the same step: rank 0 says it

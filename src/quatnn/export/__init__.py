@@ -2,7 +2,7 @@
 
 * :func:`fold` -- a plain ``torch.nn`` copy of a model (eval mode) with the same outputs:
   quaternion layers become real layers with the folded weight, batch norms are folded
-  into the preceding layer (:mod:`quatnn.export.fold`).
+  into the preceding layer (:mod:`quatnn.export.folding`).
 * :func:`export` -- ONNX (checked with ONNX Runtime), TorchScript or ``torch.export``
   (pt2), dynamic batch axis, outputs checked before the file is written
   (:mod:`quatnn.export.formats`).
@@ -25,34 +25,23 @@ Example:
     True
 """
 
-from quatnn.export.compact import FORMAT, load, load_weights, read_metadata, save_compact
-from quatnn.export.fold import fold, is_quaternion_module
-from quatnn.export.formats import FORMATS, ONNX_OPSET, export, tolerance
-from quatnn.export.modules import (
-    ChannelPermute,
-    NormAdaptiveMaxPool,
-    PermutedConv,
-    QuaternionAffine,
-)
-from quatnn.export.run import RUN_FORMATS, export_run, load_run
+from quatnn._lazy import lazy_names
 
-__all__ = [
-    "FORMAT",
-    "FORMATS",
-    "ONNX_OPSET",
-    "RUN_FORMATS",
-    "ChannelPermute",
-    "NormAdaptiveMaxPool",
-    "PermutedConv",
-    "QuaternionAffine",
-    "export",
-    "export_run",
-    "fold",
-    "is_quaternion_module",
-    "load",
-    "load_run",
-    "load_weights",
-    "read_metadata",
-    "save_compact",
-    "tolerance",
-]
+FORMATS = ("onnx", "torchscript", "pt2")
+"""Formats of :func:`export`."""
+RUN_FORMATS = (*FORMATS, "safetensors")
+"""Formats of :func:`export_run` (``quatnn export``)."""
+ONNX_OPSET = 18
+"""The ONNX opset written unless asked otherwise (the dynamo exporter writes 18 or newer)."""
+
+_ORIGINS = {
+    **dict.fromkeys(("FORMAT", "load", "load_weights", "read_metadata", "save_compact"), "compact"),
+    **dict.fromkeys(("fold", "is_quaternion_module"), "folding"),
+    **dict.fromkeys(("export", "tolerance"), "formats"),
+    **dict.fromkeys(
+        ("ChannelPermute", "NormAdaptiveMaxPool", "PermutedConv", "QuaternionAffine"), "modules"
+    ),
+    **dict.fromkeys(("export_run", "load_run"), "run"),
+}
+__all__ = sorted(("FORMATS", "ONNX_OPSET", "RUN_FORMATS", *_ORIGINS))
+__getattr__, __dir__ = lazy_names(__name__, _ORIGINS)

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FORMATS", "ONNX_OPSET", "export", "tolerance"]
+from quatnn.export import FORMATS, ONNX_OPSET
 
-FORMATS = ("onnx", "torchscript", "pt2")
-ONNX_OPSET = 18
+__all__ = ["export", "tolerance"]
+
 EXPORTERS = ("dynamo", "legacy")
 
 
@@ -248,7 +248,7 @@ def export(
 
 
 def _failure(model: nn.Module, format: str, err: Exception) -> str:
-    from quatnn.export.fold import is_quaternion_module
+    from quatnn.export.folding import is_quaternion_module
 
     reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(err)).split())[:300]  # no colours
     reason = reason or type(err).__name__

@@ -19,15 +19,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from quatnn.export import ONNX_OPSET, RUN_FORMATS
 from quatnn.export.compact import save_compact
-from quatnn.export.fold import fold as fold_model
-from quatnn.export.formats import FORMATS, ONNX_OPSET, export
+from quatnn.export.folding import fold as fold_model
+from quatnn.export.formats import export
 
-__all__ = ["RUN_FORMATS", "SUFFIXES", "load_run", "export_run"]
-
-RUN_FORMATS = (*FORMATS, "safetensors")
-"""Formats of :func:`export_run`: the three of :func:`quatnn.export.export`, and
-``safetensors``, the compact checkpoint of :func:`quatnn.export.save_compact`."""
+__all__ = ["SUFFIXES", "load_run", "export_run"]
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2", "safetensors": ".safetensors"}
 """File name ending of each format (the default output is ``RUN_DIR/model<suffix>``)."""

@@ -48,12 +48,18 @@ from quatnn.prune.masks import attach, dense_masks, enforce, load_masks, save_ma
 from quatnn.prune.sparsity import sparsity
 from quatnn.prune.strategies import PruneSpec, prune, random_like
 from quatnn.train import checkpoint, distributed
-from quatnn.train.config import COMPARE_KEYS, TrainConfig, dumps_toml, load_toml, merge
+from quatnn.train.config import (
+    COMPARE_KEYS,
+    DEFAULT_SEEDS,
+    TrainConfig,
+    dumps_toml,
+    load_toml,
+    merge,
+)
 from quatnn.train.errors import Interrupted, RunError
 from quatnn.train.loop import Callback, Trainer
 from quatnn.train.progress import PROGRESS_MODES
 from quatnn.train.runner import (
-    DEFAULT_SEEDS,
     _check_jobs,
     _datasets,
     _tensorboard_writer_class,

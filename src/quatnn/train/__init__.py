@@ -8,39 +8,21 @@ Example:
 
 ``train.train(cfg, "runs/NAME")`` trains one run into a folder; ``train.compare(cfg,
 "runs/NAME", variants=..., seeds=...)`` trains every variant and seed
-(see :mod:`quatnn.train.runner`).
+(see :mod:`quatnn.train.runner`). Each name is imported from its module on first use.
 """
 
-from quatnn.train.config import TrainConfig, load_config, load_toml, merge
-from quatnn.train.errors import Interrupted, NonFiniteLoss, RunError
-from quatnn.train.loop import TIMING_KEYS, Callback, Trainer, lr_schedule
-from quatnn.train.runner import (
-    DEFAULT_SEEDS,
-    compare,
-    default_run_dir,
-    default_variants,
-    resolve,
-    resume_config,
-    train,
-)
+from quatnn._lazy import lazy_names
 
-__all__ = [
-    "DEFAULT_SEEDS",
-    "TIMING_KEYS",
-    "Callback",
-    "Interrupted",
-    "NonFiniteLoss",
-    "RunError",
-    "TrainConfig",
-    "Trainer",
-    "compare",
-    "default_run_dir",
-    "default_variants",
-    "load_config",
-    "load_toml",
-    "lr_schedule",
-    "merge",
-    "resolve",
-    "resume_config",
-    "train",
-]
+_ORIGINS = {
+    **dict.fromkeys(
+        ("DEFAULT_SEEDS", "TrainConfig", "load_config", "load_toml", "merge"), "config"
+    ),
+    **dict.fromkeys(("Interrupted", "NonFiniteLoss", "RunError"), "errors"),
+    **dict.fromkeys(("TIMING_KEYS", "Callback", "Trainer", "lr_schedule"), "loop"),
+    **dict.fromkeys(
+        ("compare", "default_run_dir", "default_variants", "resolve", "resume_config", "train"),
+        "runner",
+    ),
+}
+__all__ = sorted(_ORIGINS)
+__getattr__, __dir__ = lazy_names(__name__, _ORIGINS)

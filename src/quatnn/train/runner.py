@@ -42,6 +42,7 @@ from quatnn.train import checkpoint, distributed
 from quatnn.train import device as devices
 from quatnn.train.config import (
     COMPARE_KEYS,
+    DEFAULT_SEEDS,
     RUNTIME_FIELDS,
     TrainConfig,
     dumps_toml,
@@ -53,8 +54,6 @@ from quatnn.train.loop import Callback, Trainer, lr_schedule
 from quatnn.train.progress import Progress, bars_wanted
 from quatnn.train.seeding import EpochSampler, SeededDataset, seed_everything, seed_worker
 
-DEFAULT_SEEDS = (0, 1, 2)
-"""The seeds :func:`compare` trains unless told otherwise."""
 RUNTIME_FLAGS = tuple("--" + name.replace("_", "-") for name in RUNTIME_FIELDS)
 IF_EXISTS = ("refuse", "resume", "continue", "overwrite")
 """What :func:`train` does with a run already in ``out``: ``refuse`` (RunError),
