@@ -323,20 +323,20 @@ def test_auto_rule_and_override():
 def test_auto_picks_per_layer_shape():
     """The layers pass their real sizes to the rule: wide layers get rank8 on CPU."""
     seen = []
-    original = QF.resolve_algorithm
+    original = QF._resolve  # resolve_algorithm, given what the layer also needs
 
     def spy(*args, **kwargs):
         seen.append(original(*args, **kwargs))
         return seen[-1]
 
-    QF.resolve_algorithm = spy
+    QF._resolve = spy
     try:
         QLinear(1024, 1024)(torch.randn(256, 1024))
         QLinear(64, 64)(torch.randn(256, 64))
         QConv2d(256, 256, 3, padding=1)(torch.randn(64, 256, 4, 4))  # 64 channels, 2^25 MACs
         QConv2d(256, 256, 3, padding=1, groups=4)(torch.randn(64, 256, 4, 4))  # 16 per group
     finally:
-        QF.resolve_algorithm = original
+        QF._resolve = original
     assert seen == ["rank8", "block", "rank8", "block"]
 
 

@@ -12,30 +12,14 @@ Example:
     torch.Size([2, 4])
 """
 
-import importlib
+from quatnn._lazy import lazy_names
 
 __version__ = "0.1.0"
 __all__ = ["algebra", "functional", "nn", "load", "__version__"]
 
-_LAZY = (
-    "algebra",
-    "functional",
-    "nn",
-    "models",
-    "data",
-    "train",
-    "prune",
-    "report",
-    "export",
-    "bench",
-)
-
-
-def __getattr__(name: str):
-    if name == "load":  # quatnn.load(path): a compact checkpoint -> model
-        from quatnn.export.compact import load
-
-        return load
-    if name in _LAZY:
-        return importlib.import_module(f"quatnn.{name}")
-    raise AttributeError(f"module 'quatnn' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_names(
+    __name__,
+    {"load": "export.compact"},  # quatnn.load(path): a compact checkpoint -> model
+    ("algebra", "functional", "nn", "models", "data", "train", "prune", "report", "export",
+     "bench"),
+)  # fmt: skip

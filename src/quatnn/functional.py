@@ -146,12 +146,20 @@ def resolve_algorithm(
     that many multiply-adds, ``channels`` = the fewer quaternion channels per group of
     input and output reaches the minimum, gradients are recorded if the option needs
     them); ``"block"`` otherwise. ``kind`` is ``"linear"`` or ``"conv"``."""
+    return _resolve(algorithm, x, macs_per_product, channels, kind, _plain_block_only(x))
+
+
+def _resolve(
+    algorithm: str, x: Tensor, macs_per_product: int, channels: int, kind: str, plain: bool
+) -> str:
+    """:func:`resolve_algorithm` with :func:`_plain_block_only` of ``x`` given (the layers
+    need it again for block's products side)."""
     chosen = _override if _override not in (None, "auto") else algorithm
     if chosen not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {chosen!r}")
     if chosen != "auto":
         return chosen
-    if _plain_block_only(x):
+    if plain:
         return "block"
     grad = torch.is_grad_enabled()
     for min_macs, min_channels, needs_grad in RANK8_RULES.get(x.device.type, {}).get(kind, ()):
@@ -590,9 +598,10 @@ def quaternion_linear(
         )
     rows = x.numel() // n_in
     macs = rows * weight.shape[1] * weight.shape[2]
-    algo = resolve_algorithm(algorithm, x, macs, min(weight.shape[1], weight.shape[2]))
+    plain = _plain_block_only(x)
+    algo = _resolve(algorithm, x, macs, min(weight.shape[1], weight.shape[2]), "linear", plain)
     if algo == "block" or rows == 0:  # an empty batch needs no products
-        on_products = not _plain_block_only(x) and 0 < rows < weight.shape[2]
+        on_products = not plain and 0 < rows < weight.shape[2]
         given = _given(folded, x, weight, on_products)
         if given is None and on_products:
             z = torch.mm(x.reshape(4 * rows, -1), weight.reshape(-1, weight.shape[2]).t())
@@ -686,14 +695,15 @@ def quaternion_conv(
     macs = out_positions * weight.shape[1] * weight.shape[2] * math.prod(kernel)
     per_group = weight.shape[2] if transposed else weight.shape[1] // groups
     channels = min(per_group, weight.shape[1] // groups if transposed else weight.shape[2])
-    algo = resolve_algorithm(algorithm, x, macs, channels, "conv")
+    plain = _plain_block_only(x)
+    algo = _resolve(algorithm, x, macs, channels, "conv", plain)
     if algo == "rank8":
         return _rank8_apply(_Rank8Conv, x, weight, bias, conv)
     n_in_q = weight.shape[1] if transposed else weight.shape[2]
     positions = out_positions * (math.prod(conv.stride) if transposed else 1)
     on_products = (  # fewer output positions than input quaternions x kernel size
         groups == 1
-        and not _plain_block_only(x)
+        and not plain
         and not torch.compiler.is_compiling()  # Inductor (2.14) fails on its dynamic shapes
         and x.is_contiguous()
         and weight.is_contiguous()

@@ -33,9 +33,9 @@ else:  # pragma: no cover
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "step")
 COMPARE_KEYS = ("variants", "seeds")
+"""Keys of a compare recipe beyond those of :class:`TrainConfig`."""
 DEFAULT_SEEDS = (0, 1, 2)
 """The seeds a comparison trains unless told otherwise."""
-"""Keys of a compare recipe beyond those of :class:`TrainConfig`."""
 
 
 def _field(default: object, help: str, runtime: bool = False) -> object:
