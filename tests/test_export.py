@@ -304,15 +304,21 @@ def test_torch_formats_round_trip(tmp_path, fmt):
 
 
 def test_failed_export_names_the_cause_and_writes_nothing(tmp_path):
-    """Batch statistics in eval (track_running_stats=False) branch on the data: no trace."""
-    norm = QBatchNorm2d(8, track_running_stats=False)
-    model = nn.Sequential(qnn.QConv2d(4, 8, 3), norm).eval()
+    """Batch statistics in eval (track_running_stats=False): the variance norm's finiteness
+    check branches on the data (no trace); the whitening traces as plain ops."""
     path = tmp_path / "model.pt2"
-    with pytest.raises(ValueError, match="export it folded"):
-        export(model, torch.randn(2, 4, 32, 32), path, "pt2")
-    assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ValueError, match="format must be one of"):
-        export(model, torch.randn(2, 4, 32, 32), path, "tflite")
+    for mode, traces in (("variance", False), ("whiten", True)):
+        norm = QBatchNorm2d(8, mode=mode, track_running_stats=False)
+        model = nn.Sequential(qnn.QConv2d(4, 8, 3), norm).eval()
+        if traces:
+            report = export(model, torch.randn(2, 4, 32, 32), path, "pt2")
+            assert report["max_abs_diff"] <= report["tolerance"]
+            continue
+        with pytest.raises(ValueError, match="export it folded"):
+            export(model, torch.randn(2, 4, 32, 32), path, "pt2")
+        assert list(tmp_path.iterdir()) == []
+        with pytest.raises(ValueError, match="format must be one of"):
+            export(model, torch.randn(2, 4, 32, 32), path, "tflite")
 
 
 def test_unfolded_whitening_model_exports_to_pt2(tmp_path):

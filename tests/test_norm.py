@@ -590,6 +590,24 @@ def test_whiten_compiled_matches_eager():
                 torch.testing.assert_close(exported(x), want[0], rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_training_whitening_is_one_graph_and_skips_nonfinite_statistics():
+    """torch.compile traces the training-mode whitening whole (Inductor fuses its passes);
+    a non-finite batch gives a non-finite output there and leaves the running statistics
+    as they were (eager mode raises instead)."""
+    bn = QBatchNorm2d(8)
+    x = torch.randn(4, 8, 6, 6)
+    explained = torch._dynamo.explain(bn)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    compiled = torch.compile(bn)
+    compiled(x)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x[1, 2, 3, 3] = float("nan")  # component 1 of quaternion channel 0
+    y = compiled(x).unflatten(1, (4, 2))
+    assert torch.isnan(y[:, :, 0]).all() and torch.isfinite(y[:, :, 1]).all()
+    for name in ("running_mean", "running_cov"):
+        assert torch.equal(bn.get_buffer(name), before[name]), name
+
+
 def test_eval_under_torch_func_transforms():
     x, _ = correlated(12, 2, (3, 2), cond=50.0, seed=59)
     bn = QBatchNorm2d(8).double()

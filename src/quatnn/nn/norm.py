@@ -31,12 +31,13 @@ input) raises ``ValueError`` in the whiten and variance modes; ``"split"`` is ex
 leaves the running statistics as they are; one value per channel raises ``ValueError``.
 Gradients are first order only (no double backward).
 
-``torch.compile`` and ``torch.func``: under torch.compile the training-mode whitening runs
-eagerly between graphs (a graph break, as the finiteness check makes anyway) and eval-mode
-whitening is traced as plain tensor ops (a non-positive-definite ``running_cov`` then raises
-``torch.linalg.cholesky``'s error). Under ``torch.func`` transforms (vmap, grad, ...) eval
-mode (running statistics) works in every mode; batch statistics in the whiten and variance
-modes raise ``RuntimeError``.
+``torch.compile`` and ``torch.func``: under torch.compile the whitening (training and
+eval) is traced as plain tensor ops, which Inductor fuses into a few loops: one graph, no
+break at each norm. Traced, a non-finite batch gives a non-finite output (as in
+``nn.BatchNorm``) and leaves the running statistics as they are, and a non-positive-definite
+``running_cov`` raises ``torch.linalg.cholesky``'s error. Under ``torch.func`` transforms
+(vmap, grad, ...) eval mode (running statistics) works in every mode; batch statistics in
+the whiten and variance modes raise ``RuntimeError``.
 
 Implementation notes. The 4x4 statistics need each quaternion's 4 components side by side,
 while the blocked layout puts them ``C`` channels apart. Instead of permuting the whole
@@ -89,6 +90,8 @@ _DEVICE_CHUNK_BYTES = 1 << 62
 # torch.triu_indices(4, 4): (0,0) (0,1) (0,2) (0,3) (1,1) (1,2) (1,3) (2,2) (2,3) (3,3).
 _SYM_INDEX = (0, 1, 2, 3, 1, 4, 5, 6, 2, 5, 7, 8, 3, 6, 8, 9)
 _TRIU_DIAG = (0, 4, 7, 9)
+# The (row, col) pairs of that order.
+_SYM_PAIRS = tuple((i, j) for i in range(4) for j in range(i, 4))
 
 
 # ---------------------------------------------------------------------------------------
@@ -384,26 +387,59 @@ class _Affine4(torch.autograd.Function):
         return dx, dm, None, dshift
 
 
-@torch.compiler.disable
+def _mix(mm: Tensor, d: Sequence[Tensor]) -> list[Tensor]:
+    """``M d`` per quaternion channel: ``mm (C, 4, 4)`` applied to the component planes
+    ``d`` (4 of ``(N, C, *S)``), giving 4 planes, each a sum of 4 broadcast products.
+    Written out plane by plane for torch.compile, which fuses them into one loop: a
+    product summed over a component axis compiled to loops 2x-3x slower inside a network
+    (an einsum, to a batched matmul behind transposing copies)."""
+    ones = (1,) * (d[0].dim() - 2)
+    m = mm.flatten(1).t().reshape(16, -1, *ones)  # row 4o + i: M[:, o, i] of each channel
+    return [
+        m[4 * o] * d[0] + m[4 * o + 1] * d[1] + m[4 * o + 2] * d[2] + m[4 * o + 3] * d[3]
+        for o in range(4)
+    ]
+
+
 def _whiten_batch(x: Tensor, gm: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, ...]:
-    """:class:`_WhitenBatch`, run eagerly even inside a compiled model: torch.compile
-    graph-breaks around it (inductor cannot lower the ``out=`` writes through views of
-    the chunked kernels, and the finiteness check breaks the graph anyway)."""
-    return _WhitenBatch.apply(x, gm, beta, eps)
+    """:class:`_WhitenBatch` in eager mode (``(y, mu (C, 4), cov (C, 4, 4))``); plain
+    tensor ops on the component planes (two-pass statistics, Cholesky, :func:`_mix`) while
+    torch.compile traces, which fuses them (the chunked kernels' ``out=`` writes through
+    views do not lower). Traced, a non-finite input gives a non-finite output instead of
+    an error, as in ``nn.BatchNorm`` (a data-dependent raise would split the graph)."""
+    if not torch.compiler.is_compiling():
+        return _WhitenBatch.apply(x, gm, beta, eps)
+    c = gm.shape[0]
+    cdt = _compute_dtype(x.dtype)
+    dims, ones = _reduce_dims(x), (1,) * (x.dim() - 2)
+    with autocast_disabled(x.device.type):
+        planes = x.to(cdt).unflatten(1, (4, c)).unbind(1)
+        mu = torch.stack([p.mean(dims) for p in planes])  # (4, C)
+        d = [p - m.view(-1, *ones) for p, m in zip(planes, mu, strict=True)]
+        cov = _sym_from_triu(torch.stack([(d[i] * d[j]).mean(dims) for i, j in _SYM_PAIRS], -1))
+        eye = torch.eye(4, dtype=cdt, device=x.device)
+        chol, _ = torch.linalg.cholesky_ex(cov + eps * eye)  # NaN/Inf reach y through d
+        w = torch.linalg.solve_triangular(chol, eye.expand(c, 4, 4), upper=False)
+        shifts = beta.to(cdt).view(4, c, *ones)
+        y = torch.cat([yo + b for yo, b in zip(_mix(gm.to(cdt) @ w, d), shifts, strict=True)], 1)
+    return y.to(x.dtype), mu.detach().t(), cov.detach()  # cov biased
 
 
 def _affine4(x: Tensor, mm: Tensor, center: Tensor, shift: Tensor) -> Tensor:
     """Blocked ``y = M (x - center) + shift`` per quaternion channel: :class:`_Affine4` in
-    eager mode; plain autograd ops while torch.compile traces or a ``torch.func``
-    transform (vmap, grad, ...) runs, which the chunked kernels do not support."""
+    eager mode; plain autograd ops (:func:`_mix`) while torch.compile traces or a
+    ``torch.func`` transform (vmap, grad, ...) runs, which the chunked kernels do not
+    support."""
     if not (torch.compiler.is_compiling() or transforming()):
         return _Affine4.apply(x, mm, center, shift)
     c = mm.shape[0]
     ones = (1,) * (x.dim() - 2)
     with autocast_disabled(x.device.type):
-        d = x.to(mm.dtype).unflatten(1, (4, c)) - center.view(4, c, *ones)
-        y = torch.einsum("cij,njc...->nic...", mm, d) + shift.to(mm.dtype).view(4, c, *ones)
-    return y.flatten(1, 2).to(x.dtype)
+        planes = x.to(mm.dtype).unflatten(1, (4, c)).unbind(1)
+        d = [p - m for p, m in zip(planes, center.view(4, c, *ones), strict=True)]
+        shifts = shift.to(mm.dtype).view(4, c, *ones)
+        y = torch.cat([yo + b for yo, b in zip(_mix(mm, d), shifts, strict=True)], 1)
+    return y.to(x.dtype)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -678,11 +714,11 @@ class _QBatchNorm(KeepsDerived):
             if update:
                 with torch.no_grad():
                     running = self.running_cov if self.mode == "whiten" else self.running_var
-                    unbiased = stat * (n / (n - 1))
-                    self.running_mean.mul_(1.0 - factor).add_(
-                        mu.to(self.running_mean.dtype) * factor
-                    )
-                    running.mul_(1.0 - factor).add_(unbiased.to(running.dtype) * factor)
+                    # Only finite statistics count (eager mode raised on the others already).
+                    finite = torch.isfinite(stat.sum() + mu.sum())
+                    for buf, new in ((self.running_mean, mu), (running, stat * (n / (n - 1)))):
+                        averaged = buf * (1.0 - factor) + new.to(buf.dtype) * factor
+                        buf.copy_(torch.where(finite, averaged, buf))
             return y
         # Running statistics (eval mode): a fixed affine map per quaternion channel.
         if self.mode == "variance":
