@@ -8,6 +8,7 @@ and the bundled digits data with Lenet-300-100 (quaternion) for a few steps.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 
 from quatnn import cli, train
-from quatnn.nn import QBatchNorm1d, QBatchNorm2d, QConv2d, QLinear
+from quatnn.nn import NonFiniteStatistics, QBatchNorm1d, QBatchNorm2d, QConv2d, QLinear
 from quatnn.nn.sync_norm import QSyncBatchNorm, convert_sync_batchnorm
 from quatnn.train import distributed, runner
 from quatnn.train.seeding import EpochSampler
@@ -337,6 +338,14 @@ def _sync_bn_worker(rank: int, init_file: str, results: str) -> None:
                 steps.append({"y": y.detach(), "dx": xr.grad, "grads": grads})
             buffers = {n: b.clone() for n, b in model.named_buffers()}
             out[f"{mode}-{image}"] = {"steps": steps, "buffers": buffers}
+        # A NaN in one process's shard: both see non-finite statistics and raise alike.
+        x, _ = _batch(True, 0)
+        x[-1, 0, 0, 0] = math.nan
+        try:
+            convert_sync_batchnorm(_tiny("whiten", True))(x[slice(*SHARDS[rank])])
+            out["nan"] = "no error"
+        except NonFiniteStatistics as err:
+            out["nan"] = str(err)
         torch.save(out, Path(results) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -345,6 +354,7 @@ def _sync_bn_worker(rank: int, init_file: str, results: str) -> None:
 def test_sync_batch_norm_in_two_processes_equals_one_batch_norm_on_the_whole_batch(tmp_path):
     mp.spawn(_sync_bn_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert all("non-finite batch statistics" in ranks[r]["nan"] for r in range(2))
     close = {"atol": 1e-10, "rtol": 1e-8}
     for mode, image in SYNC_CASES:
         model = _tiny(mode, image)

@@ -13,6 +13,7 @@ from torch import nn
 
 from quatnn.algebra import hamilton_product, normalize, to_blocked, to_explicit
 from quatnn.nn.norm import (
+    NonFiniteStatistics,
     QBatchNorm1d,
     QBatchNorm2d,
     QBatchNorm3d,
@@ -688,10 +689,10 @@ def test_errors():
     for mode in ("whiten", "variance"):
         bad = torch.randn(4, 8, 2, 2)
         bad[1, 3, 0, 1] = float("nan")
-        with pytest.raises(ValueError, match="non-finite"):
+        with pytest.raises(NonFiniteStatistics, match="non-finite"):
             QBatchNorm2d(8, mode=mode)(bad)
         bad[1, 3, 0, 1] = float("inf")
-        with pytest.raises(ValueError, match="non-finite"):
+        with pytest.raises(NonFiniteStatistics, match="non-finite"):
             QBatchNorm2d(8, mode=mode)(bad)
     with pytest.raises(ValueError, match="normalized_shape"):
         QLayerNorm(10)

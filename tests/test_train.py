@@ -45,15 +45,16 @@ class StopAt(train.Callback):
 
 
 class PoisonAt(train.Callback):
-    """Set a weight to NaN after optimizer step ``step``, so the next loss is NaN."""
+    """Set a weight of parameter ``index`` to NaN after optimizer step ``step``, so the
+    next loss is NaN."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, index: int = 0) -> None:
+        self.step, self.index = step, index
 
     def on_step_end(self, trainer: train.Trainer) -> None:
         if trainer.step == self.step:
             with torch.no_grad():
-                next(trainer.model.parameters()).view(-1)[0] = math.nan
+                list(trainer.model.parameters())[self.index].view(-1)[0] = math.nan
 
 
 def test_config_toml_round_trip_and_precedence(tmp_path):
@@ -132,6 +133,27 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert len(_metrics(tmp_path)) == 1 and not (tmp_path / "summary.json").exists()
     assert "keeps epoch 1" in (tmp_path / "train.log").read_text().splitlines()[-1]
+
+
+def test_nonfinite_activations_at_a_batch_norm_stop_as_a_nan_loss_does(tmp_path):
+    """The whitening norm of a quaternion ResNet raises on a NaN input (eager mode) before
+    any loss is NaN; training stops with the step named and the last good checkpoint."""
+    cfg = train.TrainConfig(
+        model="resnet20", variant="quaternion", dataset="digits-color", epochs=3, device="cpu"
+    )
+    poison = PoisonAt(STEPS_PER_EPOCH + 4)  # the first convolution: step 29 meets NaN at its norm
+    match = r"activations became non-finite in epoch 2 at step 29 \(batch 5 of 24\).*batch norm"
+    with pytest.raises(train.NonFiniteLoss, match=match):
+        train.train(cfg, tmp_path, progress="off", callbacks=[poison])
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert "keeps epoch 1" in (tmp_path / "train.log").read_text().splitlines()[-1]
+    # A NaN classifier bias: the loss of step 29 is NaN (no norm after the head), its
+    # gradients reach every weight, and step 30 meets NaN at a norm; step 29 is named.
+    poison = PoisonAt(STEPS_PER_EPOCH + 4, index=-1)
+    with pytest.raises(train.NonFiniteLoss, match=r"loss became nan in epoch 2 at step 29 "):
+        train.train(cfg, tmp_path / "head", progress="off", callbacks=[poison])
 
 
 def test_ctrl_c_at_an_epoch_end_lands_after_the_epoch_is_written(tmp_path, monkeypatch):

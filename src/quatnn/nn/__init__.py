@@ -13,6 +13,7 @@ from quatnn.nn.conv import (
 from quatnn.nn.dropout import QDropout
 from quatnn.nn.linear import QLinear
 from quatnn.nn.norm import (
+    NonFiniteStatistics,
     QBatchNorm1d,
     QBatchNorm2d,
     QBatchNorm3d,
@@ -42,6 +43,7 @@ __all__ = [
     "QBatchNorm3d",
     "QLayerNorm",
     "convert_batchnorm",
+    "NonFiniteStatistics",
     "QModReLU",
     "QDropout",
     "QMaxPool1d",

@@ -26,9 +26,10 @@ Behaviour follows ``torch.nn.BatchNorm``: ``momentum`` weights the new batch
 mode uses them and updates nothing, ``track_running_stats=False`` uses batch statistics
 always. Whitening starts from ``running_mean = 0`` and ``running_cov = I``. With batch
 statistics, a NaN/Inf input (detected from the per-channel statistics, not by scanning the
-input) raises ``ValueError`` in the whiten and variance modes; ``"split"`` is exactly
-``nn.BatchNorm`` and, like it, does not check. An empty batch gives an empty output and
-leaves the running statistics as they are; one value per channel raises ``ValueError``.
+input) raises :class:`NonFiniteStatistics` (a ``ValueError``) in the whiten and variance
+modes in eager mode; ``"split"`` is exactly ``nn.BatchNorm`` and, like it, does not check.
+An empty batch gives an empty output and leaves the running statistics as they are; one
+value per channel raises ``ValueError``.
 Gradients are first order only (no double backward).
 
 ``torch.compile`` and ``torch.func``: under torch.compile the whitening (training and
@@ -66,6 +67,7 @@ from quatnn.functional import autocast_disabled, transforming
 from quatnn.nn.base import KeepsDerived
 
 __all__ = [
+    "NonFiniteStatistics",
     "QBatchNorm1d",
     "QBatchNorm2d",
     "QBatchNorm3d",
@@ -92,6 +94,11 @@ _SYM_INDEX = (0, 1, 2, 3, 1, 4, 5, 6, 2, 5, 7, 8, 3, 6, 8, 9)
 _TRIU_DIAG = (0, 4, 7, 9)
 # The (row, col) pairs of that order.
 _SYM_PAIRS = tuple((i, j) for i in range(4) for j in range(i, 4))
+
+
+class NonFiniteStatistics(ValueError):
+    """The batch statistics of a quaternion batch norm are NaN or infinite (so is its
+    input): raised in eager mode by the whiten and variance modes."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -305,7 +312,7 @@ class _WhitenBatch(torch.autograd.Function):
             # A NaN/Inf anywhere in x reaches every sum of its channel, so checking the
             # covariance (one sync) is enough; large finite values that overflow are caught too.
             if _flagged(~torch.isfinite(cov.sum()) | (info != 0).any()):
-                raise ValueError(
+                raise NonFiniteStatistics(
                     "quaternion batch norm: non-finite batch statistics; the input contains "
                     "NaN/Inf (or values too large for its dtype)"
                 )
@@ -489,7 +496,7 @@ class _VarianceBatch(torch.autograd.Function):
             sq, _ = _channel_sums(xs, xs, mu)
             sigma2 = sq.view(4, c).sum(0) / n
             if _flagged(~torch.isfinite(sigma2.sum())):  # NaN/Inf in x reach sigma2 too
-                raise ValueError(
+                raise NonFiniteStatistics(
                     "quaternion batch norm: non-finite batch statistics; the input contains "
                     "NaN/Inf (or values too large for its dtype)"
                 )

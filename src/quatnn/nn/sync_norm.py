@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from quatnn.functional import autocast_disabled
-from quatnn.nn.norm import _compute_dtype, _memory_format, _QBatchNorm
+from quatnn.nn.norm import NonFiniteStatistics, _compute_dtype, _memory_format, _QBatchNorm
 
 __all__ = ["QSyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -133,8 +133,8 @@ class QSyncBatchNorm(_QBatchNorm):
             else:  # squared norms (variance: (C,)) or squares (split: (4C,))
                 second = d.square().sum((0, 1, 3))
             stat = _all_reduce_sum(second, group) / n  # biased
-            if not bool(torch.isfinite(stat.detach()).all()):
-                raise ValueError(
+            if not bool(torch.isfinite(stat.detach()).all()):  # on every process alike
+                raise NonFiniteStatistics(
                     "quaternion batch norm: non-finite batch statistics; the input contains "
                     "NaN/Inf (or values too large for its dtype)"
                 )
@@ -159,7 +159,7 @@ class QSyncBatchNorm(_QBatchNorm):
             eye = torch.eye(4, dtype=cdt, device=d.device)
             chol, info = torch.linalg.cholesky_ex(stat + self.eps * eye)
             if bool((info != 0).any()):
-                raise ValueError(
+                raise NonFiniteStatistics(
                     "quaternion batch norm: the batch covariance + eps*I is not positive "
                     "definite (non-finite input?)"
                 )

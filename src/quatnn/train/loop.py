@@ -4,7 +4,9 @@
 epoch (masks for pruning, writing metrics and checkpoints) is a :class:`Callback`.
 Losses and accuracies are summed on the device and read back every ``sync_every`` steps,
 so a GPU is not stalled after every step; a non-finite loss is still reported with the
-exact step where it first appeared.
+exact step where it first appeared, as are NaN/Inf activations that reach a quaternion
+batch norm (:class:`~quatnn.nn.norm.NonFiniteStatistics`): both raise
+:class:`~quatnn.train.errors.NonFiniteLoss`.
 
 Example:
     >>> import torch
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from quatnn.nn.norm import NonFiniteStatistics
 from quatnn.train.errors import NonFiniteLoss
 from quatnn.train.progress import Progress
 from quatnn.train.seeding import rng_state, set_rng_state
@@ -191,8 +194,16 @@ class Trainer:
         for batch, (x, y) in enumerate(loader, 1):
             x = self._to_device(x)
             y = y.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = self.forward(x)
+            try:
+                with self._autocast():
+                    logits = self.forward(x)
+            except NonFiniteStatistics as err:  # NaN/Inf activations meet a batch norm
+                if window:  # a non-finite loss before it is the first sign: name that step
+                    self._flush(window, sizes, batch - 1, total)
+                raise NonFiniteLoss(
+                    f"activations became non-finite in epoch {self.epoch} at step "
+                    f"{self.step + 1} (batch {batch} of {total}): {err}"
+                ) from None
             if share is None:
                 loss = F.cross_entropy(logits.float(), y)
                 loss_sum = loss.detach() * len(y)
