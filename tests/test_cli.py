@@ -281,6 +281,28 @@ def test_bench_layers_times_the_sizes_given(monkeypatch, capsys, tmp_path):
     assert made[-1].shape == (4, 8) and made[-1].grad is not None  # dx was computed
 
 
+def test_bench_norm_compile_adds_a_compiled_twin_of_each_layer(monkeypatch, capsys):
+    from quatnn.bench import norm
+
+    ran, compiled = [], []
+    compile_ = torch.compile
+
+    def once(fns, device, repeats, warmup):
+        for fn in fns.values():
+            fn()  # each layer really runs (the twins compile here)
+        ran.append(list(fns))
+        return {name: 1.0 + i for i, name in enumerate(fns)}
+
+    monkeypatch.setattr(norm, "interleaved_seconds", once)
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or compile_(m))
+    argv = ["bench", "norm", "--batch", "2", "--channels", "8", "--size", "3", "--modes", "whiten"]
+    assert cli.main([*argv, "--compile"]) == 0
+    eager = ["nn.BatchNorm2d", "QBatchNorm2d(whiten)"]
+    assert ran == [[*eager, *(f"{name}, compiled" for name in eager)]]
+    assert [type(m).__name__ for m in compiled] == ["BatchNorm2d", "QBatchNorm2d"]
+    assert "| QBatchNorm2d(whiten), compiled | 2x8x3x3 | 4e+03 | 4 |" in capsys.readouterr().out
+
+
 def test_bench_train_builds_the_models_with_the_options_given(capsys):
     from quatnn import models
     from quatnn.bench import train

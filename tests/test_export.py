@@ -303,22 +303,31 @@ def test_torch_formats_round_trip(tmp_path, fmt):
     assert path.is_file() and report["max_abs_diff"] <= report["tolerance"]
 
 
+class _SignFlip(nn.Module):
+    """A branch on the data: torch.export cannot trace it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.sum() > 0 else -x
+
+
 def test_failed_export_names_the_cause_and_writes_nothing(tmp_path):
-    """Batch statistics in eval (track_running_stats=False): the variance norm's finiteness
-    check branches on the data (no trace); the whitening traces as plain ops."""
     path = tmp_path / "model.pt2"
-    for mode, traces in (("variance", False), ("whiten", True)):
-        norm = QBatchNorm2d(8, mode=mode, track_running_stats=False)
-        model = nn.Sequential(qnn.QConv2d(4, 8, 3), norm).eval()
-        if traces:
-            report = export(model, torch.randn(2, 4, 32, 32), path, "pt2")
-            assert report["max_abs_diff"] <= report["tolerance"]
-            continue
-        with pytest.raises(ValueError, match="export it folded"):
-            export(model, torch.randn(2, 4, 32, 32), path, "pt2")
-        assert list(tmp_path.iterdir()) == []
-        with pytest.raises(ValueError, match="format must be one of"):
-            export(model, torch.randn(2, 4, 32, 32), path, "tflite")
+    model = nn.Sequential(qnn.QConv2d(4, 8, 3), _SignFlip()).eval()
+    with pytest.raises(ValueError, match="export it folded"):
+        export(model, torch.randn(2, 4, 32, 32), path, "pt2")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="format must be one of"):
+        export(model, torch.randn(2, 4, 32, 32), path, "tflite")
+
+
+@pytest.mark.parametrize("mode", ["whiten", "variance"])
+def test_batch_statistics_in_eval_export_to_pt2(tmp_path, mode):
+    """track_running_stats=False: eval mode normalizes with batch statistics, traced as
+    plain ops (no finiteness check branches on the data)."""
+    norm = QBatchNorm2d(8, mode=mode, track_running_stats=False)
+    model = nn.Sequential(qnn.QConv2d(4, 8, 3), norm).eval()
+    report = export(model, torch.randn(2, 4, 32, 32), tmp_path / "model.pt2", "pt2")
+    assert report["max_abs_diff"] <= report["tolerance"]
 
 
 def test_unfolded_whitening_model_exports_to_pt2(tmp_path):

@@ -567,11 +567,12 @@ def _outputs_and_grads(fn, bn, x, g):
     return y.detach(), xg.grad, bn.weight.grad.clone(), bn.bias.grad.clone()
 
 
-def test_whiten_compiled_matches_eager():
+@pytest.mark.parametrize("mode", ["whiten", "variance"])
+def test_compiled_matches_eager(mode):
     torch.manual_seed(15)
     cases = [(QBatchNorm2d, (4, 8, 8, 8), (True, False)), (QBatchNorm1d, (4, 8, 16), (True,))]
     for cls, shape, modes in cases:
-        eager = cls(8)
+        eager = cls(8, mode=mode)
         randomize(eager)
         compiled_bn = copy.deepcopy(eager)
         compiled = torch.compile(compiled_bn)
@@ -591,11 +592,12 @@ def test_whiten_compiled_matches_eager():
                 torch.testing.assert_close(exported(x), want[0], rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_training_whitening_is_one_graph_and_skips_nonfinite_statistics():
-    """torch.compile traces the training-mode whitening whole (Inductor fuses its passes);
-    a non-finite batch gives a non-finite output there and leaves the running statistics
-    as they were (eager mode raises instead)."""
-    bn = QBatchNorm2d(8)
+@pytest.mark.parametrize("mode", ["whiten", "variance"])
+def test_compiled_training_norm_is_one_graph_and_skips_nonfinite_statistics(mode):
+    """torch.compile traces the training-mode norm whole (Inductor fuses its passes); a
+    non-finite batch gives a non-finite output there and leaves the running statistics as
+    they were (eager mode raises instead)."""
+    bn = QBatchNorm2d(8, mode=mode)
     x = torch.randn(4, 8, 6, 6)
     explained = torch._dynamo.explain(bn)(x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
@@ -605,7 +607,7 @@ def test_compiled_training_whitening_is_one_graph_and_skips_nonfinite_statistics
     x[1, 2, 3, 3] = float("nan")  # component 1 of quaternion channel 0
     y = compiled(x).unflatten(1, (4, 2))
     assert torch.isnan(y[:, :, 0]).all() and torch.isfinite(y[:, :, 1]).all()
-    for name in ("running_mean", "running_cov"):
+    for name in ("running_mean", "running_cov" if mode == "whiten" else "running_var"):
         assert torch.equal(bn.get_buffer(name), before[name]), name
 
 

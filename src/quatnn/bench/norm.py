@@ -3,12 +3,14 @@
 Every layer runs in training mode on the same ``(batch, channels, size, size)`` tensor in
 one process; the layers are timed round-robin (so a change in machine load hits all alike)
 and each row reports the median time and its ratio to ``nn.BatchNorm2d`` with the same
-number of real channels. Gradients are taken for the input and the parameters with
-``torch.autograd.grad``, so nothing accumulates between steps.
+number of real channels. ``--compile`` adds a ``torch.compile`` twin of every layer
+(compiled during the warm-up runs). Gradients are taken for the input and the parameters
+with ``torch.autograd.grad``, so nothing accumulates between steps.
 
 Example:
     quatnn bench norm
     quatnn bench norm --batch 32 --modes whiten --threads 1 --out bench-norm.csv
+    quatnn bench norm --channels 16 --size 32 --compile
 
     >>> from quatnn.bench.norm import run
     >>> rows = run(batch=4, channels=8, size=4, repeats=2, warmup=1, modes=("variance",))
@@ -48,10 +50,12 @@ def run(
     modes: Sequence[str] = MODES,
     device: str = "cpu",
     seed: int = 0,
+    compile: bool = False,
 ) -> list[dict]:
     """Time forward+backward of ``nn.BatchNorm2d(channels)`` and ``QBatchNorm2d(channels,
-    mode)`` for each mode; one row per layer with ``layer, mode, shape, ms`` (median) and
-    ``ratio`` (to ``nn.BatchNorm2d``), plus ``threads`` and ``device``."""
+    mode)`` for each mode (and, with ``compile``, of each layer compiled); one row per
+    layer with ``layer, mode, shape, ms`` (median) and ``ratio`` (to the eager
+    ``nn.BatchNorm2d``), plus ``threads`` and ``device``."""
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, channels, size, size)
     x = torch.randn(shape, generator=gen).to(device).requires_grad_()
@@ -68,7 +72,14 @@ def run(
     layers: dict[str, tuple[str, nn.Module]] = {"nn.BatchNorm2d": ("-", nn.BatchNorm2d(channels))}
     for mode in modes:
         layers[f"QBatchNorm2d({mode})"] = (mode, QBatchNorm2d(channels, mode=mode))
-    fns = {name: step(layer.to(device).train()) for name, (_, layer) in layers.items()}
+    layers = {name: (mode, layer.to(device).train()) for name, (mode, layer) in layers.items()}
+    if compile:
+        twins = {
+            f"{name}, compiled": (mode, torch.compile(layer))
+            for name, (mode, layer) in layers.items()
+        }
+        layers.update(twins)
+    fns = {name: step(layer) for name, (_, layer) in layers.items()}
     seconds = interleaved_seconds(fns, device, repeats, warmup)
     base = seconds["nn.BatchNorm2d"]
     return [
@@ -102,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--device", type=device_name, default="cpu", help="torch device (default: cpu)"
     )
+    parser.add_argument("--compile", action="store_true", help="also time each layer compiled")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="also write the table (.csv or .json)")
     args = parser.parse_args(None if argv is None else list(argv))
@@ -116,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         modes=args.modes,
         device=args.device,
+        compile=args.compile,
     )
     print(markdown_table(rows, COLUMNS))
     if args.out:

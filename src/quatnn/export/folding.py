@@ -224,7 +224,8 @@ def _norm_affine(norm: nn.Module, name: str) -> _Affine:
         raise ValueError(
             f"fold: {name} ({type(norm).__name__}) has no running statistics "
             "(track_running_stats=False), so in eval mode it normalizes with batch statistics "
-            "and is no fixed affine map; it cannot be folded"
+            "and is no fixed affine map; it cannot be folded (export the model unfolded "
+            "instead, e.g. to pt2)"
         )
     f64 = torch.float64
     mean = norm.running_mean.to(f64)

@@ -32,9 +32,9 @@ An empty batch gives an empty output and leaves the running statistics as they a
 value per channel raises ``ValueError``.
 Gradients are first order only (no double backward).
 
-``torch.compile`` and ``torch.func``: under torch.compile the whitening (training and
-eval) is traced as plain tensor ops, which Inductor fuses into a few loops: one graph, no
-break at each norm. Traced, a non-finite batch gives a non-finite output (as in
+``torch.compile`` and ``torch.func``: under torch.compile every mode (training and eval)
+is traced as plain tensor ops, which Inductor fuses into a few loops: one graph, no break
+at each norm. Traced, a non-finite batch gives a non-finite output (as in
 ``nn.BatchNorm``) and leaves the running statistics as they are, and a non-positive-definite
 ``running_cov`` raises ``torch.linalg.cholesky``'s error. Under ``torch.func`` transforms
 (vmap, grad, ...) eval mode (running statistics) works in every mode; batch statistics in
@@ -543,6 +543,25 @@ class _VarianceBatch(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------
 
 
+def _variance_batch(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, ...]:
+    """:class:`_VarianceBatch` in eager mode (``(y, mu (4C,), sigma^2 (C,))``); plain tensor
+    ops while torch.compile traces (without the finiteness check, which would split the
+    graph: a non-finite batch gives a non-finite output, as with the whitening)."""
+    if not torch.compiler.is_compiling():
+        return _VarianceBatch.apply(x, gamma, beta, eps)
+    c = gamma.shape[0]
+    cdt = _compute_dtype(x.dtype)
+    dims, ones = _reduce_dims(x), (1,) * (x.dim() - 2)
+    with autocast_disabled(x.device.type):
+        xs = x.to(cdt)
+        mu = xs.mean(dims)
+        d = xs - mu.view(-1, *ones)
+        sigma2 = d.square().mean(dims).view(4, c).sum(0)  # biased
+        scale = (gamma.to(cdt) * torch.rsqrt(sigma2 + eps)).repeat(4)
+        y = d * scale.view(-1, *ones) + beta.to(cdt).view(-1, *ones)
+    return y.to(x.dtype), mu.detach(), sigma2.detach()
+
+
 class _QBatchNorm(KeepsDerived):
     """Shared implementation of :class:`QBatchNorm1d`, :class:`QBatchNorm2d` and
     :class:`QBatchNorm3d`; subclasses only fix the accepted input ranks."""
@@ -717,7 +736,7 @@ class _QBatchNorm(KeepsDerived):
                     gamma = torch.ones(self.num_quaternions, dtype=pdtype, device=x.device)
                 if n == 0:
                     return F.batch_norm(x, None, None, gamma.repeat(4), beta, True, 0.0, self.eps)
-                y, mu, stat = _VarianceBatch.apply(x, gamma, beta, self.eps)
+                y, mu, stat = _variance_batch(x, gamma, beta, self.eps)
             if update:
                 with torch.no_grad():
                     running = self.running_cov if self.mode == "whiten" else self.running_var
