@@ -133,6 +133,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert len(_metrics(tmp_path)) == 1 and not (tmp_path / "summary.json").exists()
     assert "keeps epoch 1" in (tmp_path / "train.log").read_text().splitlines()[-1]
+    # NaN weights after an epoch's last step (its loss was finite): epoch 2 is not saved.
+    poison = PoisonAt(2 * STEPS_PER_EPOCH)
+    with pytest.raises(train.NonFiniteLoss, match=r"weights became non-finite in epoch 2 at"):
+        train.train(cfg, tmp_path / "end", progress="off", callbacks=[poison])
+    state = torch.load(tmp_path / "end" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
 def test_nonfinite_activations_at_a_batch_norm_stop_as_a_nan_loss_does(tmp_path):

@@ -5,7 +5,8 @@ epoch (masks for pruning, writing metrics and checkpoints) is a :class:`Callback
 Losses and accuracies are summed on the device and read back every ``sync_every`` steps,
 so a GPU is not stalled after every step; a non-finite loss is still reported with the
 exact step where it first appeared, as are NaN/Inf activations that reach a quaternion
-batch norm (:class:`~quatnn.nn.norm.NonFiniteStatistics`): both raise
+batch norm (:class:`~quatnn.nn.norm.NonFiniteStatistics`) and NaN/Inf weights at the end
+of an epoch (before it is evaluated and saved): all raise
 :class:`~quatnn.train.errors.NonFiniteLoss`.
 
 Example:
@@ -170,6 +171,7 @@ class Trainer:
                     if hasattr(sampler, "set_epoch"):
                         sampler.set_epoch(self.epoch)
                 train = self.train_epoch(train_loader, max_steps)
+                self._check_weights()
                 for callback in self.callbacks:
                     callback.on_evaluate(self)
                 test = self.evaluate(test_loader)
@@ -249,6 +251,16 @@ class Trainer:
             "epoch_seconds": seconds,
             "samples_per_second": samples / seconds,
         }
+
+    def _check_weights(self) -> None:
+        """Raise NonFiniteLoss if a weight is NaN or infinite after the epoch's last step
+        (its loss was finite), before the epoch is evaluated and saved."""
+        params = [p.detach() for p in self.model.parameters()]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise NonFiniteLoss(
+                f"weights became non-finite in epoch {self.epoch} at step {self.step} (the "
+                "epoch's last)"
+            )
 
     def _flush(self, window: list[Tensor], sizes: list[int], batch: int, total: int) -> Tensor:
         """Sum the window's (loss * n, correct, n) rows on the CPU (one device sync) and
