@@ -56,8 +56,9 @@ autocast disabled; outputs keep the input dtype.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -408,27 +409,46 @@ def _mix(mm: Tensor, d: Sequence[Tensor]) -> list[Tensor]:
     ]
 
 
+_BatchFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, ...]]
+
+
+def _traced_while_compiling(
+    kernels: type[torch.autograd.Function],
+) -> Callable[[_BatchFn], _BatchFn]:
+    """Decorator: ``kernels`` (an autograd Function of ``(x, weight, beta, eps)``) in eager
+    mode; the decorated plain-ops version, with autocast off, while torch.compile traces:
+    Inductor fuses it, and it has no data-dependent check, which would split the graph (a
+    non-finite batch gives a non-finite output, as in ``nn.BatchNorm``)."""
+
+    def decorate(traced: _BatchFn) -> _BatchFn:
+        @functools.wraps(traced)
+        def call(x: Tensor, weight: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, ...]:
+            if not torch.compiler.is_compiling():
+                return kernels.apply(x, weight, beta, eps)
+            with autocast_disabled(x.device.type):
+                return traced(x, weight, beta, eps)
+
+        return call
+
+    return decorate
+
+
+@_traced_while_compiling(_WhitenBatch)
 def _whiten_batch(x: Tensor, gm: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, ...]:
-    """:class:`_WhitenBatch` in eager mode (``(y, mu (C, 4), cov (C, 4, 4))``); plain
-    tensor ops on the component planes (two-pass statistics, Cholesky, :func:`_mix`) while
-    torch.compile traces, which fuses them (the chunked kernels' ``out=`` writes through
-    views do not lower). Traced, a non-finite input gives a non-finite output instead of
-    an error, as in ``nn.BatchNorm`` (a data-dependent raise would split the graph)."""
-    if not torch.compiler.is_compiling():
-        return _WhitenBatch.apply(x, gm, beta, eps)
-    c = gm.shape[0]
-    cdt = _compute_dtype(x.dtype)
+    """:class:`_WhitenBatch` (``(y, mu (C, 4), cov (C, 4, 4))``); traced, plain tensor ops
+    on the component planes: two-pass statistics, Cholesky, :func:`_mix` (the chunked
+    kernels' ``out=`` writes through views do not lower)."""
+    c, cdt = gm.shape[0], _compute_dtype(x.dtype)
     dims, ones = _reduce_dims(x), (1,) * (x.dim() - 2)
-    with autocast_disabled(x.device.type):
-        planes = x.to(cdt).unflatten(1, (4, c)).unbind(1)
-        mu = torch.stack([p.mean(dims) for p in planes])  # (4, C)
-        d = [p - m.view(-1, *ones) for p, m in zip(planes, mu, strict=True)]
-        cov = _sym_from_triu(torch.stack([(d[i] * d[j]).mean(dims) for i, j in _SYM_PAIRS], -1))
-        eye = torch.eye(4, dtype=cdt, device=x.device)
-        chol, _ = torch.linalg.cholesky_ex(cov + eps * eye)  # NaN/Inf reach y through d
-        w = torch.linalg.solve_triangular(chol, eye.expand(c, 4, 4), upper=False)
-        shifts = beta.to(cdt).view(4, c, *ones)
-        y = torch.cat([yo + b for yo, b in zip(_mix(gm.to(cdt) @ w, d), shifts, strict=True)], 1)
+    planes = x.to(cdt).unflatten(1, (4, c)).unbind(1)
+    mu = torch.stack([p.mean(dims) for p in planes])  # (4, C)
+    d = [p - m.view(-1, *ones) for p, m in zip(planes, mu, strict=True)]
+    cov = _sym_from_triu(torch.stack([(d[i] * d[j]).mean(dims) for i, j in _SYM_PAIRS], -1))
+    eye = torch.eye(4, dtype=cdt, device=x.device)
+    chol, _ = torch.linalg.cholesky_ex(cov + eps * eye)  # NaN/Inf reach y through d
+    w = torch.linalg.solve_triangular(chol, eye.expand(c, 4, 4), upper=False)
+    shifts = beta.to(cdt).view(4, c, *ones)
+    y = torch.cat([yo + b for yo, b in zip(_mix(gm.to(cdt) @ w, d), shifts, strict=True)], 1)
     return y.to(x.dtype), mu.detach().t(), cov.detach()  # cov biased
 
 
@@ -538,28 +558,23 @@ class _VarianceBatch(torch.autograd.Function):
         return dx, dgamma, dbeta_out, None
 
 
+@_traced_while_compiling(_VarianceBatch)
+def _variance_batch(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, ...]:
+    """:class:`_VarianceBatch` (``(y, mu (4C,), sigma^2 (C,))``); traced, plain tensor ops."""
+    c, cdt = gamma.shape[0], _compute_dtype(x.dtype)
+    dims, ones = _reduce_dims(x), (1,) * (x.dim() - 2)
+    xs = x.to(cdt)
+    mu = xs.mean(dims)
+    d = xs - mu.view(-1, *ones)
+    sigma2 = d.square().mean(dims).view(4, c).sum(0)  # biased
+    scale = (gamma.to(cdt) * torch.rsqrt(sigma2 + eps)).repeat(4)
+    y = d * scale.view(-1, *ones) + beta.to(cdt).view(-1, *ones)
+    return y.to(x.dtype), mu.detach(), sigma2.detach()
+
+
 # ---------------------------------------------------------------------------------------
 # modules
 # ---------------------------------------------------------------------------------------
-
-
-def _variance_batch(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, ...]:
-    """:class:`_VarianceBatch` in eager mode (``(y, mu (4C,), sigma^2 (C,))``); plain tensor
-    ops while torch.compile traces (without the finiteness check, which would split the
-    graph: a non-finite batch gives a non-finite output, as with the whitening)."""
-    if not torch.compiler.is_compiling():
-        return _VarianceBatch.apply(x, gamma, beta, eps)
-    c = gamma.shape[0]
-    cdt = _compute_dtype(x.dtype)
-    dims, ones = _reduce_dims(x), (1,) * (x.dim() - 2)
-    with autocast_disabled(x.device.type):
-        xs = x.to(cdt)
-        mu = xs.mean(dims)
-        d = xs - mu.view(-1, *ones)
-        sigma2 = d.square().mean(dims).view(4, c).sum(0)  # biased
-        scale = (gamma.to(cdt) * torch.rsqrt(sigma2 + eps)).repeat(4)
-        y = d * scale.view(-1, *ones) + beta.to(cdt).view(-1, *ones)
-    return y.to(x.dtype), mu.detach(), sigma2.detach()
 
 
 class _QBatchNorm(KeepsDerived):
