@@ -1,4 +1,5 @@
-"""CUDA path of the quaternion layers against the float64 CPU reference (run on a GPU box).
+"""CUDA path of the quaternion layers against the float64 CPU reference, and compiled batch
+norms against the eager ones (run on a GPU box).
 
     PYTHONPATH=src python benchmarks/cuda_check.py
 
@@ -11,7 +12,7 @@ import torch
 
 from quatnn import algebra
 from quatnn import functional as QF
-from quatnn.nn import QConv2d, QLinear
+from quatnn.nn import QBatchNorm2d, QConv2d, QLinear
 
 assert torch.cuda.is_available(), "needs a CUDA device"
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -117,5 +118,19 @@ compiled = torch.compile(
 )
 xs = torch.randn(4, 8, 8, 8, device=dev)
 check("torch.compile rank8 conv", compiled(xs), compiled._orig_mod(xs).double().cpu(), 1e-5)
+# batch norms in training, compiled (traced plain ops) against the eager CUDA kernels
+for mode in ("whiten", "variance"):
+    torch.manual_seed(1)
+    xn, dyn = torch.randn(8, 16, 6, 6, device=dev) * 2 + 1, torch.randn(8, 16, 6, 6, device=dev)
+    results = []
+    for bn in (
+        QBatchNorm2d(16, mode=mode).to(dev),
+        torch.compile(QBatchNorm2d(16, mode=mode).to(dev)),
+    ):
+        xg = xn.clone().requires_grad_()
+        yn = bn(xg)
+        results.append((yn, *torch.autograd.grad(yn, xg, dyn)))
+    for name, g, w_ in zip(("output", "grad input"), results[1], results[0], strict=True):
+        check(f"torch.compile QBatchNorm2d({mode}) {name}", g, w_.double().cpu(), 1e-5)
 print("failures:", failures)
 sys.exit(1 if failures else 0)

@@ -25,15 +25,15 @@ step() {  # step NAME SECONDS COMMAND...
     echo "=== $name: exit $?" | tee -a "$log"
 }
 
-step cuda_check 60 python benchmarks/cuda_check.py
-step bench_layers 110 python -m quatnn bench layers --device cuda --out "$out/layers.csv"
+step cuda_check 80 python benchmarks/cuda_check.py
+step bench_layers 100 python -m quatnn bench layers --device cuda --out "$out/layers.csv"
 step bench_layers_large 40 python -m quatnn bench layers --device cuda \
     --linear 1024x4096,4096x8192,32x2048 --conv 256x256x32 --out "$out/layers_large.csv"
 step bench_norm 40 python -m quatnn bench norm --device cuda --out "$out/norm.csv"
 step bench_train 60 python -m quatnn bench train --model conv6 --device cuda --out "$out/train.csv"
 step bench_train_lenet 20 python -m quatnn bench train --model lenet_300_100 \
     --variants real,quaternion --steps 500 --device cuda --out "$out/train_lenet.csv"
-step bench_train_compile 110 python -m quatnn bench train --model conv6 --device cuda \
+step bench_train_compile 100 python -m quatnn bench train --model conv6 --device cuda \
     --compile --out "$out/train_compile.csv"
 step bench_train_resnet20_compile 90 python -m quatnn bench train --model resnet20 \
     --batch 128 --steps 100 --device cuda --compile --out "$out/train_resnet20_compile.csv"
