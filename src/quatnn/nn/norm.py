@@ -395,18 +395,24 @@ class _Affine4(torch.autograd.Function):
         return dx, dm, None, dshift
 
 
-def _mix(mm: Tensor, d: Sequence[Tensor]) -> list[Tensor]:
-    """``M d`` per quaternion channel: ``mm (C, 4, 4)`` applied to the component planes
-    ``d`` (4 of ``(N, C, *S)``), giving 4 planes, each a sum of 4 broadcast products.
-    Written out plane by plane for torch.compile, which fuses them into one loop: a
-    product summed over a component axis compiled to loops 2x-3x slower inside a network
-    (an einsum, to a batched matmul behind transposing copies)."""
-    ones = (1,) * (d[0].dim() - 2)
-    m = mm.flatten(1).t().reshape(16, -1, *ones)  # row 4o + i: M[:, o, i] of each channel
-    return [
-        m[4 * o] * d[0] + m[4 * o + 1] * d[1] + m[4 * o + 2] * d[2] + m[4 * o + 3] * d[3]
+def _mix(mm: Tensor, d: Sequence[Tensor], shift: Tensor) -> Tensor:
+    """Blocked ``M d + shift`` per quaternion channel from the component planes ``d`` (4 of
+    ``(N, C, *S)``), ``mm (C, 4, 4)``, blocked ``shift (4C,)``. Written out plane by plane
+    (each output plane a sum of 4 broadcast products) for torch.compile, which fuses them
+    into one loop: a product summed over a component axis compiled to loops 2x-3x slower
+    inside a network, an einsum to a batched matmul behind transposing copies."""
+    c, ones = mm.shape[0], (1,) * (d[0].dim() - 2)
+    m = mm.flatten(1).t().reshape(16, c, *ones)  # row 4o + i: M[:, o, i] of each channel
+    shifts = shift.to(mm.dtype).view(4, c, *ones)
+    y = [
+        m[4 * o] * d[0]
+        + m[4 * o + 1] * d[1]
+        + m[4 * o + 2] * d[2]
+        + m[4 * o + 3] * d[3]
+        + shifts[o]
         for o in range(4)
     ]
+    return torch.cat(y, 1)
 
 
 _BatchFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, ...]]
@@ -447,9 +453,8 @@ def _whiten_batch(x: Tensor, gm: Tensor, beta: Tensor, eps: float) -> tuple[Tens
     eye = torch.eye(4, dtype=cdt, device=x.device)
     chol, _ = torch.linalg.cholesky_ex(cov + eps * eye)  # NaN/Inf reach y through d
     w = torch.linalg.solve_triangular(chol, eye.expand(c, 4, 4), upper=False)
-    shifts = beta.to(cdt).view(4, c, *ones)
-    y = torch.cat([yo + b for yo, b in zip(_mix(gm.to(cdt) @ w, d), shifts, strict=True)], 1)
-    return y.to(x.dtype), mu.detach().t(), cov.detach()  # cov biased
+    y = _mix(gm.to(cdt) @ w, d, beta).to(x.dtype)
+    return y, mu.detach().t(), cov.detach()  # cov biased
 
 
 def _affine4(x: Tensor, mm: Tensor, center: Tensor, shift: Tensor) -> Tensor:
@@ -459,14 +464,11 @@ def _affine4(x: Tensor, mm: Tensor, center: Tensor, shift: Tensor) -> Tensor:
     support."""
     if not (torch.compiler.is_compiling() or transforming()):
         return _Affine4.apply(x, mm, center, shift)
-    c = mm.shape[0]
-    ones = (1,) * (x.dim() - 2)
+    c, ones = mm.shape[0], (1,) * (x.dim() - 2)
     with autocast_disabled(x.device.type):
         planes = x.to(mm.dtype).unflatten(1, (4, c)).unbind(1)
-        d = [p - m for p, m in zip(planes, center.view(4, c, *ones), strict=True)]
-        shifts = shift.to(mm.dtype).view(4, c, *ones)
-        y = torch.cat([yo + b for yo, b in zip(_mix(mm, d), shifts, strict=True)], 1)
-    return y.to(x.dtype)
+        d = [p - ctr for p, ctr in zip(planes, center.view(4, c, *ones), strict=True)]
+        return _mix(mm, d, shift).to(x.dtype)
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
@@ -755,11 +757,15 @@ class _QBatchNorm(KeepsDerived):
             if update:
                 with torch.no_grad():
                     running = self.running_cov if self.mode == "whiten" else self.running_var
-                    # Only finite statistics count (eager mode raised on the others already).
-                    finite = torch.isfinite(stat.sum() + mu.sum())
+                    # Traced, non-finite statistics leave the buffers alone (eager mode raised).
+                    finite = None
+                    if torch.compiler.is_compiling():
+                        finite = torch.isfinite(stat.sum() + mu.sum())
                     for buf, new in ((self.running_mean, mu), (running, stat * (n / (n - 1)))):
                         averaged = buf * (1.0 - factor) + new.to(buf.dtype) * factor
-                        buf.copy_(torch.where(finite, averaged, buf))
+                        buf.copy_(
+                            averaged if finite is None else torch.where(finite, averaged, buf)
+                        )
             return y
         # Running statistics (eval mode): a fixed affine map per quaternion channel.
         if self.mode == "variance":
