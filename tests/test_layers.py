@@ -9,6 +9,7 @@ from quatnn import algebra
 from quatnn import functional as QF
 from quatnn.nn import (
     QAdaptiveMaxPool2d,
+    QBatchNorm2d,
     QConv1d,
     QConv2d,
     QConv3d,
@@ -589,6 +590,24 @@ def test_compiled_matches_eager(algorithm):
     model(x).sum().backward()
     for g, p in zip(grads, model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_compiles_to_one_graph_where_autocast_query_breaks_graphs(monkeypatch):
+    """torch 2.11's torch.compile cannot trace ``torch.amp.is_autocast_available`` (a graph
+    break wherever a layer or norm asks it); here it is made untraceable the same way, and
+    a quaternion conv + norm + linear network must still compile to one graph."""
+    monkeypatch.setattr(
+        torch.amp, "is_autocast_available", torch._dynamo.disable(torch.amp.is_autocast_available)
+    )
+    torch._dynamo.reset()
+    model = nn.Sequential(
+        QConv2d(8, 8, 3, padding=1),
+        QBatchNorm2d(8),
+        nn.Flatten(),
+        QLinear(8 * 9, 8),
+    )
+    explained = torch._dynamo.explain(model)(torch.randn(4, 8, 3, 3))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
 
 
 def test_mixed_network_trains():

@@ -115,9 +115,15 @@ def transforming() -> bool:
     return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
 
 
+def _autocast_available(device_type: str) -> bool:
+    """``torch.amp.is_autocast_available``, which torch.compile cannot trace in some torch
+    versions (2.11: a graph break at every call); a traced tensor's device has autocast."""
+    return torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+
+
 def _autocasting(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (never on devices without it: meta)."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _plain_block_only(x: Tensor) -> bool:
@@ -531,7 +537,7 @@ def autocast_disabled(device_type: str) -> contextlib.AbstractContextManager:
     >>> with autocast_disabled("meta"):
     ...     pass
     """
-    if torch.amp.is_autocast_available(device_type):
+    if _autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
