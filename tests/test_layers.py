@@ -1,4 +1,6 @@
 import copy
+import functools
+import types
 
 import pytest
 import torch
@@ -319,6 +321,23 @@ def test_auto_rule_and_override():
     assert QF.resolve_algorithm("block", small, 1, 1) == "block"
     with pytest.raises(ValueError, match="algorithm"), QF.use_algorithm("fast"):
         pass
+
+
+def test_auto_rule_on_cuda():
+    """On CUDA rank8 only for huge linear products (measured on an H200), and never with
+    TF32 matmuls allowed. Only the device type of the input is read."""
+    x = types.SimpleNamespace(device=torch.device("cuda"))
+    rule = functools.partial(QF._resolve, "auto", x, kind="linear", plain=False)
+    assert rule(2**34, 2048) == "rank8"
+    assert rule(2**33, 2048) == "block"  # linear 4096 at batch 1024 (2**30) lost there
+    assert rule(2**34, 1024) == "block"
+    assert QF._resolve("auto", x, 2**36, 2048, "conv", False) == "block"
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert rule(2**34, 2048) == "block"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def test_auto_picks_per_layer_shape():

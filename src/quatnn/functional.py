@@ -66,14 +66,19 @@ ALGORITHMS = ("auto", "block", "rank8")
 # from batch 64: 1.14x-1.20x the real layer against 1.37x-1.83x for block's weight fold;
 # beside block's products side, at batch 64: 1.16x vs 1.22x at width 640, 0.96x vs 1.11x
 # at 1024, middle layers), and oneDNN runs narrow convolutions less efficiently (at 16
-# quaternion channels only the backward gains enough). On CUDA (H200, before the chunked
-# convolution) rank8 lost at every benchmarked size (2.5x-7x the real layer, block
-# 1.2x-2.3x), so there is no CUDA rule.
+# quaternion channels only the backward gains enough). On CUDA (H200, torch 2.11, float32
+# matmuls at full precision) rank8's extra kernels lose wherever launches or element-wise
+# passes weigh: 2.2x-14x the real layer at every default size (block 1.04x-2.5x), 1.43x at
+# linear 4096 batch 1024 (2**30 multiply-adds a product) and 1.99x at conv 256 channels
+# batch 256; it won at linear 8192 batch 4096 (2**34): 0.58x fwd+bwd, 0.62x fwd, block
+# 1.05x. So CUDA has a linear rule from there, not taken when TF32 matmuls are allowed
+# (they speed the real products up, not rank8's element-wise passes).
 RANK8_RULES = {
     "cpu": {
         "linear": ((2**21, 160, False), (2**20, 160, True)),
         "conv": ((2**25, 32, False), (2**27, 16, True)),
-    }
+    },
+    "cuda": {"linear": ((2**34, 2048, False),)},
 }
 
 # On CPU a folded weight from this size up is read from memory on every call, and block's
@@ -151,7 +156,8 @@ def resolve_algorithm(
     where an option of :data:`RANK8_RULES` says it wins (one real product has at least
     that many multiply-adds, ``channels`` = the fewer quaternion channels per group of
     input and output reaches the minimum, gradients are recorded if the option needs
-    them); ``"block"`` otherwise. ``kind`` is ``"linear"`` or ``"conv"``."""
+    them; on CUDA not while TF32 matmuls are allowed); ``"block"`` otherwise. ``kind`` is
+    ``"linear"`` or ``"conv"``."""
     return _resolve(algorithm, x, macs_per_product, channels, kind, _plain_block_only(x))
 
 
@@ -166,6 +172,8 @@ def _resolve(
     if chosen != "auto":
         return chosen
     if plain:
+        return "block"
+    if x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         return "block"
     grad = torch.is_grad_enabled()
     for min_macs, min_channels, needs_grad in RANK8_RULES.get(x.device.type, {}).get(kind, ()):
