@@ -190,10 +190,11 @@ _BLOCK_SIGN = ((1, -1, -1, -1), (1, 1, -1, 1), (1, 1, 1, -1), (1, -1, 1, 1))
 
 
 def _constant_cache(fn: Callable[..., object]) -> Callable[..., object]:
-    """``functools.cache`` for the small constant tensors below (one entry per layer shape,
-    dtype and device in use: a bounded cache would rebuild them on every call of a model
-    with more shapes than its size), bypassed while torch.compile or torch.export traces:
-    the cache would keep the fake tensors of the trace and hand them to later eager calls."""
+    """``functools.cache`` for small constant tensors (here and in the norms: one entry per
+    layer shape, dtype and device in use: a bounded cache would rebuild them on every call
+    of a model with more shapes than its size), bypassed while torch.compile or
+    torch.export traces: the cache would keep the fake tensors of the trace and hand them
+    to later eager calls."""
     cached = functools.cache(fn)
 
     @functools.wraps(fn)

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quatnn.functional import autocast_disabled, transforming
+from quatnn.functional import _constant_cache, autocast_disabled, transforming
 from quatnn.nn.base import KeepsDerived
 
 __all__ = [
@@ -136,10 +136,16 @@ def _cq_to_blocked(v: Tensor) -> Tensor:
     return v.t().reshape(-1)
 
 
+@_constant_cache
+def _sym_index(device: torch.device) -> Tensor:
+    """:data:`_SYM_INDEX` on ``device``, made once: a fresh copy to a GPU would wait for
+    everything queued there (a blocking copy from pageable memory) at every call."""
+    return torch.tensor(_SYM_INDEX, device=device)
+
+
 def _sym_from_triu(params: Tensor) -> Tensor:
     """``(C, 10)`` upper-triangle parameters -> symmetric ``(C, 4, 4)`` (differentiable)."""
-    index = torch.tensor(_SYM_INDEX, device=params.device)
-    return params[:, index].view(-1, 4, 4)
+    return params[:, _sym_index(params.device)].view(-1, 4, 4)
 
 
 class _Chunks:
