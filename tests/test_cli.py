@@ -316,6 +316,22 @@ def test_bench_train_builds_the_models_with_the_options_given(capsys):
 
 
 @pytest.mark.parametrize(
+    ("flag", "mode"),
+    [([], None), (["--compile"], "default"), (["--compile", "reduce-overhead"], "reduce-overhead")],
+)
+def test_bench_train_compiles_every_variant_in_the_mode_given(monkeypatch, capsys, flag, mode):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode: modes.append(mode) or model)
+    argv = ["bench", "train", "--model", "lenet_300_100", "--variants", "real,quaternion"]
+    assert cli.main([*argv, "--batch", "2", "--steps", "1", *flag]) == 0
+    assert modes == ([] if mode is None else [mode, mode])
+    assert (f"compiled ({mode})" in capsys.readouterr().out) == (mode is not None)
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--compile", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["bench", "norm", "--channels", "6", "--repeats", "1"], "positive multiple of 4"),

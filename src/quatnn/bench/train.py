@@ -8,6 +8,7 @@ Example:
     quatnn bench train --model conv6 --variants real4,quaternion --steps 200
     quatnn bench train --model resnet18 --device cuda --amp bf16 --channels-last
     quatnn bench train --model resnet20 --option norm=variance
+    quatnn bench train --model resnet20 --batch 128 --device cuda --compile reduce-overhead
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from quatnn.train.config import parse_option
 from quatnn.train.errors import RunError
 
 COLUMNS = ("variant", "params", "steps_per_s", "samples_per_s", "peak_mem_MB", "speed_x")
+# torch.compile's modes; "reduce-overhead" replays CUDA graphs, which removes the per-kernel
+# launch cost that bounds small GPU models (quaternion ones launch more kernels).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _peak_memory_mb(device: torch.device) -> float | None:
@@ -41,10 +45,11 @@ def run(
     device: str = "cpu",
     amp: str | None = None,
     channels_last: bool = False,
-    compile: bool = False,
+    compile: str | None = None,
     options: dict | None = None,
 ) -> list[dict]:
     """Steps/s and peak memory per variant (rows), ``speed_x`` relative to the first;
+    ``compile`` is a :data:`COMPILE_MODES` mode to ``torch.compile`` the models with;
     ``options`` are the model's own (:func:`quatnn.models.create`)."""
     dev = torch.device(device)
     spec = models.spec(model)
@@ -60,7 +65,7 @@ def run(
                 net.to(memory_format=torch.channels_last),
                 x.contiguous(memory_format=torch.channels_last),
             )
-        nets[variant] = torch.compile(net) if compile else net
+        nets[variant] = net if compile is None else torch.compile(net, mode=compile)
         opts[variant] = torch.optim.Adam(net.parameters(), lr=1e-4)
         inputs[variant] = x
     labels = torch.randint(0, 10, (batch,), device=dev)
@@ -123,7 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="autocast dtype")
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the models")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help="torch.compile the models, in MODE (default: default; reduce-overhead replays "
+        f"CUDA graphs); one of {', '.join(COMPILE_MODES)}",
+    )
     parser.add_argument(
         "--option",
         action="append",
@@ -146,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 models.create(args.model, variant, **options)
     except (ValueError, TypeError, RunError) as err:
         parser.error(str(err))
-    print(f"{args.model} batch {args.batch} on {args.device}, torch {torch.__version__}")
+    compiled = "" if args.compile is None else f", compiled ({args.compile})"
+    print(f"{args.model} batch {args.batch} on {args.device}{compiled}, torch {torch.__version__}")
     rows = run(
         args.model,
         variants,
