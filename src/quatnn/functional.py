@@ -173,12 +173,11 @@ def _resolve(
         return chosen
     if plain:
         return "block"
-    if x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "block"
     grad = torch.is_grad_enabled()
     for min_macs, min_channels, needs_grad in RANK8_RULES.get(x.device.type, {}).get(kind, ()):
         if macs_per_product >= min_macs and channels >= min_channels and (grad or not needs_grad):
-            return "rank8"
+            tf32 = x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+            return "block" if tf32 else "rank8"
     return "block"
 
 
