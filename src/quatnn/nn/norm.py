@@ -328,7 +328,7 @@ class _WhitenBatch(torch.autograd.Function):
             mm = gmc @ w
             y = torch.empty_like(x)
             _apply_4x4(y, mm, x, mu_blocked, beta.to(cdt))
-        ctx.save_for_backward(x, mu_blocked, chol, w, gmc, mm)
+        ctx.save_for_backward(x, mu_blocked, w, gmc, mm)
         ctx.gm_dtype = gm.dtype
         ctx.beta_dtype = beta.dtype
         ctx.mark_non_differentiable(mu, cov)
@@ -337,7 +337,7 @@ class _WhitenBatch(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor, _dmu: Tensor, _dcov: Tensor):  # type: ignore[override]
-        x, mu, chol, w, gm, mm = ctx.saved_tensors
+        x, mu, w, gm, mm = ctx.saved_tensors
         c = gm.shape[0]
         n = _count(x)
         cdt = mu.dtype
@@ -352,13 +352,13 @@ class _WhitenBatch(torch.autograd.Function):
                 if need_gm:
                     dgm = (p @ w.mT).to(ctx.gm_dtype)
                 if need_x:
-                    # Through W = L^-1, the Cholesky factor (V = L L^T) and V = cov + eps I:
-                    # dx_i = M^T dy_i + (2/n) dV (x_i - mu) - (1/n) M^T sum_j dy_j.
+                    # Through W = L^-1 (dL = -W^T dW W^T), the Cholesky factor (V = L L^T:
+                    # dV = W^T sym(L^T dL) W, and L^T dL = -dW W^T as W L = I) and
+                    # V = cov + eps I: dx_i = M^T dy_i + (2/n) dV (x_i - mu) - (1/n) M^T
+                    # sum_j dy_j.
                     dw = gm.mT @ p
-                    dchol = -(w.mT @ dw @ w.mT)
-                    dcov = w.mT @ _tril_grad_sym(chol.mT @ dchol) @ w
                     mat_a = mm.mT
-                    mat_b = (2.0 / n) * dcov
+                    mat_b = (-2.0 / n) * (w.mT @ _tril_grad_sym(dw @ w.mT) @ w)
                     shift = _cq_to_blocked(-(mat_a @ dbeta.unsqueeze(-1)).squeeze(-1) / n)
                     dx = torch.empty_like(x)
                     _apply_4x4(dx, mat_a, dy, None, shift, mat_b, x, mu)
