@@ -768,10 +768,11 @@ class _QBatchNorm(KeepsDerived):
                     if torch.compiler.is_compiling():
                         finite = torch.isfinite(stat.sum() + mu.sum())
                     for buf, new in ((self.running_mean, mu), (running, stat * (n / (n - 1)))):
-                        averaged = buf * (1.0 - factor) + new.to(buf.dtype) * factor
-                        buf.copy_(
-                            averaged if finite is None else torch.where(finite, averaged, buf)
-                        )
+                        new = new.to(buf.dtype)  # buf (1 - factor) + new factor:
+                        if finite is None:
+                            buf.lerp_(new, factor)
+                        else:
+                            buf.copy_(torch.where(finite, torch.lerp(buf, new, factor), buf))
             return y
         # Running statistics (eval mode): a fixed affine map per quaternion channel.
         if self.mode == "variance":
