@@ -231,8 +231,7 @@ def _cross_gram(
     """
     width = 1 if a is None else 2
     ch = _Chunks(b, c, dtype, width)
-    gram = torch.zeros(c, 4, 4, dtype=dtype, device=b.device)
-    total = torch.zeros(c, 4, dtype=dtype, device=b.device)
+    gram = total = None  # the first chunk's sums (on accelerators the only chunk)
     flat = ch.buffer(b.device)
     half = 4 * c
     for n0, n1 in ch.ranges():
@@ -245,8 +244,13 @@ def _cross_gram(
             ch.load(buf[half:], b, n0, n1, center)
             mat = ch.matrices(buf, 8)
             left, right = mat[:, :4], mat[:, 4:]
-        gram.baddbmm_(left, right.mT)
-        total += left.sum(-1)
+        if gram is None or total is None:
+            gram, total = torch.bmm(left, right.mT), left.sum(-1)
+        else:
+            gram.baddbmm_(left, right.mT)
+            total += left.sum(-1)
+    if gram is None or total is None:  # an empty batch
+        return b.new_zeros(c, 4, 4, dtype=dtype), b.new_zeros(c, 4, dtype=dtype)
     return gram, total
 
 
