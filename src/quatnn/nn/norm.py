@@ -336,11 +336,14 @@ class _WhitenBatch(torch.autograd.Function):
         ctx.gm_dtype = gm.dtype
         ctx.beta_dtype = beta.dtype
         ctx.mark_non_differentiable(mu, cov)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients of the statistics
         return y, mu, cov
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: Tensor, _dmu: Tensor, _dcov: Tensor):  # type: ignore[override]
+    def backward(ctx, dy: Tensor | None, *_stats: Tensor | None):  # type: ignore[override]
+        if dy is None:  # only the statistics had gradients: zero
+            return None, None, None, None
         x, mu, w, gm, mm = ctx.saved_tensors
         c = gm.shape[0]
         n = _count(x)
@@ -539,11 +542,14 @@ class _VarianceBatch(torch.autograd.Function):
         ctx.save_for_backward(x, mu, inv, scale)
         ctx.dtypes = (gamma.dtype, beta.dtype)
         ctx.mark_non_differentiable(mu, sigma2)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients of the statistics
         return y, mu, sigma2
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: Tensor, _dmu: Tensor, _dsigma: Tensor):  # type: ignore[override]
+    def backward(ctx, dy: Tensor | None, *_stats: Tensor | None):  # type: ignore[override]
+        if dy is None:  # only the statistics had gradients: zero
+            return None, None, None, None
         x, mu, inv, scale = ctx.saved_tensors
         c = inv.shape[0]
         n = _count(x)
