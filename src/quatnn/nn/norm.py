@@ -101,6 +101,13 @@ class NonFiniteStatistics(ValueError):
     """The batch statistics of a quaternion batch norm are NaN or infinite (so is its
     input): raised in eager mode by the whiten and variance modes."""
 
+    def __init__(
+        self,
+        message: str = "quaternion batch norm: non-finite batch statistics; the input "
+        "contains NaN/Inf (or values too large for its dtype)",
+    ) -> None:
+        super().__init__(message)  # the whole message: pickling passes it back in
+
 
 # ---------------------------------------------------------------------------------------
 # shared helpers
@@ -229,6 +236,8 @@ def _cross_gram(
     ``center`` is blocked ``(4C,)``. With ``a=None`` it is ``(sum_i d_i d_i^T, sum_i d_i)``
     for ``d = b - center``: the shifted sums that give the mean and covariance of ``b``.
     """
+    if b.shape[0] == 0:  # an empty batch
+        return b.new_zeros(c, 4, 4, dtype=dtype), b.new_zeros(c, 4, dtype=dtype)
     width = 1 if a is None else 2
     ch = _Chunks(b, c, dtype, width)
     gram = total = None  # the first chunk's sums (on accelerators the only chunk)
@@ -244,13 +253,11 @@ def _cross_gram(
             ch.load(buf[half:], b, n0, n1, center)
             mat = ch.matrices(buf, 8)
             left, right = mat[:, :4], mat[:, 4:]
-        if gram is None or total is None:
+        if gram is None:
             gram, total = torch.bmm(left, right.mT), left.sum(-1)
         else:
             gram.baddbmm_(left, right.mT)
             total += left.sum(-1)
-    if gram is None or total is None:  # an empty batch
-        return b.new_zeros(c, 4, 4, dtype=dtype), b.new_zeros(c, 4, dtype=dtype)
     return gram, total
 
 
@@ -323,10 +330,7 @@ class _WhitenBatch(torch.autograd.Function):
             # A NaN/Inf anywhere in x reaches every sum of its channel, so checking the
             # covariance (one sync) is enough; large finite values that overflow are caught too.
             if _flagged(~torch.isfinite(cov.sum()) | (info != 0).any()):
-                raise NonFiniteStatistics(
-                    "quaternion batch norm: non-finite batch statistics; the input contains "
-                    "NaN/Inf (or values too large for its dtype)"
-                )
+                raise NonFiniteStatistics()
             w = torch.linalg.solve_triangular(chol, eye.expand(c, 4, 4), upper=False)
             gmc = gm.to(cdt)
             mm = gmc @ w
@@ -531,10 +535,7 @@ class _VarianceBatch(torch.autograd.Function):
             sq, _ = _channel_sums(xs, xs, mu)
             sigma2 = sq.view(4, c).sum(0) / n
             if _flagged(~torch.isfinite(sigma2.sum())):  # NaN/Inf in x reach sigma2 too
-                raise NonFiniteStatistics(
-                    "quaternion batch norm: non-finite batch statistics; the input contains "
-                    "NaN/Inf (or values too large for its dtype)"
-                )
+                raise NonFiniteStatistics()
             inv = torch.rsqrt(sigma2 + eps)
             scale = (gamma.to(cdt) * inv).repeat(4)
             shift = beta.to(cdt) - mu * scale

@@ -134,10 +134,7 @@ class QSyncBatchNorm(_QBatchNorm):
                 second = d.square().sum((0, 1, 3))
             stat = _all_reduce_sum(second, group) / n  # biased
             if not bool(torch.isfinite(stat.detach()).all()):  # on every process alike
-                raise NonFiniteStatistics(
-                    "quaternion batch norm: non-finite batch statistics; the input contains "
-                    "NaN/Inf (or values too large for its dtype)"
-                )
+                raise NonFiniteStatistics()
             y = self._normalize(d, stat, cdt)
             if self.bias is not None:
                 y = y + self.bias.to(cdt).view(1, parts, channels, 1)
