@@ -44,7 +44,7 @@ step bench_train_resnet20 40 python -m quatnn bench train --model resnet20 \
 step bench_train_resnet20_compile 110 python -m quatnn bench train --model resnet20 \
     --batch 128 --steps 60 --device cuda --compile --out "$out/train_resnet20_compile.csv"
 step bench_train_resnet20_cudagraphs 110 python -m quatnn bench train --model resnet20 \
-    --batch 128 --steps 60 --device cuda --compile reduce-overhead
+    --batch 128 --steps 60 --device cuda --compile --compile-mode reduce-overhead
 step torchrun 40 torchrun --nproc_per_node 1 -m quatnn train --model resnet20 \
     --dataset digits-color --epochs 1 --max-steps 30 --sync-bn --amp --channels-last \
     --device cuda --progress off --out /tmp/quatnn-gpu-run

@@ -317,7 +317,11 @@ def test_bench_train_builds_the_models_with_the_options_given(capsys):
 
 @pytest.mark.parametrize(
     ("flag", "mode"),
-    [([], None), (["--compile"], "default"), (["--compile", "reduce-overhead"], "reduce-overhead")],
+    [
+        ([], None),
+        (["--compile"], "default"),
+        (["--compile", "--compile-mode", "reduce-overhead"], "reduce-overhead"),
+    ],
 )
 def test_bench_train_compiles_every_variant_in_the_mode_given(monkeypatch, capsys, flag, mode):
     modes = []
@@ -327,7 +331,7 @@ def test_bench_train_compiles_every_variant_in_the_mode_given(monkeypatch, capsy
     assert modes == ([] if mode is None else [mode, mode])
     assert (f"compiled ({mode})" in capsys.readouterr().out) == (mode is not None)
     with pytest.raises(SystemExit):
-        cli.main([*argv, "--compile", "fast"])
+        cli.main([*argv, "--compile", "--compile-mode", "fast"])
     assert "invalid choice: 'fast'" in capsys.readouterr().err
 
 

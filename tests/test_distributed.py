@@ -462,6 +462,17 @@ def test_amp_and_compile_train_on_cpu(tmp_path):
         assert row["step"] == 3 and 0 < row["train_loss"] < 10 and row["test_acc"] > 0.1
 
 
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode: modes.append(mode) or model)
+    cfg = train.merge(CFG, {"compile": True, "compile_mode": "reduce-overhead", "max_steps": 1})
+    assert train.train(cfg, tmp_path / "run", progress="off")["steps"] == 1
+    assert modes == ["reduce-overhead"]
+    with pytest.raises(train.RunError, match="compile_mode must be one of default, reduce-"):
+        train.train(train.merge(cfg, {"compile_mode": "fast"}), tmp_path / "bad", progress="off")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_channels_last_does_not_change_results(tmp_path):
     cfg = train.merge(CFG, {"model": "conv2", "batch_size": 8, "max_steps": 2, "epochs": 1})
     train.train(cfg, tmp_path / "plain", progress="off")

@@ -8,7 +8,8 @@ Example:
     quatnn bench train --model conv6 --variants real4,quaternion --steps 200
     quatnn bench train --model resnet18 --device cuda --amp bf16 --channels-last
     quatnn bench train --model resnet20 --option norm=variance
-    quatnn bench train --model resnet20 --batch 128 --device cuda --compile reduce-overhead
+    quatnn bench train --model resnet20 --batch 128 --device cuda --compile \
+        --compile-mode reduce-overhead
 """
 
 from __future__ import annotations
@@ -21,13 +22,10 @@ import torch.nn.functional as F
 
 from quatnn import models
 from quatnn.bench.timing import device_name, markdown_table, positive_int, sync, write_rows
-from quatnn.train.config import parse_option
+from quatnn.train.config import COMPILE_MODES, parse_option
 from quatnn.train.errors import RunError
 
 COLUMNS = ("variant", "params", "steps_per_s", "samples_per_s", "peak_mem_MB", "speed_x")
-# torch.compile's modes; "reduce-overhead" replays CUDA graphs, which removes the per-kernel
-# launch cost that bounds small GPU models (quaternion ones launch more kernels).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _peak_memory_mb(device: torch.device) -> float | None:
@@ -128,14 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="autocast dtype")
     parser.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     parser.add_argument(
-        "--compile",
-        nargs="?",
-        const="default",
+        "--compile-mode",
         choices=COMPILE_MODES,
-        metavar="MODE",
-        help="torch.compile the models, in MODE (default: default; reduce-overhead replays "
-        f"CUDA graphs); one of {', '.join(COMPILE_MODES)}",
+        default="default",
+        help="torch.compile mode with --compile (default: default; reduce-overhead replays "
+        "CUDA graphs)",
     )
     parser.add_argument(
         "--option",
@@ -159,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 models.create(args.model, variant, **options)
     except (ValueError, TypeError, RunError) as err:
         parser.error(str(err))
-    compiled = "" if args.compile is None else f", compiled ({args.compile})"
+    mode = args.compile_mode if args.compile else None
+    compiled = "" if mode is None else f", compiled ({mode})"
     print(f"{args.model} batch {args.batch} on {args.device}{compiled}, torch {torch.__version__}")
     rows = run(
         args.model,
@@ -169,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         amp=args.amp,
         channels_last=args.channels_last,
-        compile=args.compile,
+        compile=mode,
         options=options,
     )
     print(markdown_table(rows, COLUMNS))

@@ -52,6 +52,7 @@ IGNORED_KEYS = (
     "device",
     "workers",
     "compile",
+    "compile_mode",
     "channels_last",
     "backend",
     "levels",

@@ -36,6 +36,10 @@ COMPARE_KEYS = ("variants", "seeds")
 """Keys of a compare recipe beyond those of :class:`TrainConfig`."""
 DEFAULT_SEEDS = (0, 1, 2)
 """The seeds a comparison trains unless told otherwise."""
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""``torch.compile`` modes. ``reduce-overhead`` replays CUDA graphs, which removes the
+per-kernel launch cost that bounds small models on a GPU (quaternion layers launch more
+kernels than real ones)."""
 
 
 def _field(default: object, help: str, runtime: bool = False) -> object:
@@ -87,6 +91,12 @@ class TrainConfig:
         True,
     )
     compile: bool = _field(False, "torch.compile the model", True)
+    compile_mode: str = _field(
+        "default",
+        f"torch.compile mode with compile: {', '.join(COMPILE_MODES)} (reduce-overhead "
+        "replays CUDA graphs)",
+        True,
+    )
     channels_last: bool = _field(
         False, "channels-last (NHWC) memory format for image models and batches", True
     )
@@ -122,6 +132,10 @@ class TrainConfig:
             (self.workers >= -1, "workers must be >= 0, or -1 for automatic"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (
+                self.compile_mode in COMPILE_MODES,
+                f"compile_mode must be one of {', '.join(COMPILE_MODES)}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

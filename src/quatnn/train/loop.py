@@ -88,7 +88,8 @@ class Trainer:
         optimizer: an optimizer over ``model``'s parameters.
         device: where batches are moved (non-blocking).
         amp_dtype: autocast dtype, or None for full precision; float16 adds loss scaling.
-        compile: run the forward pass through ``torch.compile``.
+        compile: run the forward pass through ``torch.compile`` in this mode (one of
+            :data:`~quatnn.train.config.COMPILE_MODES`); None: eager.
         callbacks: :class:`Callback` hooks, called in order.
         progress: bars and log lines (default: none).
         reduce: sums a CPU float64 tensor of per-process values (loss sums, correct and
@@ -113,7 +114,7 @@ class Trainer:
         *,
         device: torch.device | str = "cpu",
         amp_dtype: torch.dtype | None = None,
-        compile: bool = False,
+        compile: str | None = None,
         callbacks: Sequence[Callback] = (),
         progress: Progress | None = None,
         reduce: Callable[[Tensor], Tensor] | None = None,
@@ -121,7 +122,7 @@ class Trainer:
         channels_last: bool = False,
     ) -> None:
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
-        self.forward = torch.compile(model) if compile else model
+        self.forward = model if compile is None else torch.compile(model, mode=compile)
         self.eval_forward = self.forward
         self.amp_dtype = amp_dtype
         self.scaler = torch.amp.GradScaler(self.device.type) if amp_dtype == torch.float16 else None

@@ -450,7 +450,7 @@ def train(
         _optimizer(cfg, model),
         device=device,
         amp_dtype=amp,
-        compile=cfg.compile,
+        compile=cfg.compile_mode if cfg.compile else None,
         callbacks=callbacks,
         progress=view,
         reduce=distributed.reducer(device) if ctx.enabled else None,
@@ -472,7 +472,9 @@ def train(
             raise RunError(f"{out / 'checkpoint.pt'} does not fit this run ({reason})") from None
     if ctx.enabled:
         parallel = distributed.wrap(model, device)
-        trainer.forward = torch.compile(parallel) if cfg.compile else parallel
+        trainer.forward = (
+            torch.compile(parallel, mode=cfg.compile_mode) if cfg.compile else parallel
+        )
         trainer.callbacks.append(distributed.BufferSync())
     ctx.barrier()  # every process has read the folder before rank 0 changes it
     tensorboard_writer = None
