@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-import quatnn.nn.norm as norm_module
 from quatnn.algebra import hamilton_product, normalize, to_blocked, to_explicit
 from quatnn.nn.norm import (
     NonFiniteStatistics,
@@ -171,6 +170,7 @@ def test_channels_last_and_noncontiguous_inputs_match():
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("training", [True, False])
 def test_whiten_chunked_sweeps_match_single_chunk(monkeypatch, training, fused):
+    import quatnn.nn.norm as norm_module
 
     # both ways of moving chunks: one fused strided op, or a transpose + in-place centering
     monkeypatch.setattr(norm_module, "_FUSED_MIN_SPATIAL", 1 if fused else 10**9)
@@ -227,6 +227,7 @@ def test_variance_normalizes_power_and_keeps_correlation():
 
 
 def test_variance_portable_channel_sums_match_fused(monkeypatch):
+    import quatnn.nn.norm as norm_module
 
     x, _ = correlated(12, 2, (3, 3), cond=30.0, seed=53)
     g = torch.randn_like(x)
@@ -600,7 +601,6 @@ def test_compiled_training_norm_is_one_graph_and_skips_nonfinite_statistics(mode
     x = torch.randn(4, 8, 6, 6)
     explained = torch._dynamo.explain(bn)(x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
-    assert "linalg" not in explained.graphs[0].code  # nothing Inductor cannot fuse
     compiled = torch.compile(bn)
     compiled(x)
     before = {k: v.clone() for k, v in bn.state_dict().items()}
@@ -609,21 +609,6 @@ def test_compiled_training_norm_is_one_graph_and_skips_nonfinite_statistics(mode
     assert torch.isnan(y[:, :, 0]).all() and torch.isfinite(y[:, :, 1]).all()
     for name in ("running_mean", "running_cov" if mode == "whiten" else "running_var"):
         assert torch.equal(bn.get_buffer(name), before[name]), name
-
-
-def test_inverse_cholesky_written_out_matches_linalg_and_gradcheck():
-    torch.manual_seed(16)
-    for cond in (1.0, 1e4):
-        a = torch.randn(6, 4, 4, dtype=torch.float64)
-        q, _ = torch.linalg.qr(a)
-        spectrum = torch.logspace(0, math.log10(cond), 4, dtype=torch.float64)
-        v = q @ torch.diag_embed(spectrum) @ q.mT
-        chol = torch.linalg.cholesky(v)
-        eye = torch.eye(4, dtype=torch.float64).expand_as(v)
-        want = torch.linalg.solve_triangular(chol, eye, upper=False)
-        torch.testing.assert_close(norm_module._inverse_cholesky(v), want, rtol=1e-10, atol=0)
-    v.requires_grad_()
-    assert torch.autograd.gradcheck(lambda m: norm_module._inverse_cholesky(m + m.mT), (v,))
 
 
 def test_eval_under_torch_func_transforms():

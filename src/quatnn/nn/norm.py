@@ -467,38 +467,11 @@ def _whiten_batch(x: Tensor, gm: Tensor, beta: Tensor, eps: float) -> tuple[Tens
     mu = torch.stack([p.mean(dims) for p in planes])  # (4, C)
     d = [p - m.view(-1, *ones) for p, m in zip(planes, mu, strict=True)]
     cov = _sym_from_triu(torch.stack([(d[i] * d[j]).mean(dims) for i, j in _SYM_PAIRS], -1))
-    w = _inverse_cholesky(cov + eps * torch.eye(4, dtype=cdt, device=x.device))
-    mm = (gm.to(cdt).unsqueeze(-1) * w.unsqueeze(-3)).sum(-2)  # Gm @ W, as one fusible loop
-    y = _mix(mm, d, beta).to(x.dtype)  # NaN/Inf reach y through d (and w)
+    eye = torch.eye(4, dtype=cdt, device=x.device)
+    chol, _ = torch.linalg.cholesky_ex(cov + eps * eye)  # NaN/Inf reach y through d
+    w = torch.linalg.solve_triangular(chol, eye.expand(c, 4, 4), upper=False)
+    y = _mix(gm.to(cdt) @ w, d, beta).to(x.dtype)
     return y, mu.detach().t(), cov.detach()  # cov biased
-
-
-def _inverse_cholesky(v: Tensor) -> Tensor:
-    """``W = L^-1`` of ``v = L L^T`` for a batch of symmetric positive-definite ``(..., n,
-    n)``, written out entry by entry (the Cholesky recurrence, then forward substitution)
-    for torch.compile: Inductor fuses it with its neighbours into a few loops, where the
-    batched LAPACK/cuSOLVER kernels of ``torch.linalg`` (factor, triangular solve and their
-    backward) are calls it cannot fuse, each a kernel launch.
-
-    >>> v = torch.tensor([[4.0, 2.0], [2.0, 5.0]])
-    >>> _inverse_cholesky(v) @ v @ _inverse_cholesky(v).T
-    tensor([[1., 0.],
-            [0., 1.]])
-    """
-    n = v.shape[-1]
-    low: list[list[Tensor]] = [[] for _ in range(n)]  # low[i][j] = L[i, j], j <= i
-    for i in range(n):
-        for j in range(i + 1):
-            s = v[..., i, j] - sum((low[i][k] * low[j][k] for k in range(j)), v.new_zeros(()))
-            low[i].append(s.sqrt() if i == j else s / low[j][j])
-    inv = [[1 / low[i][i] if j == i else None for j in range(n)] for i in range(n)]
-    for i in range(n):
-        for j in range(i - 1, -1, -1):
-            terms = (low[i][k] * inv[k][j] for k in range(j, i))
-            inv[i][j] = -sum(terms, v.new_zeros(())) * inv[i][i]
-    zero = torch.zeros_like(v[..., 0, 0])
-    rows = [torch.stack([inv[i][j] if j <= i else zero for j in range(n)], -1) for i in range(n)]
-    return torch.stack(rows, -2)
 
 
 def _affine4(x: Tensor, mm: Tensor, center: Tensor, shift: Tensor) -> Tensor:
