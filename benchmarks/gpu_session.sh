@@ -2,17 +2,15 @@
 # Everything that needs a CUDA GPU, as one run of under 10 minutes (the README's CUDA rows):
 #     OUT=gpu-results bash benchmarks/gpu_session.sh
 # The CUDA paths of every layer against the float64 reference, the layer, norm and training
-# benchmarks (eager and compiled), and a one-GPU torchrun training smoke run. Each step has
-# its own time limit and a failing step does not stop the others. $OUT gets session.log
-# (every step's output, with its exit status) and the benchmark tables as CSV: eight files.
-# layers_large.csv maps where rank8 starts to win on the GPU once the products are large
-# (quatnn.functional.RANK8_RULES has a CUDA linear rule from 2**34 multiply-adds a product,
-# where it won on an H200; 2**30 lost) and (32x2048) how block's products side, taken at
-# small batches, does there; so does train_lenet.csv, whose linear layers take it at batch
-# 60. ResNet-20 is timed eager, compiled (the whitening batch norm fused into the graph)
-# and compiled with CUDA graphs (reduce-overhead: no per-kernel launch cost, which bounds
-# the quaternion models on the GPU); the eager and CUDA-graph tables are in session.log
-# only (eight files come back at most).
+# benchmarks (eager, compiled, and compiled with CUDA graphs), a one-GPU torchrun training
+# smoke run, and a training run under CUDA graphs. Each step has its own time limit and a
+# failing step does not stop the others. $OUT gets session.log (every step's output, with
+# its exit status) and the benchmark tables as CSV. `quatnn bench layers --linear ...
+# --conv ...` maps where rank8 starts to win (quatnn.functional.RANK8_RULES has a CUDA
+# linear rule from 2**34 multiply-adds a product, where it won on an H200; 2**30 lost).
+# CUDA graphs (--compile-mode reduce-overhead) remove the per-kernel launch cost, which
+# bounds the quaternion models on the GPU in eager mode; compiling the quaternion
+# ResNet-20 took about 100 s on an H200, hence its limit.
 set -u
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -28,23 +26,22 @@ step() {  # step NAME SECONDS COMMAND...
     echo "=== $name: exit $?" | tee -a "$log"
 }
 
-step cuda_check 40 python benchmarks/cuda_check.py
+step cuda_check 45 python benchmarks/cuda_check.py
 step bench_layers 40 python -m quatnn bench layers --device cuda --out "$out/layers.csv"
-step bench_layers_large 40 python -m quatnn bench layers --device cuda \
-    --linear 4096x4096,2048x8192,4096x8192,32x2048 --conv 256x256x32 \
-    --out "$out/layers_large.csv"
 step bench_norm 30 python -m quatnn bench norm --device cuda --out "$out/norm.csv"
 step bench_train 50 python -m quatnn bench train --model conv6 --device cuda --out "$out/train.csv"
-step bench_train_lenet 20 python -m quatnn bench train --model lenet_300_100 \
-    --variants real,quaternion --steps 500 --device cuda --out "$out/train_lenet.csv"
 step bench_train_compile 70 python -m quatnn bench train --model conv6 --device cuda \
     --compile --out "$out/train_compile.csv"
+step bench_train_cudagraphs 60 python -m quatnn bench train --model conv6 --device cuda \
+    --compile --compile-mode reduce-overhead --out "$out/train_cudagraphs.csv"
 step bench_train_resnet20 40 python -m quatnn bench train --model resnet20 \
-    --batch 128 --steps 100 --device cuda
-step bench_train_resnet20_compile 110 python -m quatnn bench train --model resnet20 \
-    --batch 128 --steps 60 --device cuda --compile --out "$out/train_resnet20_compile.csv"
-step bench_train_resnet20_cudagraphs 110 python -m quatnn bench train --model resnet20 \
-    --batch 128 --steps 60 --device cuda --compile --compile-mode reduce-overhead
+    --batch 128 --steps 100 --device cuda --out "$out/train_resnet20.csv"
+step bench_train_resnet20_cudagraphs 160 python -m quatnn bench train --model resnet20 \
+    --batch 128 --steps 60 --device cuda --compile --compile-mode reduce-overhead \
+    --out "$out/train_resnet20_cudagraphs.csv"
 step torchrun 40 torchrun --nproc_per_node 1 -m quatnn train --model resnet20 \
     --dataset digits-color --epochs 1 --max-steps 30 --sync-bn --amp --channels-last \
     --device cuda --progress off --out /tmp/quatnn-gpu-run
+step train_cudagraphs 55 python -m quatnn train --model conv6 --dataset digits-color \
+    --epochs 2 --max-steps 60 --compile --compile-mode reduce-overhead --device cuda \
+    --progress off --out /tmp/quatnn-gpu-cudagraphs
