@@ -93,7 +93,7 @@ class TrainConfig:
     compile: bool = _field(False, "torch.compile the model", True)
     compile_mode: str = _field(
         "default",
-        f"torch.compile mode with compile: {', '.join(COMPILE_MODES)} (reduce-overhead "
+        f"torch.compile mode when compiling: {', '.join(COMPILE_MODES)} (reduce-overhead "
         "replays CUDA graphs)",
         True,
     )
