@@ -383,8 +383,8 @@ class _WhitenBatch(torch.autograd.Function):
                     mat_a = mm.mT
                     sym = _tril_grad_sym(torch.bmm(dw, w.mT))
                     mat_b = torch.bmm(torch.bmm(w.mT, sym), w).mul_(-2.0 / n)
-                    shift = torch.bmm(mat_a, dbeta.unsqueeze(-1)).squeeze(-1).mul_(-1.0 / n)
-                    shift = _cq_to_blocked(shift)
+                    shift_cq = torch.bmm(mat_a, dbeta.unsqueeze(-1)).squeeze(-1).mul_(-1.0 / n)
+                    shift = _cq_to_blocked(shift_cq)
                     dx = torch.empty_like(x)
                     _apply_4x4(dx, mat_a, dy, None, shift, mat_b, x, mu)
             dbeta_out = _cq_to_blocked(dbeta).to(ctx.beta_dtype) if need_beta else None
@@ -481,7 +481,7 @@ def _whiten_batch(x: Tensor, gm: Tensor, beta: Tensor, eps: float) -> tuple[Tens
     mu = torch.stack([p.mean(dims) for p in planes])  # (4, C)
     d = [p - m.view(-1, *ones) for p, m in zip(planes, mu, strict=True)]
     cov = _sym_from_triu(torch.stack([(d[i] * d[j]).mean(dims) for i, j in _SYM_PAIRS], -1))
-    eye = torch.eye(4, dtype=cdt, device=x.device)
+    eye = _eye4(cdt, x.device)
     chol, _ = torch.linalg.cholesky_ex(cov + eps * eye)  # NaN/Inf reach y through d
     w = torch.linalg.solve_triangular(chol, eye.expand(c, 4, 4), upper=False)
     y = _mix(gm.to(cdt) @ w, d, beta).to(x.dtype)
@@ -726,7 +726,7 @@ class _QBatchNorm(KeepsDerived):
     def _gamma_matrix(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         c = self.num_quaternions
         if self.weight is None:
-            return torch.eye(4, dtype=dtype, device=device).expand(c, 4, 4)
+            return _eye4(dtype, device).expand(c, 4, 4)
         return _sym_from_triu(self.weight)
 
     def _beta(self, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -827,7 +827,7 @@ class _QBatchNorm(KeepsDerived):
         instead of factorizing every call."""
 
         def compute() -> Tensor:
-            eye = torch.eye(4, dtype=cdt, device=device)
+            eye = _eye4(cdt, device)
             cov = self.running_cov.to(cdt) + self.eps * eye
             if transforming() or torch.compiler.is_compiling():
                 # no data-dependent branch (vmap, export, one compiled graph): cholesky raises

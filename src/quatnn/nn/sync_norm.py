@@ -46,7 +46,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from quatnn.functional import autocast_disabled
-from quatnn.nn.norm import NonFiniteStatistics, _compute_dtype, _memory_format, _QBatchNorm
+from quatnn.nn.norm import (
+    NonFiniteStatistics,
+    _compute_dtype,
+    _eye4,
+    _memory_format,
+    _QBatchNorm,
+)
 
 __all__ = ["QSyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -153,7 +159,7 @@ class QSyncBatchNorm(_QBatchNorm):
         """``d`` (centered, ``(N, parts, C, M)``) normalized with the batch statistic
         ``stat`` and scaled by ``weight`` (no shift)."""
         if self.mode == "whiten":
-            eye = torch.eye(4, dtype=cdt, device=d.device)
+            eye = _eye4(cdt, d.device)
             chol, info = torch.linalg.cholesky_ex(stat + self.eps * eye)
             if bool((info != 0).any()):
                 raise NonFiniteStatistics(
