@@ -233,8 +233,8 @@ def block_weight(weight: Tensor, groups: int = 1, transposed: bool = False) -> T
     With ``groups == 1`` real channels are in the blocked layout. With ``groups > 1`` they
     are group-major ``(group, component, channel)``, so the real grouped layer must see its
     input and output channels permuted (:func:`quaternion_conv` does that). Each row of
-    the result is a signed copy of a row of ``weight``: one gather and one multiply, and
-    their backward is as cheap.
+    the result is a signed copy of a row of ``weight``: one gather and a multiply in place
+    (no second copy of the folded size), and their backward is as cheap.
 
     >>> block_weight(torch.randn(4, 3, 2, 5)).shape
     torch.Size([12, 8, 5])
@@ -246,7 +246,7 @@ def block_weight(weight: Tensor, groups: int = 1, transposed: bool = False) -> T
         )
     rows = weight.shape[1]
     index, sign = _fold_plan(rows, groups, transposed, weight.dtype, weight.device)
-    folded = weight.reshape(4 * rows, -1).index_select(0, index) * sign
+    folded = weight.reshape(4 * rows, -1).index_select(0, index).mul_(sign)
     return folded.view(4 * rows, 4 * weight.shape[2], *weight.shape[3:])
 
 
