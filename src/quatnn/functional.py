@@ -251,17 +251,14 @@ def block_weight(weight: Tensor, groups: int = 1, transposed: bool = False) -> T
 
 
 @_constant_cache
-def _product_plan(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The signed sums of :func:`_sum_products`: ``index`` (16,) lists, for each input
-    component ``c`` and output component ``o`` (``c``-major), the slot ``4c + k`` of the
-    product ``x_c w_k`` that output ``o`` takes from input ``c``; ``sign`` (4, 4, 1) its
-    sign, as in :func:`block_weight`."""
-    index = [c * 4 + _BLOCK_INDEX[o][c] for c in range(4) for o in range(4)]
-    sign = [[_BLOCK_SIGN[o][c]] for c in range(4) for o in range(4)]
-    return (
-        torch.tensor(index, device=device),
-        torch.tensor(sign, dtype=dtype, device=device).view(4, 4, 1),
-    )
+def _product_plan(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The signed sums of :func:`_sum_products` as a ``(4, 16)`` matrix: entry ``(o, 4c + k)``
+    is the sign (as in :func:`block_weight`) with which output component ``o`` takes the
+    product ``x_c w_k``, zero where it does not take it (the one ``k`` per ``c`` and ``o``)."""
+    plan = [[0.0] * 16 for _ in range(4)]
+    for o, c in itertools.product(range(4), range(4)):
+        plan[o][4 * c + _BLOCK_INDEX[o][c]] = float(_BLOCK_SIGN[o][c])
+    return torch.tensor(plan, dtype=dtype, device=device)
 
 
 def _sum_products(z: Tensor, rows: int) -> Tensor:
@@ -269,10 +266,11 @@ def _sum_products(z: Tensor, rows: int) -> Tensor:
     channel ``kO + o``, the real product of input component ``c`` with weight component
     ``k`` (one real GEMM/convolution of the input's component rows, a view, with the 4
     stacked weight components forms all 16). Each output component is a signed sum of
-    four of them: ``(rows, 4O, *rest)``. Its passes cover ``16 rows O rest`` elements where
-    folding the weight moves ``16 O I kernel``: the cheaper side for few output positions."""
-    index, sign = _product_plan(z.dtype, z.device)
-    y = (z.reshape(rows, 16, -1).index_select(1, index).view(rows, 4, 4, -1) * sign).sum(1)
+    four of them: ``(rows, 4O, *rest)``, one batched product with :func:`_product_plan`
+    (one kernel each way: a gather, sign and sum took 1.2x-1.8x its time forward and
+    backward on CPU). Its passes cover ``16 rows O rest`` elements where folding the weight
+    moves ``16 O I kernel``: the cheaper side for few output positions."""
+    y = torch.matmul(_product_plan(z.dtype, z.device), z.reshape(rows, 16, -1))
     return y.view(rows, *z.shape[1:])
 
 
