@@ -346,6 +346,17 @@ def _sync_bn_worker(rank: int, init_file: str, results: str) -> None:
             out["nan"] = "no error"
         except NonFiniteStatistics as err:
             out["nan"] = str(err)
+        # One sample here and six there: a global batch of 7 (only this process reads the
+        # count back). One sample and none: a global count of 1, and both raise.
+        x = _batch(False, 2)[0][:7]
+        norm = QSyncBatchNorm(8).double()
+        out["one-sample"] = norm(x[:1] if rank == 0 else x[1:]).detach()
+        out["one-sample-buffers"] = {n: b.clone() for n, b in norm.named_buffers()}
+        try:
+            QSyncBatchNorm(8).double()(x[:1] if rank == 0 else x[:0])
+            out["count-1"] = "no error"
+        except ValueError as err:
+            out["count-1"] = str(err)
         torch.save(out, Path(results) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -355,6 +366,14 @@ def test_sync_batch_norm_in_two_processes_equals_one_batch_norm_on_the_whole_bat
     mp.spawn(_sync_bn_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert all("non-finite batch statistics" in ranks[r]["nan"] for r in range(2))
+    assert all("in the global batch when using batch statistics, got 1" in ranks[r]["count-1"]
+               for r in range(2))  # fmt: skip
+    x, norm = _batch(False, 2)[0][:7], QBatchNorm1d(8).double()
+    y = torch.cat([ranks[r]["one-sample"] for r in range(2)])
+    torch.testing.assert_close(y, norm(x).detach(), atol=1e-10, rtol=1e-8)
+    for r in range(2):
+        for name, buf in norm.named_buffers():
+            torch.testing.assert_close(ranks[r]["one-sample-buffers"][name], buf, msg=name)
     close = {"atol": 1e-10, "rtol": 1e-8}
     for mode, image in SYNC_CASES:
         model = _tiny(mode, image)
@@ -375,6 +394,42 @@ def test_sync_batch_norm_in_two_processes_equals_one_batch_norm_on_the_whole_bat
             assert buffers.keys() == dict(model.named_buffers()).keys()
             for name, buf in model.named_buffers():
                 torch.testing.assert_close(buffers[name], buf, **close, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["whiten", "variance"])
+def test_sync_batch_norm_syncs_once_and_compiles_to_one_graph(monkeypatch, mode):
+    """The synchronized path, run in one process over a stand-in group whose all-reduce is
+    the identity: it equals the ordinary layer, reads nothing back to the host but its one
+    finiteness check (no call of .item() while every process has 2+ values per channel),
+    and torch.compile traces it whole: a non-finite batch then gives non-finite outputs and
+    leaves the running statistics as they were (eager mode raises)."""
+    from quatnn.nn import sync_norm
+
+    monkeypatch.setattr(sync_norm, "_all_reduce_sum", lambda tensor, group: tensor)
+    monkeypatch.setattr(QSyncBatchNorm, "_group", lambda self: "stand-in group")
+    torch.manual_seed(0)
+    plain = QBatchNorm2d(8, mode=mode)
+    synced = convert_sync_batchnorm(QBatchNorm2d(8, mode=mode))
+    x = torch.randn(4, 8, 6, 6) * 2 + 1
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("read back the count"))
+    torch.testing.assert_close(synced(x), plain(x), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    for name, buf in plain.named_buffers():
+        torch.testing.assert_close(synced.get_buffer(name), buf, msg=name)
+    bad = x.clone()
+    bad[1, 2, 3, 3] = float("nan")  # component 1 of quaternion channel 0
+    with pytest.raises(NonFiniteStatistics, match="non-finite"):
+        synced(bad)
+    explained = torch._dynamo.explain(synced)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    compiled = torch.compile(synced, backend="aot_eager")
+    compiled(x)
+    before = {k: v.clone() for k, v in synced.state_dict().items()}
+    y = compiled(bad).unflatten(1, (4, 2))
+    assert torch.isnan(y[:, :, 0]).all()
+    for name in ("running_mean", "running_cov" if mode == "whiten" else "running_var"):
+        assert torch.equal(synced.get_buffer(name), before[name]), name
 
 
 def test_convert_sync_batchnorm_keeps_parameters_buffers_and_results():

@@ -41,6 +41,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -50,6 +52,7 @@ from quatnn.nn.norm import (
     NonFiniteStatistics,
     _compute_dtype,
     _eye4,
+    _flagged,
     _memory_format,
     _QBatchNorm,
 )
@@ -120,16 +123,20 @@ class QSyncBatchNorm(_QBatchNorm):
         channels = self.num_features // parts
         cdt = _compute_dtype(x.dtype)
         with autocast_disabled(x.device.type):
-            xs = x.to(cdt).reshape(x.shape[0], parts, channels, -1)  # (N, parts, C, M)
+            # (N, parts, C, M), with M given: a process's share of the batch may be empty
+            xs = x.to(cdt).reshape(x.shape[0], parts, channels, math.prod(x.shape[2:]))
             # Pass 1: the global count and mean.
-            local = torch.cat((xs.sum((0, 3)).reshape(-1), xs.new_full((1,), xs[:, 0, 0].numel())))
+            count = xs[:, 0, 0].numel()
+            local = torch.cat((xs.sum((0, 3)).reshape(-1), xs.new_full((1,), count)))
             total = _all_reduce_sum(local, group)
             n = total[-1]
-            count = int(n.item())
-            if count <= 1:
+            # The global count is at least this process's own: it is read back (a device
+            # sync, and a graph break under torch.compile) only when that cannot decide.
+            # Processes that read it all see the same value, so they raise alike.
+            if count <= 1 and (global_count := int(n.item())) <= 1:
                 raise ValueError(
                     f"{type(self).__name__}: expected more than 1 value per channel in the "
-                    f"global batch when using batch statistics, got {count}"
+                    f"global batch when using batch statistics, got {global_count}"
                 )
             mean = total[:-1].view(1, parts, channels, 1) / n
             d = xs - mean
@@ -139,40 +146,41 @@ class QSyncBatchNorm(_QBatchNorm):
             else:  # squared norms (variance: (C,)) or squares (split: (4C,))
                 second = d.square().sum((0, 1, 3))
             stat = _all_reduce_sum(second, group) / n  # biased
-            if not bool(torch.isfinite(stat.detach()).all()):  # on every process alike
+            y, bad = self._normalize(d, stat, cdt)
+            # One device sync per call, as the single-process norms; traced, no check
+            # (one graph): non-finite statistics give non-finite outputs, as nn.BatchNorm.
+            if not torch.compiler.is_compiling() and _flagged(bad):  # every process alike
                 raise NonFiniteStatistics()
-            y = self._normalize(d, stat, cdt)
             if self.bias is not None:
                 y = y + self.bias.to(cdt).view(1, parts, channels, 1)
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 running = self.running_cov if self.mode == "whiten" else self.running_var
-                unbiased = stat.detach() * (count / (count - 1))
-                self.running_mean.mul_(1.0 - factor).add_(
-                    mean.detach().reshape(-1).to(self.running_mean.dtype) * factor
-                )
-                running.mul_(1.0 - factor).add_(unbiased.to(running.dtype) * factor)
+                unbiased = stat.detach() * (n / (n - 1))
+                for buf, new in ((self.running_mean, mean.reshape(-1)), (running, unbiased)):
+                    new = new.detach().to(buf.dtype)  # buf (1 - factor) + new factor:
+                    if torch.compiler.is_compiling():  # traced: bad statistics change nothing
+                        buf.copy_(torch.where(bad, buf, torch.lerp(buf, new, factor)))
+                    else:
+                        buf.lerp_(new, factor)
         out = y.reshape(x.shape).to(x.dtype)
         return out.contiguous(memory_format=_memory_format(x))
 
-    def _normalize(self, d: Tensor, stat: Tensor, cdt: torch.dtype) -> Tensor:
+    def _normalize(self, d: Tensor, stat: Tensor, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
         """``d`` (centered, ``(N, parts, C, M)``) normalized with the batch statistic
-        ``stat`` and scaled by ``weight`` (no shift)."""
+        ``stat`` and scaled by ``weight`` (no shift), and whether ``stat`` is unusable
+        (non-finite, or a covariance + eps I that is not positive definite)."""
+        bad = torch.isfinite(stat.detach()).all().logical_not()  # not of a sum: no overflow
         if self.mode == "whiten":
             eye = _eye4(cdt, d.device)
             chol, info = torch.linalg.cholesky_ex(stat + self.eps * eye)
-            if bool((info != 0).any()):
-                raise NonFiniteStatistics(
-                    "quaternion batch norm: the batch covariance + eps*I is not positive "
-                    "definite (non-finite input?)"
-                )
             w = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
             m = self._gamma_matrix(cdt, d.device).to(cdt) @ w  # (C, 4, 4)
-            return torch.einsum("cij,njcm->nicm", m, d)
+            return torch.einsum("cij,njcm->nicm", m, d), bad | info.any()
         scale = torch.rsqrt(stat + self.eps)
         if self.weight is not None:
             scale = scale * self.weight.to(cdt)
-        return d * scale.view(1, 1, -1, 1)
+        return d * scale.view(1, 1, -1, 1), bad
 
 
 def _sync_copy(module: _QBatchNorm, process_group: dist.ProcessGroup | None) -> QSyncBatchNorm:
