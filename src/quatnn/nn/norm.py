@@ -786,18 +786,11 @@ class _QBatchNorm(KeepsDerived):
                     return F.batch_norm(x, None, None, gamma.repeat(4), beta, True, 0.0, self.eps)
                 y, mu, stat = _variance_batch(x, gamma, beta, self.eps)
             if update:
-                with torch.no_grad():
-                    running = self.running_cov if self.mode == "whiten" else self.running_var
-                    # Traced, non-finite statistics leave the buffers alone (eager mode raised).
-                    finite = None
-                    if torch.compiler.is_compiling():
-                        finite = torch.isfinite(stat.sum() + mu.sum())
-                    for buf, new in ((self.running_mean, mu), (running, stat * (n / (n - 1)))):
-                        new = new.to(buf.dtype)  # buf (1 - factor) + new factor:
-                        if finite is None:
-                            buf.lerp_(new, factor)
-                        else:
-                            buf.copy_(torch.where(finite, torch.lerp(buf, new, factor), buf))
+                # Traced, non-finite statistics leave the buffers alone (eager mode raised).
+                bad = None
+                if torch.compiler.is_compiling():
+                    bad = torch.isfinite(stat.sum() + mu.sum()).logical_not()
+                self._update_running(mu, stat, n, factor, bad)
             return y
         # Running statistics (eval mode): a fixed affine map per quaternion channel.
         if self.mode == "variance":
@@ -818,6 +811,21 @@ class _QBatchNorm(KeepsDerived):
         with autocast_disabled(x.device.type):
             mm = self._running_whitening(pdtype, cdt, x.device)
             return _affine4(x, mm, self.running_mean.to(cdt), self._beta(pdtype, x.device))
+
+    def _update_running(
+        self, mean: Tensor, stat: Tensor, count: int | Tensor, factor: float, bad: Tensor | None
+    ) -> None:
+        """Move the running statistics toward the batch's blocked ``mean`` and biased
+        ``stat`` (stored unbiased, from ``count`` values): ``buf (1 - factor) + new factor``.
+        ``bad`` (given while tracing, where no check raised) keeps them as they are."""
+        running = self.running_cov if self.mode == "whiten" else self.running_var
+        with torch.no_grad():
+            for buf, new in ((self.running_mean, mean), (running, stat * (count / (count - 1)))):
+                new = new.detach().to(buf.dtype)
+                if bad is None:
+                    buf.lerp_(new, factor)
+                else:
+                    buf.copy_(torch.where(bad, buf, torch.lerp(buf, new, factor)))
 
     def _running_whitening(
         self, pdtype: torch.dtype, cdt: torch.dtype, device: torch.device

@@ -153,16 +153,9 @@ class QSyncBatchNorm(_QBatchNorm):
                 raise NonFiniteStatistics()
             if self.bias is not None:
                 y = y + self.bias.to(cdt).view(1, parts, channels, 1)
-        if self.training and self.track_running_stats:
-            with torch.no_grad():
-                running = self.running_cov if self.mode == "whiten" else self.running_var
-                unbiased = stat.detach() * (n / (n - 1))
-                for buf, new in ((self.running_mean, mean.reshape(-1)), (running, unbiased)):
-                    new = new.detach().to(buf.dtype)  # buf (1 - factor) + new factor:
-                    if torch.compiler.is_compiling():  # traced: bad statistics change nothing
-                        buf.copy_(torch.where(bad, buf, torch.lerp(buf, new, factor)))
-                    else:
-                        buf.lerp_(new, factor)
+        if self.training and self.track_running_stats:  # traced: bad statistics change nothing
+            traced_bad = bad if torch.compiler.is_compiling() else None
+            self._update_running(mean.reshape(-1), stat, n, factor, traced_bad)
         out = y.reshape(x.shape).to(x.dtype)
         return out.contiguous(memory_format=_memory_format(x))
 

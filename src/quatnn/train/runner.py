@@ -445,12 +445,13 @@ def train(
     info, train_set, test_set = distributed.in_turn(ctx, lambda: _datasets(cfg, download))
     model = _prepare_model(cfg, _model(cfg, info, test_set[0][0]), device, ctx)
     amp = devices.amp_dtype(device) if cfg.amp else None
+    compile_mode = cfg.compile_mode if cfg.compile else None
     trainer = Trainer(
         model,
         _optimizer(cfg, model),
         device=device,
         amp_dtype=amp,
-        compile=cfg.compile_mode if cfg.compile else None,
+        compile=compile_mode,
         callbacks=callbacks,
         progress=view,
         reduce=distributed.reducer(device) if ctx.enabled else None,
@@ -472,9 +473,8 @@ def train(
             raise RunError(f"{out / 'checkpoint.pt'} does not fit this run ({reason})") from None
     if ctx.enabled:
         parallel = distributed.wrap(model, device)
-        trainer.forward = (
-            torch.compile(parallel, mode=cfg.compile_mode) if cfg.compile else parallel
-        )
+        compiled = compile_mode is not None
+        trainer.forward = torch.compile(parallel, mode=compile_mode) if compiled else parallel
         trainer.callbacks.append(distributed.BufferSync())
     ctx.barrier()  # every process has read the folder before rank 0 changes it
     tensorboard_writer = None
