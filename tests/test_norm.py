@@ -123,10 +123,13 @@ def test_whiten_float32_on_offset_data():
     x, _ = correlated(64, 4, (8, 8), cond=1e3, seed=5)
     x = (x + 100.0).float()  # large mean: naive E[xx^T] - mu mu^T would cancel badly
     y = QBatchNorm2d(16)(x)
-    _, cov = stats(y.double())
+    mu, cov = stats(y.double())
     torch.testing.assert_close(
         cov, 0.25 * torch.eye(4, dtype=torch.float64).expand(4, 4, 4), atol=2e-4, rtol=0
     )
+    # centred on the refined mean (shift + mean of the shifted data), not on the float32
+    # sum / count alone, which leaves ~1e-5 here
+    torch.testing.assert_close(mu, torch.zeros_like(mu), atol=4e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -167,9 +170,13 @@ def test_channels_last_and_noncontiguous_inputs_match():
         torch.testing.assert_close(bn(strided), bn(strided.contiguous()), atol=1e-5, rtol=1e-5)
 
 
+# Bytes of one sample: 8 channels x 6 positions x float64 (x2 in the backward's stacked chunk).
+# 2 samples: 2 per chunk in the forward (width 1), 1 in the backward (width 2), last partial.
+# 7 samples: the forward's one chunk (reused by its second sweep), 3 in the backward.
+@pytest.mark.parametrize("chunk_samples", [2, 7])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("training", [True, False])
-def test_whiten_chunked_sweeps_match_single_chunk(monkeypatch, training, fused):
+def test_whiten_chunked_sweeps_match_single_chunk(monkeypatch, training, fused, chunk_samples):
     import quatnn.nn.norm as norm_module
 
     # both ways of moving chunks: one fused strided op, or a transpose + in-place centering
@@ -192,8 +199,7 @@ def test_whiten_chunked_sweeps_match_single_chunk(monkeypatch, training, fused):
         return y.detach(), xg.grad, bn.weight.grad.clone(), bn.bias.grad.clone()
 
     whole = run()
-    # 2 samples per chunk in the forward (width 1), 1 in the backward (width 2), last partial
-    monkeypatch.setattr(norm_module, "_CPU_CHUNK_BYTES", 2 * 8 * 8 * 6)
+    monkeypatch.setattr(norm_module, "_CPU_CHUNK_BYTES", chunk_samples * 8 * 8 * 6)
     chunked = run()
     for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

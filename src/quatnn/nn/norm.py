@@ -47,7 +47,9 @@ over the data), the whitening kernels walk the batch in cache-sized chunks: each
 centered and moved into a small channel-major ``(4C, k, *spatial)`` buffer, reduced with one
 batched matmul (covariance; shifted by the first chunk's mean, so nothing cancels) or mapped
 with one batched matmul by the fused per-channel matrix ``M = Gamma L^-1`` and written back
-into the blocked output with the shift ``beta`` added. On accelerators there is one chunk.
+into the blocked output with the shift ``beta`` added. On accelerators there is one chunk,
+and a batch of one chunk is loaded once per pass: the second sweep (the output, or the
+input gradient) reuses the buffer of the first (the statistics, or the cross products).
 Forward and backward are custom autograd functions with the analytic gradient (through the
 mean, the covariance and the Cholesky factor), so autograd keeps only the input and a few
 4x4 matrices per channel. The 4x4 algebra runs in float32 (float64 for float64 inputs) with
@@ -242,17 +244,19 @@ class _Chunks:
 
 def _cross_gram(
     a: Tensor | None, b: Tensor, c: int, center: Tensor, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per quaternion channel ``(sum_i a_i (b_i - center)^T, sum_i a_i)``: (C, 4, 4), (C, 4).
 
     ``center`` is blocked ``(4C,)``. With ``a=None`` it is ``(sum_i d_i d_i^T, sum_i d_i)``
     for ``d = b - center``: the shifted sums that give the mean and covariance of ``b``.
+    The third result is the loaded chunk (``a`` over ``b - center``) when the batch is one
+    chunk (always on accelerators), for :func:`_apply_4x4` to reuse; else None.
     """
     if b.shape[0] == 0:  # an empty batch
-        return b.new_zeros(c, 4, 4, dtype=dtype), b.new_zeros(c, 4, dtype=dtype)
+        return b.new_zeros(c, 4, 4, dtype=dtype), b.new_zeros(c, 4, dtype=dtype), None
     width = 1 if a is None else 2
     ch = _Chunks(b, c, dtype, width)
-    gram = total = None  # the first chunk's sums (on accelerators the only chunk)
+    gram = total = buf = None  # the first chunk's sums (on accelerators the only chunk)
     flat = ch.buffer(b.device)
     half = 4 * c
     for n0, n1 in ch.ranges():
@@ -270,7 +274,7 @@ def _cross_gram(
         else:
             gram.baddbmm_(left, right.mT)
             total += left.sum(-1)
-    return gram, total
+    return gram, total, buf if ch.rows >= ch.n else None
 
 
 def _apply_4x4(
@@ -282,27 +286,31 @@ def _apply_4x4(
     mat_b: Tensor | None = None,
     src_b: Tensor | None = None,
     center_b: Tensor | None = None,
+    loaded: Tensor | None = None,
 ) -> Tensor:
     """Blocked ``out = A (src_a - center_a) [+ B (src_b - center_b)] + shift`` per channel.
 
     ``A``, ``B`` are ``(C, 4, 4)``; ``shift`` and the centers are blocked ``(4C,)``; all
     tensors are blocked ``(N, 4C, *S)``. With two sources one batched matmul applies
-    ``[A B]`` to the stacked chunk.
+    ``[A B]`` to the stacked chunk. ``loaded``, the one chunk of :func:`_cross_gram` with
+    the same sources and centers, is used instead of loading them again.
     """
     c = mat_a.shape[0]
     width = 1 if mat_b is None else 2
     ch = _Chunks(src_a, c, mat_a.dtype, width)
-    flat = ch.buffer(src_a.device)
+    flat = ch.buffer(src_a.device) if loaded is None else None
     res_flat = ch.buffer(src_a.device, width=1)
     scratch = None if ch.fused else ch.buffer(src_a.device, width=1)
     mat = mat_a if mat_b is None else torch.cat((mat_a, mat_b), dim=2)
     half = 4 * c
     for n0, n1 in ch.ranges():
         k = n1 - n0
-        buf = ch.view(flat, k)
-        ch.load(buf[:half], src_a, n0, n1, center_a)
-        if src_b is not None:
-            ch.load(buf[half:], src_b, n0, n1, center_b)
+        buf = loaded
+        if flat is not None:
+            buf = ch.view(flat, k)
+            ch.load(buf[:half], src_a, n0, n1, center_a)
+            if src_b is not None:
+                ch.load(buf[half:], src_b, n0, n1, center_b)
         res = res_flat[: 4 * c * k * ch.m].view(c, 4, k * ch.m)
         torch.bmm(mat, ch.matrices(buf, 4 * width), out=res)
         ch.store(out, res, n0, n1, shift, scratch)
@@ -332,10 +340,12 @@ class _WhitenBatch(torch.autograd.Function):
             # gives the mean and the covariance.
             first = x[: _Chunks(x, c, cdt, 1).rows]
             shift = first.sum(_reduce_dims(first), dtype=cdt) / _count(first)
-            gram, total = _cross_gram(None, x, c, shift, cdt)
+            gram, total, loaded = _cross_gram(None, x, c, shift, cdt)
             delta = total / n
             mu = _blocked_to_cq(shift, c) + delta
             mu_blocked = _cq_to_blocked(mu)
+            if loaded is not None:  # x - shift, one chunk: recentred in place, not reloaded
+                loaded.sub_((mu_blocked - shift).view(-1, *(1,) * (x.dim() - 1)))
             cov = gram / n - delta.unsqueeze(-1) * delta.unsqueeze(-2)
             eye = _eye4(cdt, x.device)
             chol, info = torch.linalg.cholesky_ex(torch.add(cov, eye, alpha=eps))
@@ -347,7 +357,7 @@ class _WhitenBatch(torch.autograd.Function):
             gmc = gm.to(cdt)
             mm = torch.bmm(gmc, w)  # the 4x4 products as bmm: @ adds 5 view calls each
             y = torch.empty_like(x)
-            _apply_4x4(y, mm, x, mu_blocked, beta.to(cdt))
+            _apply_4x4(y, mm, x, mu_blocked, beta.to(cdt), loaded=loaded)
         ctx.save_for_backward(x, mu_blocked, w, gmc, mm)
         ctx.gm_dtype = gm.dtype
         ctx.beta_dtype = beta.dtype
@@ -371,7 +381,7 @@ class _WhitenBatch(torch.autograd.Function):
                 dbeta = _blocked_to_cq(dy.sum(_reduce_dims(dy), dtype=cdt), c)
             else:
                 # P = sum_i dy_i (x_i - mu)^T = dL/dM for M = Gm W (and dbeta = sum_i dy_i).
-                p, dbeta = _cross_gram(dy, x, c, mu, cdt)
+                p, dbeta, loaded = _cross_gram(dy, x, c, mu, cdt)
                 if need_gm:
                     dgm = torch.bmm(p, w.mT).to(ctx.gm_dtype)
                 if need_x:
@@ -386,7 +396,7 @@ class _WhitenBatch(torch.autograd.Function):
                     shift_cq = torch.bmm(mat_a, dbeta.unsqueeze(-1)).squeeze(-1).mul_(-1.0 / n)
                     shift = _cq_to_blocked(shift_cq)
                     dx = torch.empty_like(x)
-                    _apply_4x4(dx, mat_a, dy, None, shift, mat_b, x, mu)
+                    _apply_4x4(dx, mat_a, dy, None, shift, mat_b, x, mu, loaded)
             dbeta_out = _cq_to_blocked(dbeta).to(ctx.beta_dtype) if need_beta else None
         return dx, dgm, dbeta_out, None
 
@@ -420,7 +430,7 @@ class _Affine4(torch.autograd.Function):
                 zero = torch.zeros(4 * c, dtype=mm.dtype, device=x.device)
                 _apply_4x4(dx, mm.mT, dy, None, zero)
             if need_m:
-                dm, _ = _cross_gram(dy, x, c, center, mm.dtype)
+                dm = _cross_gram(dy, x, c, center, mm.dtype)[0]
             if need_shift:
                 dshift = dy.sum(_reduce_dims(dy), dtype=mm.dtype).to(ctx.shift_dtype)
         return dx, dm, None, dshift
