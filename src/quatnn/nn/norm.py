@@ -48,8 +48,9 @@ centered and moved into a small channel-major ``(4C, k, *spatial)`` buffer, redu
 batched matmul (covariance; shifted by the first chunk's mean, so nothing cancels) or mapped
 with one batched matmul by the fused per-channel matrix ``M = Gamma L^-1`` and written back
 into the blocked output with the shift ``beta`` added. On accelerators there is one chunk,
-and a batch of one chunk is loaded once per pass: the second sweep (the output, or the
-input gradient) reuses the buffer of the first (the statistics, or the cross products).
+and the second sweep of a pass (the output, or the input gradient) starts from the chunk
+the first (the statistics, or the cross products) left in its buffer: a batch of one
+chunk is loaded once per pass.
 Forward and backward are custom autograd functions with the analytic gradient (through the
 mean, the covariance and the Cholesky factor), so autograd keeps only the input and a few
 4x4 matrices per channel. The 4x4 algebra runs in float32 (float64 for float64 inputs) with
@@ -249,8 +250,9 @@ def _cross_gram(
 
     ``center`` is blocked ``(4C,)``. With ``a=None`` it is ``(sum_i d_i d_i^T, sum_i d_i)``
     for ``d = b - center``: the shifted sums that give the mean and covariance of ``b``.
-    The third result is the loaded chunk (``a`` over ``b - center``) when the batch is one
-    chunk (always on accelerators), for :func:`_apply_4x4` to reuse; else None.
+    The third result is the last chunk as loaded (``a`` over ``b - center``; on accelerators
+    the only chunk; None for an empty batch), for :func:`_apply_4x4` to start from instead
+    of loading it again.
     """
     if b.shape[0] == 0:  # an empty batch
         return b.new_zeros(c, 4, 4, dtype=dtype), b.new_zeros(c, 4, dtype=dtype), None
@@ -274,7 +276,7 @@ def _cross_gram(
         else:
             gram.baddbmm_(left, right.mT)
             total += left.sum(-1)
-    return gram, total, buf if ch.rows >= ch.n else None
+    return gram, total, buf
 
 
 def _apply_4x4(
@@ -292,21 +294,23 @@ def _apply_4x4(
 
     ``A``, ``B`` are ``(C, 4, 4)``; ``shift`` and the centers are blocked ``(4C,)``; all
     tensors are blocked ``(N, 4C, *S)``. With two sources one batched matmul applies
-    ``[A B]`` to the stacked chunk. ``loaded``, the one chunk of :func:`_cross_gram` with
-    the same sources and centers, is used instead of loading them again.
+    ``[A B]`` to the stacked chunk. ``loaded``, the last chunk of :func:`_cross_gram` with
+    the same sources and centers, is used first instead of loading it again (chunks are
+    independent here: the others follow, last to first).
     """
     c = mat_a.shape[0]
     width = 1 if mat_b is None else 2
     ch = _Chunks(src_a, c, mat_a.dtype, width)
-    flat = ch.buffer(src_a.device) if loaded is None else None
+    flat = ch.buffer(src_a.device) if ch.rows < ch.n or loaded is None else None
     res_flat = ch.buffer(src_a.device, width=1)
     scratch = None if ch.fused else ch.buffer(src_a.device, width=1)
     mat = mat_a if mat_b is None else torch.cat((mat_a, mat_b), dim=2)
     half = 4 * c
-    for n0, n1 in ch.ranges():
+    for n0, n1 in reversed(list(ch.ranges())):
         k = n1 - n0
-        buf = loaded
-        if flat is not None:
+        if loaded is not None:
+            buf, loaded = loaded, None
+        else:
             buf = ch.view(flat, k)
             ch.load(buf[:half], src_a, n0, n1, center_a)
             if src_b is not None:
@@ -344,8 +348,8 @@ class _WhitenBatch(torch.autograd.Function):
             delta = total / n
             mu = _blocked_to_cq(shift, c) + delta
             mu_blocked = _cq_to_blocked(mu)
-            if loaded is not None:  # x - shift, one chunk: recentred in place, not reloaded
-                loaded.sub_((mu_blocked - shift).view(-1, *(1,) * (x.dim() - 1)))
+            # the last chunk, x - shift, recentred in place for the output sweep
+            loaded.sub_((mu_blocked - shift).view(-1, *(1,) * (x.dim() - 1)))
             cov = gram / n - delta.unsqueeze(-1) * delta.unsqueeze(-2)
             eye = _eye4(cdt, x.device)
             chol, info = torch.linalg.cholesky_ex(torch.add(cov, eye, alpha=eps))
