@@ -244,20 +244,20 @@ class _Chunks:
 
 
 def _cross_gram(
-    a: Tensor | None, b: Tensor, c: int, center: Tensor, dtype: torch.dtype
+    ch: _Chunks, a: Tensor | None, b: Tensor, center: Tensor
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per quaternion channel ``(sum_i a_i (b_i - center)^T, sum_i a_i)``: (C, 4, 4), (C, 4).
+    """Per quaternion channel ``(sum_i a_i (b_i - center)^T, sum_i a_i)``: (C, 4, 4), (C, 4),
+    in the chunks of ``ch`` (of width 1 with ``a=None``, else 2).
 
     ``center`` is blocked ``(4C,)``. With ``a=None`` it is ``(sum_i d_i d_i^T, sum_i d_i)``
     for ``d = b - center``: the shifted sums that give the mean and covariance of ``b``.
     The third result is the last chunk as loaded (``a`` over ``b - center``; on accelerators
     the only chunk; None for an empty batch), for :func:`_apply_4x4` to start from instead
-    of loading it again.
+    of loading it again (both walk the same ``ch``).
     """
+    c = ch.c
     if b.shape[0] == 0:  # an empty batch
-        return b.new_zeros(c, 4, 4, dtype=dtype), b.new_zeros(c, 4, dtype=dtype), None
-    width = 1 if a is None else 2
-    ch = _Chunks(b, c, dtype, width)
+        return b.new_zeros(c, 4, 4, dtype=ch.dtype), b.new_zeros(c, 4, dtype=ch.dtype), None
     gram = total = buf = None  # the first chunk's sums (on accelerators the only chunk)
     flat = ch.buffer(b.device)
     half = 4 * c
@@ -280,6 +280,7 @@ def _cross_gram(
 
 
 def _apply_4x4(
+    ch: _Chunks,
     out: Tensor,
     mat_a: Tensor,
     src_a: Tensor,
@@ -290,7 +291,8 @@ def _apply_4x4(
     center_b: Tensor | None = None,
     loaded: Tensor | None = None,
 ) -> Tensor:
-    """Blocked ``out = A (src_a - center_a) [+ B (src_b - center_b)] + shift`` per channel.
+    """Blocked ``out = A (src_a - center_a) [+ B (src_b - center_b)] + shift`` per channel,
+    in the chunks of ``ch`` (of width 1 with one source, else 2).
 
     ``A``, ``B`` are ``(C, 4, 4)``; ``shift`` and the centers are blocked ``(4C,)``; all
     tensors are blocked ``(N, 4C, *S)``. With two sources one batched matmul applies
@@ -298,9 +300,7 @@ def _apply_4x4(
     the same sources and centers, is used first instead of loading it again (chunks are
     independent here: the others follow, last to first).
     """
-    c = mat_a.shape[0]
-    width = 1 if mat_b is None else 2
-    ch = _Chunks(src_a, c, mat_a.dtype, width)
+    c, width = ch.c, ch.width
     flat = ch.buffer(src_a.device) if ch.rows < ch.n or loaded is None else None
     res_flat = ch.buffer(src_a.device, width=1)
     scratch = None if ch.fused else ch.buffer(src_a.device, width=1)
@@ -342,9 +342,10 @@ class _WhitenBatch(torch.autograd.Function):
         with autocast_disabled(x.device.type):
             # Shifted sums (shift = mean of the first chunk, so no cancellation): one sweep
             # gives the mean and the covariance.
-            first = x[: _Chunks(x, c, cdt, 1).rows]
+            ch = _Chunks(x, c, cdt, 1)
+            first = x[: ch.rows]
             shift = first.sum(_reduce_dims(first), dtype=cdt) / _count(first)
-            gram, total, loaded = _cross_gram(None, x, c, shift, cdt)
+            gram, total, loaded = _cross_gram(ch, None, x, shift)
             delta = total / n
             mu = _blocked_to_cq(shift, c) + delta
             mu_blocked = _cq_to_blocked(mu)
@@ -361,7 +362,7 @@ class _WhitenBatch(torch.autograd.Function):
             gmc = gm.to(cdt)
             mm = torch.bmm(gmc, w)  # the 4x4 products as bmm: @ adds 5 view calls each
             y = torch.empty_like(x)
-            _apply_4x4(y, mm, x, mu_blocked, beta.to(cdt), loaded=loaded)
+            _apply_4x4(ch, y, mm, x, mu_blocked, beta.to(cdt), loaded=loaded)
         ctx.save_for_backward(x, mu_blocked, w, gmc, mm)
         ctx.gm_dtype = gm.dtype
         ctx.beta_dtype = beta.dtype
@@ -385,7 +386,8 @@ class _WhitenBatch(torch.autograd.Function):
                 dbeta = _blocked_to_cq(dy.sum(_reduce_dims(dy), dtype=cdt), c)
             else:
                 # P = sum_i dy_i (x_i - mu)^T = dL/dM for M = Gm W (and dbeta = sum_i dy_i).
-                p, dbeta, loaded = _cross_gram(dy, x, c, mu, cdt)
+                ch = _Chunks(x, c, cdt, 2)
+                p, dbeta, loaded = _cross_gram(ch, dy, x, mu)
                 if need_gm:
                     dgm = torch.bmm(p, w.mT).to(ctx.gm_dtype)
                 if need_x:
@@ -400,7 +402,7 @@ class _WhitenBatch(torch.autograd.Function):
                     shift_cq = torch.bmm(mat_a, dbeta.unsqueeze(-1)).squeeze(-1).mul_(-1.0 / n)
                     shift = _cq_to_blocked(shift_cq)
                     dx = torch.empty_like(x)
-                    _apply_4x4(dx, mat_a, dy, None, shift, mat_b, x, mu, loaded)
+                    _apply_4x4(ch, dx, mat_a, dy, None, shift, mat_b, x, mu, loaded)
             dbeta_out = _cq_to_blocked(dbeta).to(ctx.beta_dtype) if need_beta else None
         return dx, dgm, dbeta_out, None
 
@@ -416,7 +418,8 @@ class _Affine4(torch.autograd.Function):
     def forward(ctx, x: Tensor, mm: Tensor, center: Tensor, shift: Tensor):  # type: ignore[override]
         with autocast_disabled(x.device.type):
             y = torch.empty_like(x)
-            _apply_4x4(y, mm, x, center, shift.to(mm.dtype))
+            ch = _Chunks(x, mm.shape[0], mm.dtype, 1)
+            _apply_4x4(ch, y, mm, x, center, shift.to(mm.dtype))
         ctx.save_for_backward(x, mm, center)
         ctx.shift_dtype = shift.dtype
         return y
@@ -432,9 +435,9 @@ class _Affine4(torch.autograd.Function):
             if need_x:
                 dx = torch.empty_like(x)
                 zero = torch.zeros(4 * c, dtype=mm.dtype, device=x.device)
-                _apply_4x4(dx, mm.mT, dy, None, zero)
+                _apply_4x4(_Chunks(x, c, mm.dtype, 1), dx, mm.mT, dy, None, zero)
             if need_m:
-                dm = _cross_gram(dy, x, c, center, mm.dtype)[0]
+                dm = _cross_gram(_Chunks(x, c, mm.dtype, 2), dy, x, center)[0]
             if need_shift:
                 dshift = dy.sum(_reduce_dims(dy), dtype=mm.dtype).to(ctx.shift_dtype)
         return dx, dm, None, dshift

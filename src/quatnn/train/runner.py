@@ -473,8 +473,9 @@ def train(
             raise RunError(f"{out / 'checkpoint.pt'} does not fit this run ({reason})") from None
     if ctx.enabled:
         parallel = distributed.wrap(model, device)
-        compiled = compile_mode is not None
-        trainer.forward = torch.compile(parallel, mode=compile_mode) if compiled else parallel
+        trainer.forward = (
+            parallel if compile_mode is None else torch.compile(parallel, mode=compile_mode)
+        )
         trainer.callbacks.append(distributed.BufferSync())
     ctx.barrier()  # every process has read the folder before rank 0 changes it
     tensorboard_writer = None
