@@ -1,18 +1,21 @@
-"""CUDA path of the quaternion layers against the float64 CPU reference, and compiled batch
-norms against the eager ones (run on a GPU box).
+"""CUDA path of the quaternion layers against the float64 CPU reference (the whitening's
+fused Triton kernels included), and compiled batch norms against the eager ones (run on a
+GPU box).
 
     PYTHONPATH=src python benchmarks/cuda_check.py
 
 Prints one line per check and exits non-zero on any mismatch.
 """
 
+import copy
 import sys
 
 import torch
 
 from quatnn import algebra
 from quatnn import functional as QF
-from quatnn.nn import QBatchNorm2d, QConv2d, QLinear
+from quatnn.nn import QBatchNorm1d, QBatchNorm2d, QConv2d, QLinear
+from quatnn.nn.norm import _fused_whitening
 
 assert torch.cuda.is_available(), "needs a CUDA device"
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -118,6 +121,33 @@ compiled = torch.compile(
 )
 xs = torch.randn(4, 8, 8, 8, device=dev)
 check("torch.compile rank8 conv", compiled(xs), compiled._orig_mod(xs).double().cpu(), 1e-5)
+# whitening in training: the fused Triton kernels against float64 on the CPU
+for shape, layout in (
+    ((32, 64, 16, 16), torch.contiguous_format),
+    ((16, 32, 8, 8), torch.channels_last),
+    ((256, 128), torch.contiguous_format),
+):
+    torch.manual_seed(2)
+    bn = (QBatchNorm2d if len(shape) == 4 else QBatchNorm1d)(shape[1]).double()
+    with torch.no_grad():
+        bn.weight.add_(0.3 * torch.randn_like(bn.weight))
+        bn.bias.normal_()
+    x64 = torch.randn(shape, dtype=torch.float64) * 3 + 2
+    dy64 = torch.randn(shape, dtype=torch.float64)
+    for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        results = []
+        for device, dt in (("cpu", torch.float64), (dev, dtype)):
+            layer = copy.deepcopy(bn).to(device, torch.float32 if dt != torch.float64 else dt)
+            xg = x64.to(device, dt).contiguous(memory_format=layout).requires_grad_()
+            yg = layer(xg)
+            grads = torch.autograd.grad(yg, (xg, layer.weight, layer.bias), dy64.to(device, dt))
+            results.append((yg, *grads, layer.running_mean, layer.running_cov))
+        if _fused_whitening(xg) is None:
+            print(f"FAIL whitening {shape} {dtype}: the Triton kernels did not run")
+            failures += 1
+        names = ("output", "grad input", "grad Gamma", "grad beta", "running mean", "running cov")
+        for name, g, w_ in zip(names, results[1], results[0], strict=True):
+            check(f"fused whitening {tuple(shape)} {dtype} {name}", g, w_, rtol)
 # batch norms in training, compiled (traced plain ops) against the eager CUDA kernels
 for mode in ("whiten", "variance"):
     torch.manual_seed(1)

@@ -3,7 +3,9 @@
 Every layer runs in training mode on the same ``(batch, channels, size, size)`` tensor in
 one process; the layers are timed round-robin (so a change in machine load hits all alike)
 and each row reports the median time and its ratio to ``nn.BatchNorm2d`` with the same
-number of real channels. ``--compile`` adds a ``torch.compile`` twin of every layer
+number of real channels. Where the whitening runs fused Triton kernels (CUDA), a row
+``QBatchNorm2d(whiten, PyTorch ops)`` times the chunked implementation beside them.
+``--compile`` adds a ``torch.compile`` twin of every layer
 (compiled during the warm-up runs). Gradients are taken for the input and the parameters
 with ``torch.autograd.grad``, so nothing accumulates between steps.
 
@@ -33,7 +35,7 @@ from quatnn.bench.timing import (
     positive_int,
     write_rows,
 )
-from quatnn.nn.norm import QBatchNorm2d
+from quatnn.nn.norm import QBatchNorm2d, _fused_whitening, triton_whitening
 
 __all__ = ["run", "main"]
 
@@ -69,17 +71,31 @@ def run(
 
         return run_once
 
+    def unfused(layer: nn.Module) -> Callable[[], None]:
+        run_once = step(layer)
+
+        def run_unfused() -> None:
+            with triton_whitening():
+                run_once()
+
+        return run_unfused
+
     layers: dict[str, tuple[str, nn.Module]] = {"nn.BatchNorm2d": ("-", nn.BatchNorm2d(channels))}
     for mode in modes:
         layers[f"QBatchNorm2d({mode})"] = (mode, QBatchNorm2d(channels, mode=mode))
     layers = {name: (mode, layer.to(device).train()) for name, (mode, layer) in layers.items()}
+    fns = {name: step(layer) for name, (_, layer) in layers.items()}
+    if "whiten" in modes and _fused_whitening(x) is not None:
+        layers["QBatchNorm2d(whiten, PyTorch ops)"] = layers["QBatchNorm2d(whiten)"]
+        fns["QBatchNorm2d(whiten, PyTorch ops)"] = unfused(layers["QBatchNorm2d(whiten)"][1])
     if compile:
         twins = {
             f"{name}, compiled": (mode, torch.compile(layer))
             for name, (mode, layer) in layers.items()
+            if "PyTorch ops" not in name  # compiled, every whitening is traced ops
         }
         layers.update(twins)
-    fns = {name: step(layer) for name, (_, layer) in layers.items()}
+        fns.update({name: step(layer) for name, (_, layer) in twins.items()})
     seconds = interleaved_seconds(fns, device, repeats, warmup)
     base = seconds["nn.BatchNorm2d"]
     return [

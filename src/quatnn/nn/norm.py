@@ -51,6 +51,8 @@ into the blocked output with the shift ``beta`` added. On accelerators there is 
 and the second sweep of a pass (the output, or the input gradient) starts from the chunk
 the first (the statistics, or the cross products) left in its buffer: a batch of one
 chunk is loaded once per pass.
+On CUDA (where Triton is installed) training-mode whitening runs fused Triton kernels
+instead (:mod:`quatnn.nn.whiten_triton`, 3 launches a pass; :func:`triton_whitening`).
 Forward and backward are custom autograd functions with the analytic gradient (through the
 mean, the covariance and the Cholesky factor), so autograd keeps only the input and a few
 4x4 matrices per channel. The 4x4 algebra runs in float32 (float64 for float64 inputs) with
@@ -59,9 +61,12 @@ autocast disabled; outputs keep the input dtype.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +82,7 @@ __all__ = [
     "QBatchNorm3d",
     "QLayerNorm",
     "convert_batchnorm",
+    "triton_whitening",
 ]
 
 _MODES = ("whiten", "variance", "split")
@@ -92,6 +98,9 @@ _FUSED_MIN_SPATIAL = 16
 _FUSED_SUM_DEVICES = ("cpu",)
 # On accelerators allocation is cheap (caching allocator) and launches are not: one chunk.
 _DEVICE_CHUNK_BYTES = 1 << 62
+# Devices on which training-mode whitening runs the fused Triton kernels of
+# quatnn.nn.whiten_triton (3 launches a pass instead of ~30) where Triton is installed.
+_TRITON_DEVICES = ("cuda",)
 # Upper-triangle index of each (row, col) of a symmetric 4x4 matrix, in the order of
 # torch.triu_indices(4, 4): (0,0) (0,1) (0,2) (0,3) (1,1) (1,2) (1,3) (2,2) (2,3) (3,3).
 _SYM_INDEX = (0, 1, 2, 3, 1, 4, 5, 6, 2, 5, 7, 8, 3, 6, 8, 9)
@@ -327,8 +336,104 @@ def _tril_grad_sym(x: Tensor) -> Tensor:
     return 0.5 * (low + low.tril(-1).mT)
 
 
+def _whiten_chunked(
+    x: Tensor, gm: Tensor, beta: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """Training-mode whitening in PyTorch ops (chunks), ``gm`` and ``beta`` in the compute
+    dtype: ``(y, mu (C, 4), cov (C, 4, 4) biased, (mu blocked, W, M))``; raises
+    :class:`NonFiniteStatistics`. The Triton kernels' counterpart:
+    :func:`quatnn.nn.whiten_triton.whiten_forward`."""
+    c, n, cdt = gm.shape[0], _count(x), gm.dtype
+    # Shifted sums (shift = mean of the first chunk, so no cancellation): one sweep gives
+    # the mean and the covariance.
+    ch = _Chunks(x, c, cdt, 1)
+    first = x[: ch.rows]
+    shift = first.sum(_reduce_dims(first), dtype=cdt) / _count(first)
+    gram, total, loaded = _cross_gram(ch, None, x, shift)
+    delta = total / n
+    mu = _blocked_to_cq(shift, c) + delta
+    mu_blocked = _cq_to_blocked(mu)
+    # the last chunk, x - shift, recentred in place for the output sweep
+    loaded.sub_((mu_blocked - shift).view(-1, *(1,) * (x.dim() - 1)))
+    cov = gram / n - delta.unsqueeze(-1) * delta.unsqueeze(-2)
+    eye = _eye4(cdt, x.device)
+    chol, info = torch.linalg.cholesky_ex(torch.add(cov, eye, alpha=eps))
+    # A NaN/Inf anywhere in x reaches every sum of its channel, so checking the covariance
+    # (one sync) is enough; large finite values that overflow are caught too.
+    if _flagged(_nonfinite(cov.sum()) | info.any()):
+        raise NonFiniteStatistics()
+    w = torch.linalg.solve_triangular(chol, eye.expand(c, 4, 4), upper=False)
+    mm = torch.bmm(gm, w)  # the 4x4 products as bmm: @ adds 5 view calls each
+    y = torch.empty_like(x)
+    _apply_4x4(ch, y, mm, x, mu_blocked, beta, loaded=loaded)
+    return y, mu, cov, (mu_blocked, w, mm)
+
+
+def _whiten_chunked_grad(
+    x: Tensor, dy: Tensor, saved: tuple[Tensor, Tensor, Tensor], gm: Tensor, need_x: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``(dx or None, dGamma, dbeta blocked)`` of :func:`_whiten_chunked` for ``dy``
+    (counterpart: :func:`quatnn.nn.whiten_triton.whiten_backward`)."""
+    mu, w, mm = saved
+    c, n = gm.shape[0], _count(x)
+    # P = sum_i dy_i (x_i - mu)^T = dL/dM for M = Gm W (and dbeta = sum_i dy_i).
+    ch = _Chunks(x, c, mu.dtype, 2)
+    p, dbeta, loaded = _cross_gram(ch, dy, x, mu)
+    dgm = torch.bmm(p, w.mT)
+    dx = None
+    if need_x:
+        # Through W = L^-1 (dL = -W^T dW W^T), the Cholesky factor (V = L L^T:
+        # dV = W^T sym(L^T dL) W, and L^T dL = -dW W^T as W L = I) and V = cov + eps I:
+        # dx_i = M^T dy_i + (2/n) dV (x_i - mu) - (1/n) M^T sum_j dy_j.
+        dw = torch.bmm(gm.mT, p)
+        mat_a = mm.mT
+        sym = _tril_grad_sym(torch.bmm(dw, w.mT))
+        mat_b = torch.bmm(torch.bmm(w.mT, sym), w).mul_(-2.0 / n)
+        shift_cq = torch.bmm(mat_a, dbeta.unsqueeze(-1)).squeeze(-1).mul_(-1.0 / n)
+        dx = torch.empty_like(x)
+        _apply_4x4(ch, dx, mat_a, dy, None, _cq_to_blocked(shift_cq), mat_b, x, mu, loaded)
+    return dx, dgm, _cq_to_blocked(dbeta)
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType | None:
+    """:mod:`quatnn.nn.whiten_triton`, or None where Triton is not installed."""
+    try:
+        return importlib.import_module("quatnn.nn.whiten_triton")
+    except ImportError:
+        return None
+
+
+@contextlib.contextmanager
+def triton_whitening(*devices: str) -> Iterator[None]:
+    """Inside the block, training-mode whitening runs the fused Triton kernels on exactly
+    these device types (outside: ``"cuda"``); with none, the chunked PyTorch ops run
+    everywhere. For benchmarks and checks; on CPU the kernels need Triton's interpreter
+    (``TRITON_INTERPRET=1`` before Triton is imported).
+
+    >>> with triton_whitening():  # PyTorch ops on every device
+    ...     y = QBatchNorm2d(8)(torch.randn(4, 8, 3, 3))
+    """
+    global _TRITON_DEVICES
+    outside, _TRITON_DEVICES = _TRITON_DEVICES, devices
+    try:
+        yield
+    finally:
+        _TRITON_DEVICES = outside
+
+
+def _fused_whitening(x: Tensor) -> ModuleType | None:
+    """The Triton kernels module if training-mode whitening of ``x`` runs on it (a device
+    in :data:`_TRITON_DEVICES`, Triton installed, a layout the kernels take), else None."""
+    if x.device.type not in _TRITON_DEVICES:
+        return None
+    kernels = _triton_kernels()
+    return kernels if kernels is not None and kernels.supports(x) else None
+
+
 class _WhitenBatch(torch.autograd.Function):
-    """Training-mode whitening: ``y = Gm L^-1 (x - mu) + beta`` with batch statistics.
+    """Training-mode whitening: ``y = Gm L^-1 (x - mu) + beta`` with batch statistics, in
+    fused Triton kernels (:func:`_fused_whitening`) or chunked PyTorch ops.
 
     Returns ``(y, mu (C,4), cov (C,4,4) biased, without eps)``; the statistics are not
     differentiable outputs (their gradient flows through ``y``).
@@ -336,34 +441,18 @@ class _WhitenBatch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, gm: Tensor, beta: Tensor, eps: float):  # type: ignore[override]
-        c = gm.shape[0]
-        n = _count(x)
         cdt = _compute_dtype(x.dtype)
+        kernels = _fused_whitening(x)
         with autocast_disabled(x.device.type):
-            # Shifted sums (shift = mean of the first chunk, so no cancellation): one sweep
-            # gives the mean and the covariance.
-            ch = _Chunks(x, c, cdt, 1)
-            first = x[: ch.rows]
-            shift = first.sum(_reduce_dims(first), dtype=cdt) / _count(first)
-            gram, total, loaded = _cross_gram(ch, None, x, shift)
-            delta = total / n
-            mu = _blocked_to_cq(shift, c) + delta
-            mu_blocked = _cq_to_blocked(mu)
-            # the last chunk, x - shift, recentred in place for the output sweep
-            loaded.sub_((mu_blocked - shift).view(-1, *(1,) * (x.dim() - 1)))
-            cov = gram / n - delta.unsqueeze(-1) * delta.unsqueeze(-2)
-            eye = _eye4(cdt, x.device)
-            chol, info = torch.linalg.cholesky_ex(torch.add(cov, eye, alpha=eps))
-            # A NaN/Inf anywhere in x reaches every sum of its channel, so checking the
-            # covariance (one sync) is enough; large finite values that overflow are caught too.
-            if _flagged(_nonfinite(cov.sum()) | info.any()):
-                raise NonFiniteStatistics()
-            w = torch.linalg.solve_triangular(chol, eye.expand(c, 4, 4), upper=False)
-            gmc = gm.to(cdt)
-            mm = torch.bmm(gmc, w)  # the 4x4 products as bmm: @ adds 5 view calls each
-            y = torch.empty_like(x)
-            _apply_4x4(ch, y, mm, x, mu_blocked, beta.to(cdt), loaded=loaded)
-        ctx.save_for_backward(x, mu_blocked, w, gmc, mm)
+            gmc, betac = gm.to(cdt), beta.to(cdt)
+            if kernels is None:
+                y, mu, cov, saved = _whiten_chunked(x, gmc, betac, eps)
+            else:
+                y, mu, cov, saved, bad = kernels.whiten_forward(x, gmc, betac, eps)
+                if _flagged(bad):  # one sync, as the chunked check
+                    raise NonFiniteStatistics()
+        ctx.save_for_backward(x, gmc, *saved)
+        ctx.kernels = kernels
         ctx.gm_dtype = gm.dtype
         ctx.beta_dtype = beta.dtype
         ctx.mark_non_differentiable(mu, cov)
@@ -375,36 +464,21 @@ class _WhitenBatch(torch.autograd.Function):
     def backward(ctx, dy: Tensor | None, *_stats: Tensor | None):  # type: ignore[override]
         if dy is None:  # only the statistics had gradients: zero
             return None, None, None, None
-        x, mu, w, gm, mm = ctx.saved_tensors
-        c = gm.shape[0]
-        n = _count(x)
-        cdt = mu.dtype
+        x, gm, *saved = ctx.saved_tensors
         need_x, need_gm, need_beta, _ = ctx.needs_input_grad
         with autocast_disabled(x.device.type):
             dx = dgm = None
             if not (need_x or need_gm):
-                dbeta = _blocked_to_cq(dy.sum(_reduce_dims(dy), dtype=cdt), c)
+                dbeta = dy.sum(_reduce_dims(dy), dtype=gm.dtype)
+            elif ctx.kernels is None:
+                dx, dgm, dbeta = _whiten_chunked_grad(x, dy, tuple(saved), gm, need_x)
             else:
-                # P = sum_i dy_i (x_i - mu)^T = dL/dM for M = Gm W (and dbeta = sum_i dy_i).
-                ch = _Chunks(x, c, cdt, 2)
-                p, dbeta, loaded = _cross_gram(ch, dy, x, mu)
-                if need_gm:
-                    dgm = torch.bmm(p, w.mT).to(ctx.gm_dtype)
-                if need_x:
-                    # Through W = L^-1 (dL = -W^T dW W^T), the Cholesky factor (V = L L^T:
-                    # dV = W^T sym(L^T dL) W, and L^T dL = -dW W^T as W L = I) and
-                    # V = cov + eps I: dx_i = M^T dy_i + (2/n) dV (x_i - mu) - (1/n) M^T
-                    # sum_j dy_j.
-                    dw = torch.bmm(gm.mT, p)
-                    mat_a = mm.mT
-                    sym = _tril_grad_sym(torch.bmm(dw, w.mT))
-                    mat_b = torch.bmm(torch.bmm(w.mT, sym), w).mul_(-2.0 / n)
-                    shift_cq = torch.bmm(mat_a, dbeta.unsqueeze(-1)).squeeze(-1).mul_(-1.0 / n)
-                    shift = _cq_to_blocked(shift_cq)
-                    dx = torch.empty_like(x)
-                    _apply_4x4(ch, dx, mat_a, dy, None, shift, mat_b, x, mu, loaded)
-            dbeta_out = _cq_to_blocked(dbeta).to(ctx.beta_dtype) if need_beta else None
-        return dx, dgm, dbeta_out, None
+                if not ctx.kernels.supports(dy):
+                    dy = dy.contiguous()
+                dx, dgm, dbeta = ctx.kernels.whiten_backward(x, dy, tuple(saved), gm)
+            dgm = dgm.to(ctx.gm_dtype) if need_gm else None
+            dbeta = dbeta.to(ctx.beta_dtype) if need_beta else None
+        return dx if need_x else None, dgm, dbeta, None
 
 
 class _Affine4(torch.autograd.Function):

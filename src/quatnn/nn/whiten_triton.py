@@ -1,0 +1,411 @@
+"""Fused Triton kernels of the quaternion whitening batch norm (training mode) for CUDA.
+
+The chunked PyTorch implementation in :mod:`quatnn.nn.norm` launches ~60 small kernels
+per forward+backward, and on a GPU those launches, not the arithmetic, set its pace. Here
+a forward is 3 launches and a backward 3, reading the input as ``nn.BatchNorm`` does:
+
+* :func:`_gram_kernel` - per quaternion channel and slab of positions, the sums
+  ``sum_i a_i`` and ``sum_i a_i (b_i - center)^T`` (4 and 4x4); the forward takes
+  ``a = b = x`` shifted by the channel's first value (so nothing cancels), the backward
+  ``a = dy``, ``b = x``, ``center = mu``.
+* :func:`_whiten_stats_kernel`, :func:`_whiten_grad_kernel` - one program that adds up
+  the slabs and does every channel's 4x4 algebra in closed form: mean, covariance,
+  Cholesky factor ``L``, ``W = L^-1``, ``M = Gamma W`` and the output shift; backward, the
+  matrices of ``dx = A dy + B x + shift`` (the analytic gradient of
+  :class:`quatnn.nn.norm._WhitenBatch`) and ``dGamma``.
+* :func:`_mix_kernel` - ``out = A a [+ B b] + shift`` per quaternion channel.
+
+Inputs are any ``(N, 4C, *S)`` tensor whose spatial axes flatten to one stride
+(contiguous and channels_last alike; a tile reads consecutive positions of one channel,
+contiguous in memory only in the contiguous layout); sums and the 4x4 algebra run in
+float32 (float64 for float64 inputs). The kernels run in Triton's interpreter on CPU
+tensors too (``TRITON_INTERPRET=1``), which is how the tests check them.
+
+Example (:class:`quatnn.nn.QBatchNorm2d` calls these by itself on CUDA; CPU tensors need
+``TRITON_INTERPRET=1`` set before Triton is imported):
+    >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+    >>> x = torch.randn(8, 16, 5, 5, device=dev)
+    >>> gm, beta = torch.eye(4, device=dev).repeat(4, 1, 1) / 2, torch.zeros(16, device=dev)
+    >>> y, mu, cov, saved, bad = whiten_forward(x, gm, beta, 1e-5)
+    >>> y.shape, mu.shape, cov.shape, int(bad)
+    (torch.Size([8, 16, 5, 5]), torch.Size([4, 4]), torch.Size([4, 4, 4]), 0)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Positions per tile of the sweeps (each program walks its slab tile by tile).
+_BLOCK = 128
+# Channels per step of the single-program 4x4 algebra.
+_CHANNELS = 32
+# Programs per streaming multiprocessor the sweeps aim for (slabs = this x SMs / C).
+_WAVES = 4
+# Values per partial-sum row: 16 cross sums then 4 plain sums.
+_PART = tl.constexpr(20)
+
+
+@triton.jit
+def _tile_offsets(p, s_total, c, n_channels, s_n, s_c, s_s):
+    """Offsets ``[4, BLOCK]`` of the 4 components of channel ``c`` at flat positions ``p``
+    (``p = n * S + s``), for a tensor with strides ``s_n`` (sample), ``s_c`` (real
+    channel), ``s_s`` (flattened spatial)."""
+    n = (p // s_total).to(tl.int64)
+    s = (p % s_total).to(tl.int64)
+    comp = tl.arange(0, 4)
+    chan = (comp * n_channels + c).to(tl.int64)
+    return n[None, :] * s_n + chan[:, None] * s_c + s[None, :] * s_s
+
+
+@triton.jit
+def _gram_kernel(
+    a_ptr, b_ptr, center_ptr, part_ptr,
+    n_channels, s_total, positions, per_slab, slabs,
+    a_n, a_c, a_s, b_n, b_c, b_s,
+    SAME: tl.constexpr, FIRST_CENTER: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Partial sums of channel ``program_id(0)`` over slab ``program_id(1)``:
+    ``part[c, slab] = [sum a (b - center)^T (16, row-major), sum a (4)]``. ``SAME``: ``a``
+    is ``b - center`` (``a_ptr`` unused); ``FIRST_CENTER``: the center is the channel's
+    value at position 0 (``center_ptr`` unused), else blocked ``(4C,)`` at ``center_ptr``."""
+    c = tl.program_id(0)
+    slab = tl.program_id(1)
+    acc_t = part_ptr.dtype.element_ty
+    comp = tl.arange(0, 4)
+    if FIRST_CENTER:
+        center = tl.load(b_ptr + (comp * n_channels + c).to(tl.int64) * b_c).to(acc_t)
+    else:
+        center = tl.load(center_ptr + comp * n_channels + c).to(acc_t)
+    cross = tl.zeros((4, 4, BLOCK), dtype=acc_t)
+    plain = tl.zeros((4, BLOCK), dtype=acc_t)
+    start = slab * per_slab
+    stop = tl.minimum(start + per_slab, positions)
+    for p0 in range(start, stop, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        inside = (p < stop)[None, :]
+        offs = _tile_offsets(p, s_total, c, n_channels, b_n, b_c, b_s)
+        d = tl.load(b_ptr + offs, mask=inside, other=0.0).to(acc_t) - center[:, None]
+        d = tl.where(inside, d, 0.0)
+        if SAME:
+            a = d
+        else:
+            offs = _tile_offsets(p, s_total, c, n_channels, a_n, a_c, a_s)
+            a = tl.load(a_ptr + offs, mask=inside, other=0.0).to(acc_t)
+        cross += a[:, None, :] * d[None, :, :]
+        plain += a
+    row = part_ptr + (c * slabs + slab) * _PART
+    tl.store(row + comp[:, None] * 4 + comp[None, :], tl.sum(cross, 2))
+    tl.store(row + 16 + comp, tl.sum(plain, 1))
+
+
+@triton.jit
+def _mix_kernel(
+    a_ptr, b_ptr, out_ptr, mat_a_ptr, mat_b_ptr, shift_ptr,
+    n_channels, s_total, positions, per_slab,
+    a_n, a_c, a_s, b_n, b_c, b_s, o_n, o_c, o_s,
+    TWO: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``out = A a [+ B b] + shift`` for channel ``program_id(0)`` over slab
+    ``program_id(1)``; ``A``, ``B`` are ``(C, 4, 4)`` row-major, ``shift`` blocked ``(4C,)``."""
+    c = tl.program_id(0)
+    slab = tl.program_id(1)
+    acc_t = mat_a_ptr.dtype.element_ty
+    comp = tl.arange(0, 4)
+    square = c * 16 + comp[:, None] * 4 + comp[None, :]
+    mat_a = tl.load(mat_a_ptr + square)
+    if TWO:
+        mat_b = tl.load(mat_b_ptr + square)
+    shift = tl.load(shift_ptr + comp * n_channels + c)
+    start = slab * per_slab
+    stop = tl.minimum(start + per_slab, positions)
+    for p0 in range(start, stop, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        inside = (p < stop)[None, :]
+        src = tl.load(
+            a_ptr + _tile_offsets(p, s_total, c, n_channels, a_n, a_c, a_s), mask=inside
+        ).to(acc_t)
+        res = tl.sum(mat_a[:, :, None] * src[None, :, :], 1) + shift[:, None]
+        if TWO:
+            src = tl.load(
+                b_ptr + _tile_offsets(p, s_total, c, n_channels, b_n, b_c, b_s), mask=inside
+            ).to(acc_t)
+            res += tl.sum(mat_b[:, :, None] * src[None, :, :], 1)
+        offs = _tile_offsets(p, s_total, c, n_channels, o_n, o_c, o_s)
+        tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _bmm4(a, b):
+    """Per-channel product of ``[K, 4, 4]`` tiles."""
+    return tl.sum(a[:, :, :, None] * b[:, None, :, :], 2)
+
+
+@triton.jit
+def _mT(a):
+    """Per-channel transpose of a ``[K, 4, 4]`` tile."""
+    return tl.permute(a, (0, 2, 1))
+
+
+@triton.jit
+def _entry(a, rows, cols, i: tl.constexpr, j: tl.constexpr):
+    """Entry ``(i, j)`` of each channel's matrix in a ``[K, 4, 4]`` tile: ``[K]``."""
+    return tl.sum(tl.sum(tl.where((rows == i) & (cols == j), a, 0.0), 2), 1)
+
+
+@triton.jit
+def _put(v, rows, cols, i: tl.constexpr, j: tl.constexpr):
+    """A ``[K, 4, 4]`` tile holding ``v`` (``[K]``) at ``(i, j)`` and zeros elsewhere."""
+    return tl.where((rows == i) & (cols == j), v[:, None, None], 0.0)
+
+
+@triton.jit
+def _inverse_cholesky(v, rows, cols):
+    """``W = L^-1`` for ``V = L L^T`` (``L`` lower triangular, positive diagonal), per
+    channel of a ``[K, 4, 4]`` tile, in closed form. A ``V`` that is not positive definite
+    gives NaN or Inf entries."""
+    l00 = tl.sqrt(_entry(v, rows, cols, 0, 0))
+    l10 = _entry(v, rows, cols, 1, 0) / l00
+    l20 = _entry(v, rows, cols, 2, 0) / l00
+    l30 = _entry(v, rows, cols, 3, 0) / l00
+    l11 = tl.sqrt(_entry(v, rows, cols, 1, 1) - l10 * l10)
+    l21 = (_entry(v, rows, cols, 2, 1) - l20 * l10) / l11
+    l31 = (_entry(v, rows, cols, 3, 1) - l30 * l10) / l11
+    l22 = tl.sqrt(_entry(v, rows, cols, 2, 2) - l20 * l20 - l21 * l21)
+    l32 = (_entry(v, rows, cols, 3, 2) - l30 * l20 - l31 * l21) / l22
+    l33 = tl.sqrt(_entry(v, rows, cols, 3, 3) - l30 * l30 - l31 * l31 - l32 * l32)
+    # forward substitution of W L = I: w_ii = 1/l_ii, w_ij = -(sum_k l_ik w_kj) / l_ii
+    w00 = 1.0 / l00
+    w11 = 1.0 / l11
+    w22 = 1.0 / l22
+    w33 = 1.0 / l33
+    w10 = -l10 * w00 * w11
+    w21 = -l21 * w11 * w22
+    w32 = -l32 * w22 * w33
+    w20 = -(l20 * w00 + l21 * w10) * w22
+    w31 = -(l31 * w11 + l32 * w21) * w33
+    w30 = -(l30 * w00 + l31 * w10 + l32 * w20) * w33
+    w = _put(w00, rows, cols, 0, 0) + _put(w11, rows, cols, 1, 1)
+    w += _put(w22, rows, cols, 2, 2) + _put(w33, rows, cols, 3, 3)
+    w += _put(w10, rows, cols, 1, 0) + _put(w21, rows, cols, 2, 1)
+    w += _put(w32, rows, cols, 3, 2) + _put(w20, rows, cols, 2, 0)
+    w += _put(w31, rows, cols, 3, 1) + _put(w30, rows, cols, 3, 0)
+    return w
+
+
+@triton.jit
+def _slab_sums(part_ptr, ch, inside, slabs, rows, cols, comp, CHANNELS: tl.constexpr):
+    """Sum over slabs of the partial rows of channels ``ch`` (``CHANNELS`` of them):
+    ``[K, 4, 4]``, ``[K, 4]``."""
+    acc_t = part_ptr.dtype.element_ty
+    cross = tl.zeros((CHANNELS, 4, 4), dtype=acc_t)
+    plain = tl.zeros((CHANNELS, 4), dtype=acc_t)
+    base = ch.to(tl.int64) * slabs * _PART
+    for slab in range(0, slabs):
+        row = part_ptr + base + slab * _PART
+        cross += tl.load(row[:, None, None] + rows * 4 + cols, mask=inside[:, None, None])
+        plain += tl.load(row[:, None] + 16 + comp[None, :], mask=inside[:, None])
+    return cross, plain
+
+
+@triton.jit
+def _whiten_stats_kernel(
+    part_ptr, x_ptr, gm_ptr, beta_ptr,
+    mu_ptr, cov_ptr, w_ptr, mm_ptr, shift_ptr, bad_ptr,
+    n_channels, slabs, x_c, count, eps,
+    CHANNELS: tl.constexpr,
+):  # fmt: skip
+    """Forward statistics and matrices of every channel (one program): ``mu`` blocked
+    ``(4C,)``; ``cov`` (biased, without eps), ``W = L^-1``, ``M = Gamma W`` as ``(C, 4, 4)``;
+    ``shift = beta - M mu`` blocked; ``bad[0] = 1`` where any statistic is NaN/Inf or the
+    covariance is not positive definite."""
+    acc_t = part_ptr.dtype.element_ty
+    comp = tl.arange(0, 4)
+    rows = comp[None, :, None]
+    cols = comp[None, None, :]
+    eye = tl.where(rows == cols, 1.0, 0.0)
+    bad = tl.zeros((CHANNELS,), dtype=tl.int32)
+    for c0 in range(0, n_channels, CHANNELS):
+        ch = c0 + tl.arange(0, CHANNELS)
+        inside = ch < n_channels
+        blocked = comp[None, :] * n_channels + ch[:, None]  # [K, 4] blocked index
+        cross, plain = _slab_sums(part_ptr, ch, inside, slabs, rows, cols, comp, CHANNELS)
+        first = tl.load(x_ptr + blocked.to(tl.int64) * x_c, mask=inside[:, None], other=0.0)
+        delta = plain / count
+        mu = first.to(acc_t) + delta
+        cov = cross / count - delta[:, :, None] * delta[:, None, :]
+        w = _inverse_cholesky(cov + eps * eye, rows, cols)
+        square = ch[:, None, None] * 16 + rows * 4 + cols
+        gm = tl.load(gm_ptr + square, mask=inside[:, None, None], other=0.0)
+        mm = _bmm4(gm, w)
+        shift = tl.load(beta_ptr + blocked, mask=inside[:, None], other=0.0) - tl.sum(
+            mm * mu[:, None, :], 2
+        )
+        nonfinite = (w * 0.0 != 0.0) | (cov * 0.0 != 0.0)
+        bad = tl.maximum(bad, tl.max(tl.max(tl.where(nonfinite, 1, 0), 2), 1))
+        in3 = inside[:, None, None]
+        tl.store(mu_ptr + blocked, mu, mask=inside[:, None])
+        tl.store(shift_ptr + blocked, shift, mask=inside[:, None])
+        tl.store(cov_ptr + square, cov, mask=in3)
+        tl.store(w_ptr + square, w, mask=in3)
+        tl.store(mm_ptr + square, mm, mask=in3)
+    tl.store(bad_ptr, tl.max(bad, 0))
+
+
+@triton.jit
+def _whiten_grad_kernel(
+    part_ptr, mu_ptr, w_ptr, gm_ptr, mm_ptr,
+    mat_a_ptr, mat_b_ptr, shift_ptr, dgm_ptr, dbeta_ptr,
+    n_channels, slabs, count,
+    CHANNELS: tl.constexpr,
+):  # fmt: skip
+    """Backward matrices of every channel (one program), from ``P = sum dy (x - mu)^T`` and
+    ``sum dy``: ``dx = A dy + B x + shift`` with ``A = M^T``,
+    ``B = -(2/n) W^T sym(Gamma^T P W^T) W`` (``sym(X) = (tril X + tril(X, -1)^T) / 2``, the
+    Cholesky factor's adjoint) and ``shift = -(1/n) M^T sum dy - B mu``;
+    ``dGamma = P W^T``, ``dbeta = sum dy`` (blocked)."""
+    comp = tl.arange(0, 4)
+    rows = comp[None, :, None]
+    cols = comp[None, None, :]
+    for c0 in range(0, n_channels, CHANNELS):
+        ch = c0 + tl.arange(0, CHANNELS)
+        inside = ch < n_channels
+        in3 = inside[:, None, None]
+        blocked = comp[None, :] * n_channels + ch[:, None]
+        cross, dbeta = _slab_sums(part_ptr, ch, inside, slabs, rows, cols, comp, CHANNELS)
+        square = ch[:, None, None] * 16 + rows * 4 + cols
+        w = tl.load(w_ptr + square, mask=in3, other=0.0)
+        gm = tl.load(gm_ptr + square, mask=in3, other=0.0)
+        mat_a = _mT(tl.load(mm_ptr + square, mask=in3, other=0.0))
+        lower = tl.where(rows >= cols, _bmm4(_bmm4(_mT(gm), cross), _mT(w)), 0.0)
+        sym = 0.5 * (lower + _mT(tl.where(rows > cols, lower, 0.0)))
+        mat_b = _bmm4(_bmm4(_mT(w), sym), w) * -2.0 / count  # count last: float64 stays
+        mu = tl.load(mu_ptr + blocked, mask=inside[:, None], other=0.0)
+        shift = -(tl.sum(mat_a * dbeta[:, None, :], 2) / count) - tl.sum(mat_b * mu[:, None, :], 2)
+        tl.store(mat_a_ptr + square, mat_a, mask=in3)
+        tl.store(mat_b_ptr + square, mat_b, mask=in3)
+        tl.store(dgm_ptr + square, _bmm4(cross, _mT(w)), mask=in3)
+        tl.store(shift_ptr + blocked, shift, mask=inside[:, None])
+        tl.store(dbeta_ptr + blocked, dbeta, mask=inside[:, None])
+
+
+def _flat(t: Tensor) -> Tensor | None:
+    """``t`` as an ``(N, 4C, S)`` view (spatial axes on one stride), or None."""
+    try:
+        return t.view(t.shape[0], t.shape[1], -1)
+    except RuntimeError:
+        return None
+
+
+def _count(x: Tensor) -> int:
+    """Values per real channel."""
+    return x.numel() // x.shape[1]
+
+
+def supports(x: Tensor) -> bool:
+    """Whether the kernels take ``x`` as it is: not empty, spatial axes on one stride."""
+    return x.numel() > 0 and _flat(x) is not None
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (2 elsewhere: the interpreter)."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _slabs(x: Tensor, c: int, positions: int) -> int:
+    """Slabs per channel: enough programs for a few waves over the device's SMs."""
+    sms = _multiprocessors(x.device)
+    return max(1, min(triton.cdiv(positions, _BLOCK), triton.cdiv(_WAVES * sms, c)))
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    flat = _flat(t)
+    assert flat is not None
+    return flat.stride(0), flat.stride(1), flat.stride(2)
+
+
+def _gram(
+    a: Tensor | None, b: Tensor, center: Tensor | None, c: int, dtype: torch.dtype
+) -> tuple[Tensor, int]:
+    """Partial sums ``(C, slabs, 20)`` of :func:`_gram_kernel` and the slab count."""
+    s_total = b[0, 0].numel()
+    positions = b.shape[0] * s_total
+    slabs = _slabs(b, c, positions)
+    per_slab = triton.cdiv(triton.cdiv(positions, slabs), _BLOCK) * _BLOCK
+    slabs = triton.cdiv(positions, per_slab)
+    part = torch.empty(c, slabs, _PART.value, dtype=dtype, device=b.device)
+    a_strides = _strides(b if a is None else a)
+    _gram_kernel[(c, slabs)](
+        b if a is None else a, b, b if center is None else center, part,
+        c, s_total, positions, per_slab, slabs, *a_strides, *_strides(b),
+        SAME=a is None, FIRST_CENTER=center is None, BLOCK=_BLOCK,
+    )  # fmt: skip
+    return part, slabs
+
+
+def _mix(
+    out: Tensor, mat_a: Tensor, a: Tensor, shift: Tensor, mat_b: Tensor | None = None,
+    b: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """``out = A a [+ B b] + shift`` per channel (:func:`_mix_kernel`)."""
+    c = mat_a.shape[0]
+    s_total = a[0, 0].numel()
+    positions = a.shape[0] * s_total
+    slabs = _slabs(a, c, positions)
+    per_slab = triton.cdiv(triton.cdiv(positions, slabs), _BLOCK) * _BLOCK
+    slabs = triton.cdiv(positions, per_slab)
+    two = mat_b is not None
+    _mix_kernel[(c, slabs)](
+        a, b if two else a, out, mat_a, mat_b if two else mat_a, shift,
+        c, s_total, positions, per_slab,
+        *_strides(a), *_strides(b if two else a), *_strides(out),
+        TWO=two, BLOCK=_BLOCK,
+    )  # fmt: skip
+    return out
+
+
+def whiten_forward(
+    x: Tensor, gm: Tensor, beta: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor], Tensor]:
+    """Training-mode whitening of ``x`` (``(N, 4C, *S)``, :func:`supports`) with ``gm``
+    ``(C, 4, 4)`` and blocked ``beta`` ``(4C,)`` in the compute dtype: ``(y, mu (C, 4),
+    cov (C, 4, 4) biased, (mu blocked, W, M) for :func:`whiten_backward`, bad)`` where
+    ``bad`` is a one-element int32 flag of non-finite or indefinite statistics."""
+    c, dtype = gm.shape[0], gm.dtype
+    part, slabs = _gram(None, x, None, c, dtype)
+    new = gm.new_empty
+    mu, shift = new(4 * c), new(4 * c)
+    cov, w, mm = new(c, 4, 4), new(c, 4, 4), new(c, 4, 4)
+    bad = torch.empty(1, dtype=torch.int32, device=x.device)
+    _whiten_stats_kernel[(1,)](
+        part, x, gm.contiguous(), beta.contiguous(), mu, cov, w, mm, shift, bad,
+        c, slabs, _strides(x)[1], _count(x), eps, CHANNELS=_CHANNELS,
+    )  # fmt: skip
+    y = _mix(torch.empty_like(x), mm, x, shift)
+    return y, mu.view(4, c).t(), cov, (mu, w, mm), bad
+
+
+def whiten_backward(
+    x: Tensor, dy: Tensor, saved: tuple[Tensor, Tensor, Tensor], gm: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dx, dGamma (C, 4, 4), dbeta blocked (4C,))`` of :func:`whiten_forward`
+    for the output gradient ``dy``; ``saved`` is its ``(mu, W, M)``."""
+    mu, w, mm = saved
+    c, dtype = gm.shape[0], gm.dtype
+    part, slabs = _gram(dy, x, mu, c, dtype)
+    new = gm.new_empty
+    mat_a, mat_b, dgm = new(c, 4, 4), new(c, 4, 4), new(c, 4, 4)
+    shift, dbeta = new(4 * c), new(4 * c)
+    _whiten_grad_kernel[(1,)](
+        part, mu, w, gm.contiguous(), mm, mat_a, mat_b, shift, dgm, dbeta,
+        c, slabs, _count(x), CHANNELS=_CHANNELS,
+    )  # fmt: skip
+    dx = _mix(torch.empty_like(x), mat_a, dy, shift, mat_b, x)
+    return dx, dgm, dbeta
