@@ -1,4 +1,4 @@
-"""pytest set-up. Without a CUDA device, Triton kernels (quatnn.nn.whiten_triton) run in
+"""pytest set-up. Without a CUDA device, Triton kernels (quatnn.nn.norm_triton) run in
 Triton's interpreter on CPU tensors, so the tests check them everywhere; without Triton
 installed, that module is not collected for its docstring examples."""
 
@@ -10,4 +10,4 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported
 
-collect_ignore = [] if importlib.util.find_spec("triton") else ["src/quatnn/nn/whiten_triton.py"]
+collect_ignore = [] if importlib.util.find_spec("triton") else ["src/quatnn/nn/norm_triton.py"]

@@ -15,7 +15,7 @@ import torch
 from quatnn import algebra
 from quatnn import functional as QF
 from quatnn.nn import QBatchNorm1d, QBatchNorm2d, QConv2d, QLinear
-from quatnn.nn.norm import _fused_whitening
+from quatnn.nn.norm import _fused_norm
 
 assert torch.cuda.is_available(), "needs a CUDA device"
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -121,14 +121,15 @@ compiled = torch.compile(
 )
 xs = torch.randn(4, 8, 8, 8, device=dev)
 check("torch.compile rank8 conv", compiled(xs), compiled._orig_mod(xs).double().cpu(), 1e-5)
-# whitening in training: the fused Triton kernels against float64 on the CPU
-for shape, layout in (
-    ((32, 64, 16, 16), torch.contiguous_format),
-    ((16, 32, 8, 8), torch.channels_last),
-    ((256, 128), torch.contiguous_format),
+# whiten and variance modes in training: the fused Triton kernels against float64 on the CPU
+for shape, layout, mode in (
+    ((32, 64, 16, 16), torch.contiguous_format, "whiten"),
+    ((16, 32, 8, 8), torch.channels_last, "whiten"),
+    ((256, 128), torch.contiguous_format, "whiten"),
+    ((32, 64, 16, 16), torch.contiguous_format, "variance"),
 ):
     torch.manual_seed(2)
-    bn = (QBatchNorm2d if len(shape) == 4 else QBatchNorm1d)(shape[1]).double()
+    bn = (QBatchNorm2d if len(shape) == 4 else QBatchNorm1d)(shape[1], mode=mode).double()
     with torch.no_grad():
         bn.weight.add_(0.3 * torch.randn_like(bn.weight))
         bn.bias.normal_()
@@ -141,13 +142,13 @@ for shape, layout in (
             xg = x64.to(device, dt).contiguous(memory_format=layout).requires_grad_()
             yg = layer(xg)
             grads = torch.autograd.grad(yg, (xg, layer.weight, layer.bias), dy64.to(device, dt))
-            results.append((yg, *grads, layer.running_mean, layer.running_cov))
-        if _fused_whitening(xg) is None:
-            print(f"FAIL whitening {shape} {dtype}: the Triton kernels did not run")
+            results.append((yg, *grads, *list(layer.buffers())[:2]))
+        if _fused_norm(xg) is None:
+            print(f"FAIL {mode} {shape} {dtype}: the Triton kernels did not run")
             failures += 1
-        names = ("output", "grad input", "grad Gamma", "grad beta", "running mean", "running cov")
+        names = ("output", "grad input", "grad weight", "grad beta", "running mean", "running stat")
         for name, g, w_ in zip(names, results[1], results[0], strict=True):
-            check(f"fused whitening {tuple(shape)} {dtype} {name}", g, w_, rtol)
+            check(f"fused {mode} {tuple(shape)} {dtype} {name}", g, w_, rtol)
 # batch norms in training, compiled (traced plain ops) against the eager CUDA kernels
 for mode in ("whiten", "variance"):
     torch.manual_seed(1)

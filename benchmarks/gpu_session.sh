@@ -11,7 +11,7 @@
 # CUDA graphs (--compile-mode reduce-overhead) remove the per-kernel launch cost, which
 # bounds the quaternion models on the GPU in eager mode; compiling the quaternion
 # ResNet-20 took about 100 s on an H200, hence its limit. The steps run most telling first
-# (the whitening's Triton kernels, first compiled by Triton in cuda_check, are checked and
+# (the norms' Triton kernels, first compiled by Triton in cuda_check, are checked and
 # timed before anything else); their limits add up to 700 s, so under a 600 s limit on the
 # whole script the last step is the one cut.
 set -u

@@ -3,8 +3,9 @@
 Every layer runs in training mode on the same ``(batch, channels, size, size)`` tensor in
 one process; the layers are timed round-robin (so a change in machine load hits all alike)
 and each row reports the median time and its ratio to ``nn.BatchNorm2d`` with the same
-number of real channels. Where the whitening runs fused Triton kernels (CUDA), a row
-``QBatchNorm2d(whiten, PyTorch ops)`` times the chunked implementation beside them.
+number of real channels. Where the whiten and variance modes run fused Triton kernels
+(CUDA), rows ``QBatchNorm2d(MODE, PyTorch ops)`` time the PyTorch-ops implementation
+beside them.
 ``--compile`` adds a ``torch.compile`` twin of every layer
 (compiled during the warm-up runs). Gradients are taken for the input and the parameters
 with ``torch.autograd.grad``, so nothing accumulates between steps.
@@ -35,7 +36,7 @@ from quatnn.bench.timing import (
     positive_int,
     write_rows,
 )
-from quatnn.nn.norm import QBatchNorm2d, _fused_whitening, triton_whitening
+from quatnn.nn.norm import QBatchNorm2d, _fused_norm, triton_norms
 
 __all__ = ["run", "main"]
 
@@ -75,7 +76,7 @@ def run(
         run_once = step(layer)
 
         def run_unfused() -> None:
-            with triton_whitening():
+            with triton_norms():
                 run_once()
 
         return run_unfused
@@ -85,9 +86,10 @@ def run(
         layers[f"QBatchNorm2d({mode})"] = (mode, QBatchNorm2d(channels, mode=mode))
     layers = {name: (mode, layer.to(device).train()) for name, (mode, layer) in layers.items()}
     fns = {name: step(layer) for name, (_, layer) in layers.items()}
-    if "whiten" in modes and _fused_whitening(x) is not None:
-        layers["QBatchNorm2d(whiten, PyTorch ops)"] = layers["QBatchNorm2d(whiten)"]
-        fns["QBatchNorm2d(whiten, PyTorch ops)"] = unfused(layers["QBatchNorm2d(whiten)"][1])
+    for mode in ("whiten", "variance"):
+        if mode in modes and _fused_norm(x) is not None:
+            layers[f"QBatchNorm2d({mode}, PyTorch ops)"] = layers[f"QBatchNorm2d({mode})"]
+            fns[f"QBatchNorm2d({mode}, PyTorch ops)"] = unfused(layers[f"QBatchNorm2d({mode})"][1])
     if compile:
         twins = {
             f"{name}, compiled": (mode, torch.compile(layer))

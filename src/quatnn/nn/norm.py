@@ -51,8 +51,9 @@ into the blocked output with the shift ``beta`` added. On accelerators there is 
 and the second sweep of a pass (the output, or the input gradient) starts from the chunk
 the first (the statistics, or the cross products) left in its buffer: a batch of one
 chunk is loaded once per pass.
-On CUDA (where Triton is installed) training-mode whitening runs fused Triton kernels
-instead (:mod:`quatnn.nn.whiten_triton`, 3 launches a pass; :func:`triton_whitening`).
+On CUDA (where Triton is installed) the whiten and variance modes run fused Triton kernels
+instead (:mod:`quatnn.nn.norm_triton`: 3 launches a training pass, 1 for the eval-mode
+whitening's forward; :func:`triton_norms`).
 Forward and backward are custom autograd functions with the analytic gradient (through the
 mean, the covariance and the Cholesky factor), so autograd keeps only the input and a few
 4x4 matrices per channel. The 4x4 algebra runs in float32 (float64 for float64 inputs) with
@@ -82,7 +83,7 @@ __all__ = [
     "QBatchNorm3d",
     "QLayerNorm",
     "convert_batchnorm",
-    "triton_whitening",
+    "triton_norms",
 ]
 
 _MODES = ("whiten", "variance", "split")
@@ -98,8 +99,9 @@ _FUSED_MIN_SPATIAL = 16
 _FUSED_SUM_DEVICES = ("cpu",)
 # On accelerators allocation is cheap (caching allocator) and launches are not: one chunk.
 _DEVICE_CHUNK_BYTES = 1 << 62
-# Devices on which training-mode whitening runs the fused Triton kernels of
-# quatnn.nn.whiten_triton (3 launches a pass instead of ~30) where Triton is installed.
+# Devices on which the whiten and variance modes (training, and the eval-mode whitening's
+# forward) run the fused Triton kernels of quatnn.nn.norm_triton (3 launches a pass
+# instead of ~30 and ~10) where Triton is installed.
 _TRITON_DEVICES = ("cuda",)
 # Upper-triangle index of each (row, col) of a symmetric 4x4 matrix, in the order of
 # torch.triu_indices(4, 4): (0,0) (0,1) (0,2) (0,3) (1,1) (1,2) (1,3) (2,2) (2,3) (3,3).
@@ -342,7 +344,7 @@ def _whiten_chunked(
     """Training-mode whitening in PyTorch ops (chunks), ``gm`` and ``beta`` in the compute
     dtype: ``(y, mu (C, 4), cov (C, 4, 4) biased, (mu blocked, W, M))``; raises
     :class:`NonFiniteStatistics`. The Triton kernels' counterpart:
-    :func:`quatnn.nn.whiten_triton.whiten_forward`."""
+    :func:`quatnn.nn.norm_triton.whiten_forward`."""
     c, n, cdt = gm.shape[0], _count(x), gm.dtype
     # Shifted sums (shift = mean of the first chunk, so no cancellation): one sweep gives
     # the mean and the covariance.
@@ -373,7 +375,7 @@ def _whiten_chunked_grad(
     x: Tensor, dy: Tensor, saved: tuple[Tensor, Tensor, Tensor], gm: Tensor, need_x: bool
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """``(dx or None, dGamma, dbeta blocked)`` of :func:`_whiten_chunked` for ``dy``
-    (counterpart: :func:`quatnn.nn.whiten_triton.whiten_backward`)."""
+    (counterpart: :func:`quatnn.nn.norm_triton.whiten_backward`)."""
     mu, w, mm = saved
     c, n = gm.shape[0], _count(x)
     # P = sum_i dy_i (x_i - mu)^T = dL/dM for M = Gm W (and dbeta = sum_i dy_i).
@@ -397,21 +399,22 @@ def _whiten_chunked_grad(
 
 @functools.cache
 def _triton_kernels() -> ModuleType | None:
-    """:mod:`quatnn.nn.whiten_triton`, or None where Triton is not installed."""
+    """:mod:`quatnn.nn.norm_triton`, or None where Triton is not installed."""
     try:
-        return importlib.import_module("quatnn.nn.whiten_triton")
+        return importlib.import_module("quatnn.nn.norm_triton")
     except ImportError:
         return None
 
 
 @contextlib.contextmanager
-def triton_whitening(*devices: str) -> Iterator[None]:
-    """Inside the block, training-mode whitening runs the fused Triton kernels on exactly
-    these device types (outside: ``"cuda"``); with none, the chunked PyTorch ops run
-    everywhere. For benchmarks and checks; on CPU the kernels need Triton's interpreter
-    (``TRITON_INTERPRET=1`` before Triton is imported).
+def triton_norms(*devices: str) -> Iterator[None]:
+    """Inside the block, the whiten and variance modes (training, and the eval-mode
+    whitening's forward) run the fused Triton kernels on exactly these device types
+    (outside: ``"cuda"``); with none, the PyTorch ops run everywhere. For benchmarks and
+    checks; on CPU the kernels need Triton's interpreter (``TRITON_INTERPRET=1`` before
+    Triton is imported).
 
-    >>> with triton_whitening():  # PyTorch ops on every device
+    >>> with triton_norms():  # PyTorch ops on every device
     ...     y = QBatchNorm2d(8)(torch.randn(4, 8, 3, 3))
     """
     global _TRITON_DEVICES
@@ -422,8 +425,8 @@ def triton_whitening(*devices: str) -> Iterator[None]:
         _TRITON_DEVICES = outside
 
 
-def _fused_whitening(x: Tensor) -> ModuleType | None:
-    """The Triton kernels module if training-mode whitening of ``x`` runs on it (a device
+def _fused_norm(x: Tensor) -> ModuleType | None:
+    """The Triton kernels module if the norms of ``x`` run on it (a device
     in :data:`_TRITON_DEVICES`, Triton installed, a layout the kernels take), else None."""
     if x.device.type not in _TRITON_DEVICES:
         return None
@@ -433,7 +436,7 @@ def _fused_whitening(x: Tensor) -> ModuleType | None:
 
 class _WhitenBatch(torch.autograd.Function):
     """Training-mode whitening: ``y = Gm L^-1 (x - mu) + beta`` with batch statistics, in
-    fused Triton kernels (:func:`_fused_whitening`) or chunked PyTorch ops.
+    fused Triton kernels (:func:`_fused_norm`) or chunked PyTorch ops.
 
     Returns ``(y, mu (C,4), cov (C,4,4) biased, without eps)``; the statistics are not
     differentiable outputs (their gradient flows through ``y``).
@@ -442,7 +445,7 @@ class _WhitenBatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, gm: Tensor, beta: Tensor, eps: float):  # type: ignore[override]
         cdt = _compute_dtype(x.dtype)
-        kernels = _fused_whitening(x)
+        kernels = _fused_norm(x)
         with autocast_disabled(x.device.type):
             gmc, betac = gm.to(cdt), beta.to(cdt)
             if kernels is None:
@@ -482,7 +485,8 @@ class _WhitenBatch(torch.autograd.Function):
 
 
 class _Affine4(torch.autograd.Function):
-    """``y = M (x - center) + shift`` per quaternion channel (eval mode of whitening).
+    """``y = M (x - center) + shift`` per quaternion channel (eval mode of whitening);
+    the forward in a Triton kernel where :func:`_fused_norm`, the backward chunked.
 
     ``M`` is ``(C, 4, 4)``; ``center`` (not differentiable) and ``shift`` are blocked
     ``(4C,)``.
@@ -490,10 +494,14 @@ class _Affine4(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, mm: Tensor, center: Tensor, shift: Tensor):  # type: ignore[override]
+        kernels = _fused_norm(x)
         with autocast_disabled(x.device.type):
-            y = torch.empty_like(x)
-            ch = _Chunks(x, mm.shape[0], mm.dtype, 1)
-            _apply_4x4(ch, y, mm, x, center, shift.to(mm.dtype))
+            if kernels is not None:
+                y = kernels.affine(x, mm, center, shift.to(mm.dtype))
+            else:
+                y = torch.empty_like(x)
+                ch = _Chunks(x, mm.shape[0], mm.dtype, 1)
+                _apply_4x4(ch, y, mm, x, center, shift.to(mm.dtype))
         ctx.save_for_backward(x, mm, center)
         ctx.shift_dtype = shift.dtype
         return y
@@ -622,7 +630,8 @@ def _channel_sums(grad: Tensor, inp: Tensor, center: Tensor) -> tuple[Tensor, Te
 
 
 class _VarianceBatch(torch.autograd.Function):
-    """Training-mode variance normalization ``y = gamma (x - mu)/sqrt(E|x-mu|^2 + eps) + beta``.
+    """Training-mode variance normalization ``y = gamma (x - mu)/sqrt(E|x-mu|^2 + eps) + beta``,
+    in fused Triton kernels (:func:`_fused_norm`) or PyTorch ops.
 
     Returns ``(y, mu (4C,), sigma^2 (C,) biased)``; the statistics are not differentiable
     outputs.
@@ -634,18 +643,27 @@ class _VarianceBatch(torch.autograd.Function):
         n = _count(x)
         cdt = _compute_dtype(x.dtype)
         shape = (1, 4 * c) + (1,) * (x.dim() - 2)
+        kernels = _fused_norm(x)
         with autocast_disabled(x.device.type):
-            xs = x if x.dtype == cdt else x.to(cdt)
-            mu = xs.sum(_reduce_dims(xs)) / n
-            sq, _ = _channel_sums(xs, xs, mu)
-            sigma2 = sq.view(4, c).sum(0) / n
-            if _flagged(_nonfinite(sigma2.sum())):  # NaN/Inf in x reach sigma2 too
-                raise NonFiniteStatistics()
-            inv = torch.rsqrt(sigma2 + eps)
-            scale = (gamma.to(cdt) * inv).repeat(4)
-            shift = beta.to(cdt) - mu * scale
-            y = torch.addcmul(shift.view(shape), x, scale.view(shape), out=torch.empty_like(x))
-        ctx.save_for_backward(x, mu, inv, scale)
+            gammac, betac = gamma.to(cdt), beta.to(cdt)
+            if kernels is not None:
+                y, mu, sigma2, inv, bad = kernels.variance_forward(x, gammac, betac, eps)
+                if _flagged(bad):  # one sync, as below
+                    raise NonFiniteStatistics()
+            else:
+                xs = x if x.dtype == cdt else x.to(cdt)
+                mu = xs.sum(_reduce_dims(xs)) / n
+                sq, _ = _channel_sums(xs, xs, mu)
+                sigma2 = sq.view(4, c).sum(0) / n
+                if _flagged(_nonfinite(sigma2.sum())):  # NaN/Inf in x reach sigma2 too
+                    raise NonFiniteStatistics()
+                inv = torch.rsqrt(sigma2 + eps)
+                scale = (gammac * inv).repeat(4)
+                y = torch.addcmul(
+                    (betac - mu * scale).view(shape), x, scale.view(shape), out=torch.empty_like(x)
+                )
+        ctx.save_for_backward(x, mu, inv, gammac)
+        ctx.kernels = kernels
         ctx.dtypes = (gamma.dtype, beta.dtype)
         ctx.mark_non_differentiable(mu, sigma2)
         ctx.set_materialize_grads(False)  # no zero-filled gradients of the statistics
@@ -656,30 +674,41 @@ class _VarianceBatch(torch.autograd.Function):
     def backward(ctx, dy: Tensor | None, *_stats: Tensor | None):  # type: ignore[override]
         if dy is None:  # only the statistics had gradients: zero
             return None, None, None, None
-        x, mu, inv, scale = ctx.saved_tensors
-        c = inv.shape[0]
-        n = _count(x)
-        cdt = mu.dtype
-        shape = (1, 4 * c) + (1,) * (x.dim() - 2)
+        x, mu, inv, gamma = ctx.saved_tensors
         need_x, need_gamma, need_beta, _ = ctx.needs_input_grad
         with autocast_disabled(x.device.type):
-            dy = dy.contiguous(memory_format=_memory_format(x))
-            xs = x if x.dtype == cdt else x.to(cdt)
-            dys = dy if dy.dtype == cdt else dy.to(cdt)
-            dot, dbeta = _channel_sums(dys, xs, mu)  # sum dy (x - mu), sum dy
-            q = dot.view(4, c).sum(0)  # sum_i <dy_i, x_i - mu>
-            dx = None
-            if need_x:
-                # dx = scale (dy - mean dy) - scale/(n s^2) q (x - mu)
-                coef = (-(scale.view(4, c)[0] * inv * inv * q) / n).repeat(4)
-                const = -(scale * dbeta) / n - coef * mu
-                dx = torch.addcmul(
-                    const.view(shape), dy, scale.view(shape), out=torch.empty_like(x)
-                )
-                dx.addcmul_(x, coef.view(shape))
-            dgamma = (q * inv).to(ctx.dtypes[0]) if need_gamma else None
-            dbeta_out = dbeta.to(ctx.dtypes[1]) if need_beta else None
-        return dx, dgamma, dbeta_out, None
+            if ctx.kernels is not None:
+                if not ctx.kernels.supports(dy):
+                    dy = dy.contiguous()
+                dx, dgamma, dbeta = ctx.kernels.variance_backward(x, dy, mu, inv, gamma)
+            else:
+                dx, dgamma, dbeta = _variance_chunked_grad(x, dy, mu, inv, gamma, need_x)
+            dgamma = dgamma.to(ctx.dtypes[0]) if need_gamma else None
+            dbeta = dbeta.to(ctx.dtypes[1]) if need_beta else None
+        return dx if need_x else None, dgamma, dbeta, None
+
+
+def _variance_chunked_grad(
+    x: Tensor, dy: Tensor, mu: Tensor, inv: Tensor, gamma: Tensor, need_x: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``(dx or None, dgamma, dbeta)`` of :class:`_VarianceBatch` in PyTorch ops
+    (counterpart: :func:`quatnn.nn.norm_triton.variance_backward`)."""
+    c, n, cdt = inv.shape[0], _count(x), mu.dtype
+    shape = (1, 4 * c) + (1,) * (x.dim() - 2)
+    dy = dy.contiguous(memory_format=_memory_format(x))
+    xs = x if x.dtype == cdt else x.to(cdt)
+    dys = dy if dy.dtype == cdt else dy.to(cdt)
+    dot, dbeta = _channel_sums(dys, xs, mu)  # sum dy (x - mu), sum dy
+    q = dot.view(4, c).sum(0)  # sum_i <dy_i, x_i - mu>
+    dx = None
+    if need_x:
+        # dx = scale (dy - mean dy) - scale/(n s^2) q (x - mu)
+        scale = (gamma * inv).repeat(4)
+        coef = (-(scale.view(4, c)[0] * inv * inv * q) / n).repeat(4)
+        const = -(scale * dbeta) / n - coef * mu
+        dx = torch.addcmul(const.view(shape), dy, scale.view(shape), out=torch.empty_like(x))
+        dx.addcmul_(x, coef.view(shape))
+    return dx, q * inv, dbeta
 
 
 @_traced_while_compiling(_VarianceBatch)

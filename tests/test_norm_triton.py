@@ -1,4 +1,4 @@
-"""The fused Triton kernels of the whitening batch norm (quatnn.nn.whiten_triton).
+"""The fused Triton kernels of the whitening and variance batch norms (quatnn.nn.norm_triton).
 
 Without a GPU they run in Triton's interpreter on CPU tensors (the root conftest sets
 TRITON_INTERPRET), checked against the chunked PyTorch implementation, the plain-ops
@@ -18,7 +18,7 @@ import torch
 from test_norm import correlated, gamma_matrix, randomize, reference_whiten, stats
 
 import quatnn.nn.norm as qnorm
-from quatnn.nn.norm import NonFiniteStatistics, QBatchNorm2d, triton_whitening
+from quatnn.nn.norm import NonFiniteStatistics, QBatchNorm2d, triton_norms
 
 pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,58 +28,69 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+MODES = ("whiten", "variance")
+
+
 @pytest.fixture
 def fused():
-    """Training-mode whitening on DEVICE runs the Triton kernels."""
+    """Training-mode whitening and variance norms on DEVICE run the Triton kernels."""
     assert qnorm._triton_kernels() is not None
-    with triton_whitening(DEVICE):
+    with triton_norms(DEVICE):
         yield
 
 
-def whiten(x, gm, beta, eps=1e-5):
-    return qnorm._WhitenBatch.apply(x, gm, beta, eps)
+def normalize(mode, x, weight, beta, eps=1e-5):
+    """``(y, mu, statistic)`` of the mode's autograd function (eager dispatch)."""
+    kernels = {"whiten": qnorm._WhitenBatch, "variance": qnorm._VarianceBatch}[mode]
+    return kernels.apply(x, weight, beta, eps)
 
 
-def inputs(shape, seed=0, dtype=torch.float64):
+def inputs(mode, shape, seed=0, dtype=torch.float64):
+    """Input, weight (symmetric Gamma (C, 4, 4) or gamma (C,)) and blocked beta on DEVICE."""
     g = torch.Generator().manual_seed(seed)
     c = shape[1] // 4
     x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 5
-    gm = torch.randn(c, 4, 4, generator=g, dtype=dtype)
-    return x.to(DEVICE), ((gm + gm.mT) / 2).to(DEVICE), torch.randn(4 * c, dtype=dtype).to(DEVICE)
+    if mode == "whiten":
+        weight = torch.randn(c, 4, 4, generator=g, dtype=dtype)
+        weight = (weight + weight.mT) / 2
+    else:
+        weight = torch.rand(c, generator=g, dtype=dtype) + 0.5
+    beta = torch.randn(4 * c, generator=g, dtype=dtype)
+    return x.to(DEVICE), weight.to(DEVICE), beta.to(DEVICE)
 
 
-def outputs_and_grads(x, gm, beta, dy, fn):
-    leaves = [t.detach().clone().requires_grad_() for t in (x, gm, beta)]
-    y, mu, cov = fn(*leaves)
+def outputs_and_grads(x, weight, beta, dy, fn):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, beta)]
+    y, mu, stat = fn(*leaves)
     y.backward(dy)
-    return [y.detach(), mu, cov] + [t.grad for t in leaves]
+    return [y.detach(), mu, stat] + [t.grad for t in leaves]
 
 
-SHAPES = {
-    "2d, 3 slabs, a partial tile": (6, 12, 7, 9),
-    "1d": (37, 8),
-    "3d": (3, 8, 2, 3, 4),
-    "40 channels (two blocks of 32)": (3, 160, 2, 3),
+CASES = {  # (shape, channels_last)
+    "2d, 3 slabs, a partial tile": ((6, 12, 7, 9), False),
+    "2d channels_last": ((6, 12, 7, 9), True),
+    "1d": ((37, 8), False),
+    "3d": ((3, 8, 2, 3, 4), False),
+    "40 channels (two blocks of 32)": ((3, 160, 2, 3), False),
+    "40 channels channels_last": ((3, 160, 2, 3), True),
 }
 
 
-@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_matches_chunked_and_autograd_reference(fused, shape, channels_last):
-    if channels_last and len(shape) != 4:
-        pytest.skip("channels_last is 4-d")
-    x, gm, beta = inputs(shape)
+@pytest.mark.parametrize(("shape", "channels_last"), CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_chunked_and_autograd_reference(fused, mode, shape, channels_last):
+    x, weight, beta = inputs(mode, shape)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     dy = torch.randn_like(x)
-    got = outputs_and_grads(x, gm, beta, dy, whiten)
-    assert qnorm._fused_whitening(x) is not None
-    # the traced plain-ops form, differentiated by autograd through torch.linalg
-    traced = qnorm._whiten_batch.__wrapped__
-    ref = outputs_and_grads(x, gm, beta, dy, lambda *a: traced(*a, 1e-5))
-    with triton_whitening():
-        chunked = outputs_and_grads(x, gm, beta, dy, whiten)
-    names = ("y", "mu", "cov", "dx", "dgm", "dbeta")
+    got = outputs_and_grads(x, weight, beta, dy, lambda *a: normalize(mode, *a))
+    assert qnorm._fused_norm(x) is not None
+    # the traced plain-ops form, differentiated by autograd (through torch.linalg)
+    traced = {"whiten": qnorm._whiten_batch, "variance": qnorm._variance_batch}[mode]
+    ref = outputs_and_grads(x, weight, beta, dy, lambda *a: traced.__wrapped__(*a, 1e-5))
+    with triton_norms():
+        chunked = outputs_and_grads(x, weight, beta, dy, lambda *a: normalize(mode, *a))
+    names = ("y", "mu", "statistic", "dx", "dweight", "dbeta")
     for name, a, b, c in zip(names, got, ref, chunked, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
         torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9, msg=name)
@@ -100,40 +111,65 @@ def test_whitens_ill_conditioned_input_like_the_reference(fused):
     torch.testing.assert_close(y, ref, atol=1e-9, rtol=1e-9)
 
 
-def test_gradcheck(fused):
-    x, gm, beta = inputs((3, 4, 2, 2), seed=2)
-    args = tuple(t.requires_grad_() for t in (x, gm, beta))
-    assert torch.autograd.gradcheck(lambda *a: whiten(*a, 1e-3)[0], args)
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck(fused, mode):
+    x, weight, beta = inputs(mode, (3, 4, 2, 2), seed=2)
+    args = tuple(t.requires_grad_() for t in (x, weight, beta))
+    assert torch.autograd.gradcheck(lambda *a: normalize(mode, *a, 1e-3)[0], args)
 
 
-def test_module_training_matches_chunked(fused):
+@pytest.mark.parametrize("mode", MODES)
+def test_module_training_matches_chunked(fused, mode):
     """Two float32 training steps: outputs, gradients and running statistics agree."""
     torch.manual_seed(0)
-    fused_bn = QBatchNorm2d(16).to(DEVICE)
+    fused_bn = QBatchNorm2d(16, mode=mode).to(DEVICE)
     randomize(fused_bn)
-    chunked_bn = QBatchNorm2d(16).to(DEVICE)
+    chunked_bn = QBatchNorm2d(16, mode=mode).to(DEVICE)
     chunked_bn.load_state_dict(fused_bn.state_dict())
     xs = [torch.randn(8, 16, 6, 6, device=DEVICE) * 2 + 1 for _ in range(2)]
     results = []
     for bn, devices in ((fused_bn, (DEVICE,)), (chunked_bn, ())):
-        with triton_whitening(*devices):
+        with triton_norms(*devices):
             for x in xs:
                 x = x.clone().requires_grad_()
                 y = bn(x)
                 (y * torch.arange(y.numel(), device=DEVICE).view_as(y).sin()).sum().backward()
                 results += [y.detach(), x.grad]
-        results += [bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_cov]
+        results += [bn.weight.grad, bn.bias.grad, *bn.buffers()]
     half = len(results) // 2
     for a, b in zip(results[:half], results[half:], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_eval_forward_matches_chunked_and_reference(fused, channels_last):
+    x, _ = correlated(32, 3, (4, 5), seed=4)
+    bn = QBatchNorm2d(12).double().to(DEVICE)
+    randomize(bn)
+    bn(x.to(DEVICE) * 1.5 - 1)  # running statistics away from their start
+    bn.eval()
+    x = x.to(DEVICE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = bn(x)
+        with triton_norms():
+            chunked = bn(x)
+    torch.testing.assert_close(y, chunked, rtol=1e-12, atol=1e-12)
+    gm = gamma_matrix(bn.weight.detach().cpu())
+    running = (bn.running_mean.cpu().view(4, 3).t(), bn.running_cov.cpu())
+    ref = reference_whiten(x.cpu(), gm, bn.bias.detach().cpu().view(4, 3).t(), *running)
+    torch.testing.assert_close(y.cpu(), ref, rtol=1e-10, atol=1e-10)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_input(fused, dtype):
-    x, gm, beta = inputs((4, 8, 5, 5), dtype=torch.float32)
-    y, mu, cov = whiten(x.to(dtype), gm, beta)
-    assert y.dtype == dtype and mu.dtype == cov.dtype == torch.float32
-    y32, mu32, _ = whiten(x.to(dtype).float(), gm, beta)
+@pytest.mark.parametrize("mode", MODES)
+def test_half_precision_input(fused, mode, dtype):
+    x, weight, beta = inputs(mode, (4, 8, 5, 5), dtype=torch.float32)
+    y, mu, stat = normalize(mode, x.to(dtype), weight, beta)
+    assert y.dtype == dtype and mu.dtype == stat.dtype == torch.float32
+    y32, mu32, _ = normalize(mode, x.to(dtype).float(), weight, beta)
     # the same float32 values, rounded once to the output dtype
     torch.testing.assert_close(y.float(), y32, rtol=torch.finfo(dtype).eps, atol=1e-3)
     torch.testing.assert_close(mu, mu32, rtol=0, atol=1e-5)
@@ -141,19 +177,24 @@ def test_half_precision_input(fused, dtype):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computes with NaN
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
-def test_non_finite_statistics_raise(fused, bad):
-    x, gm, beta = inputs((4, 8, 3, 3), dtype=torch.float32)
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_statistics_raise(fused, mode, bad):
+    x, weight, beta = inputs(mode, (4, 8, 3, 3), dtype=torch.float32)
     x[2, 5, 1, 1] = bad  # 1e30 squared overflows float32
     with pytest.raises(NonFiniteStatistics):
-        whiten(x, gm, beta)
+        normalize(mode, x, weight, beta)
 
 
 def test_layouts_the_kernels_do_not_take_use_the_chunked_path(fused):
     x = torch.randn(4, 8, 6, 6, device=DEVICE)
-    assert qnorm._fused_whitening(x) is not None
-    assert qnorm._fused_whitening(x[:, :, ::2, :]) is None  # spatial axes not on one stride
-    assert qnorm._fused_whitening(x[:0]) is None  # empty
-    y, _, _ = whiten(x[:, :, ::2, :], *inputs((4, 8))[1:])
+    assert qnorm._fused_norm(x) is not None
+    assert qnorm._fused_norm(x[:, :, ::2, :]) is None  # spatial axes not on one stride
+    assert qnorm._fused_norm(x.transpose(2, 3)) is None
+    assert qnorm._fused_norm(x[:0]) is None  # empty
+    x3 = torch.randn(2, 8, 3, 1, 4, device=DEVICE)
+    assert qnorm._fused_norm(x3.contiguous(memory_format=torch.channels_last_3d))
+    assert qnorm._fused_norm(x3[:, :, :, :, 1:3]) is None
+    y, _, _ = normalize("whiten", x[:, :, ::2, :], *inputs("whiten", (4, 8))[1:])
     assert y.shape == (4, 8, 3, 6)
 
 
@@ -162,13 +203,15 @@ COMPILE = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from quatnn.nn import whiten_triton as K
+    from quatnn.nn import norm_triton as K
 
     CONSTEXPRS = {
         K._gram_kernel: [dict(SAME=s, FIRST_CENTER=s, BLOCK=K._BLOCK) for s in (True, False)],
-        K._mix_kernel: [dict(TWO=t, BLOCK=K._BLOCK) for t in (False, True)],
+        K._mix_kernel: [dict(TWO=t, CENTERED=not t, BLOCK=K._BLOCK) for t in (False, True)],
         K._whiten_stats_kernel: [dict(CHANNELS=K._CHANNELS)],
         K._whiten_grad_kernel: [dict(CHANNELS=K._CHANNELS)],
+        K._variance_stats_kernel: [dict(CHANNELS=K._CHANNELS)],
+        K._variance_grad_kernel: [dict(CHANNELS=K._CHANNELS)],
     }
     DATA = {"a_ptr", "b_ptr", "x_ptr", "out_ptr"}  # pointers to the input/output dtype
     for data, acc in (("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")):
@@ -204,10 +247,12 @@ def test_kernels_compile_for_hopper():
 def test_bench_norm_times_the_pytorch_ops_beside_the_kernels(fused):
     from quatnn.bench.norm import run
 
-    rows = run(batch=4, channels=8, size=4, repeats=1, warmup=0, modes=("whiten",), device=DEVICE)
+    rows = run(batch=4, channels=8, size=4, repeats=1, warmup=0, modes=MODES, device=DEVICE)
     assert [r["layer"] for r in rows] == [
         "nn.BatchNorm2d",
         "QBatchNorm2d(whiten)",
+        "QBatchNorm2d(variance)",
         "QBatchNorm2d(whiten, PyTorch ops)",
+        "QBatchNorm2d(variance, PyTorch ops)",
     ]
     assert all(r["ms"] > 0 for r in rows)

@@ -1,4 +1,4 @@
-"""Fused Triton kernels of the quaternion whitening batch norm (training mode) for CUDA.
+"""Fused Triton kernels of the quaternion whitening batch norm for CUDA.
 
 The chunked PyTorch implementation in :mod:`quatnn.nn.norm` launches ~60 small kernels
 per forward+backward, and on a GPU those launches, not the arithmetic, set its pace. Here
@@ -13,7 +13,8 @@ a forward is 3 launches and a backward 3, reading the input as ``nn.BatchNorm`` 
   Cholesky factor ``L``, ``W = L^-1``, ``M = Gamma W`` and the output shift; backward, the
   matrices of ``dx = A dy + B x + shift`` (the analytic gradient of
   :class:`quatnn.nn.norm._WhitenBatch`) and ``dGamma``.
-* :func:`_mix_kernel` - ``out = A a [+ B b] + shift`` per quaternion channel.
+* :func:`_mix_kernel` - ``out = A (a [- center]) [+ B b] + shift`` per quaternion
+  channel; alone, it is the eval-mode forward (:func:`affine`).
 
 Inputs are any ``(N, 4C, *S)`` tensor whose spatial axes flatten to one stride
 (contiguous and channels_last alike; a tile reads consecutive positions of one channel,
@@ -33,7 +34,9 @@ Example (:class:`quatnn.nn.QBatchNorm2d` calls these by itself on CUDA; CPU tens
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 
 import torch
 import triton
@@ -105,13 +108,14 @@ def _gram_kernel(
 
 @triton.jit
 def _mix_kernel(
-    a_ptr, b_ptr, out_ptr, mat_a_ptr, mat_b_ptr, shift_ptr,
+    a_ptr, b_ptr, out_ptr, mat_a_ptr, mat_b_ptr, shift_ptr, center_ptr,
     n_channels, s_total, positions, per_slab,
     a_n, a_c, a_s, b_n, b_c, b_s, o_n, o_c, o_s,
-    TWO: tl.constexpr, BLOCK: tl.constexpr,
+    TWO: tl.constexpr, CENTERED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """``out = A a [+ B b] + shift`` for channel ``program_id(0)`` over slab
-    ``program_id(1)``; ``A``, ``B`` are ``(C, 4, 4)`` row-major, ``shift`` blocked ``(4C,)``."""
+    """``out = A (a [- center]) [+ B b] + shift`` for channel ``program_id(0)`` over slab
+    ``program_id(1)``; ``A``, ``B`` are ``(C, 4, 4)`` row-major, ``shift`` and ``center``
+    blocked ``(4C,)``."""
     c = tl.program_id(0)
     slab = tl.program_id(1)
     acc_t = mat_a_ptr.dtype.element_ty
@@ -121,6 +125,8 @@ def _mix_kernel(
     if TWO:
         mat_b = tl.load(mat_b_ptr + square)
     shift = tl.load(shift_ptr + comp * n_channels + c)
+    if CENTERED:
+        center = tl.load(center_ptr + comp * n_channels + c)
     start = slab * per_slab
     stop = tl.minimum(start + per_slab, positions)
     for p0 in range(start, stop, BLOCK):
@@ -129,6 +135,8 @@ def _mix_kernel(
         src = tl.load(
             a_ptr + _tile_offsets(p, s_total, c, n_channels, a_n, a_c, a_s), mask=inside
         ).to(acc_t)
+        if CENTERED:
+            src -= center[:, None]
         res = tl.sum(mat_a[:, :, None] * src[None, :, :], 1) + shift[:, None]
         if TWO:
             src = tl.load(
@@ -293,12 +301,93 @@ def _whiten_grad_kernel(
         tl.store(dbeta_ptr + blocked, dbeta, mask=inside[:, None])
 
 
-def _flat(t: Tensor) -> Tensor | None:
-    """``t`` as an ``(N, 4C, S)`` view (spatial axes on one stride), or None."""
-    try:
-        return t.view(t.shape[0], t.shape[1], -1)
-    except RuntimeError:
-        return None
+@triton.jit
+def _variance_stats_kernel(
+    part_ptr, x_ptr, gamma_ptr, beta_ptr,
+    mu_ptr, sigma2_ptr, inv_ptr, mm_ptr, shift_ptr, bad_ptr,
+    n_channels, slabs, x_c, count, eps,
+    CHANNELS: tl.constexpr,
+):  # fmt: skip
+    """Variance-mode forward statistics of every channel (one program): ``mu`` blocked,
+    ``sigma2 = E|x - mu|^2`` (biased), ``inv = 1/sqrt(sigma2 + eps)``, ``M = gamma inv I``,
+    ``shift = beta - gamma inv mu`` blocked; ``bad[0] = 1`` where any is NaN/Inf."""
+    acc_t = part_ptr.dtype.element_ty
+    comp = tl.arange(0, 4)
+    rows = comp[None, :, None]
+    cols = comp[None, None, :]
+    bad = tl.zeros((CHANNELS,), dtype=tl.int32)
+    for c0 in range(0, n_channels, CHANNELS):
+        ch = c0 + tl.arange(0, CHANNELS)
+        inside = ch < n_channels
+        blocked = comp[None, :] * n_channels + ch[:, None]
+        cross, plain = _slab_sums(part_ptr, ch, inside, slabs, rows, cols, comp, CHANNELS)
+        first = tl.load(x_ptr + blocked.to(tl.int64) * x_c, mask=inside[:, None], other=0.0)
+        delta = plain / count
+        mu = first.to(acc_t) + delta
+        squares = tl.sum(tl.sum(tl.where(rows == cols, cross, 0.0), 2), 1)
+        sigma2 = squares / count - tl.sum(delta * delta, 1)
+        inv = 1.0 / tl.sqrt(sigma2 + eps)
+        scale = tl.load(gamma_ptr + ch, mask=inside, other=0.0) * inv
+        mm = tl.where(rows == cols, scale[:, None, None], 0.0)
+        shift = tl.load(beta_ptr + blocked, mask=inside[:, None], other=0.0) - scale[:, None] * mu
+        bad = tl.maximum(bad, tl.where(inside & (sigma2 * 0.0 != 0.0), 1, 0))
+        tl.store(mu_ptr + blocked, mu, mask=inside[:, None])
+        tl.store(shift_ptr + blocked, shift, mask=inside[:, None])
+        tl.store(sigma2_ptr + ch, sigma2, mask=inside)
+        tl.store(inv_ptr + ch, inv, mask=inside)
+        tl.store(mm_ptr + ch[:, None, None] * 16 + rows * 4 + cols, mm, mask=inside[:, None, None])
+    tl.store(bad_ptr, tl.max(bad, 0))
+
+
+@triton.jit
+def _variance_grad_kernel(
+    part_ptr, mu_ptr, inv_ptr, gamma_ptr,
+    mat_a_ptr, mat_b_ptr, shift_ptr, dgamma_ptr, dbeta_ptr,
+    n_channels, slabs, count,
+    CHANNELS: tl.constexpr,
+):  # fmt: skip
+    """Variance-mode backward of every channel (one program), from ``P = sum dy (x - mu)^T``
+    and ``sum dy``: with ``q = tr P`` and ``scale = gamma inv``, ``dx = A dy + B x + shift``
+    for ``A = scale I``, ``B = coef I``, ``coef = -scale inv^2 q / n``,
+    ``shift = -scale (sum dy) / n - coef mu``; ``dgamma = q inv``, ``dbeta = sum dy``."""
+    comp = tl.arange(0, 4)
+    rows = comp[None, :, None]
+    cols = comp[None, None, :]
+    for c0 in range(0, n_channels, CHANNELS):
+        ch = c0 + tl.arange(0, CHANNELS)
+        inside = ch < n_channels
+        blocked = comp[None, :] * n_channels + ch[:, None]
+        cross, dbeta = _slab_sums(part_ptr, ch, inside, slabs, rows, cols, comp, CHANNELS)
+        q = tl.sum(tl.sum(tl.where(rows == cols, cross, 0.0), 2), 1)
+        inv = tl.load(inv_ptr + ch, mask=inside, other=0.0)
+        scale = tl.load(gamma_ptr + ch, mask=inside, other=0.0) * inv
+        coef = -scale * inv * inv * q / count
+        mu = tl.load(mu_ptr + blocked, mask=inside[:, None], other=0.0)
+        shift = -scale[:, None] * dbeta / count - coef[:, None] * mu
+        square = ch[:, None, None] * 16 + rows * 4 + cols
+        in3 = inside[:, None, None]
+        tl.store(mat_a_ptr + square, tl.where(rows == cols, scale[:, None, None], 0.0), mask=in3)
+        tl.store(mat_b_ptr + square, tl.where(rows == cols, coef[:, None, None], 0.0), mask=in3)
+        tl.store(shift_ptr + blocked, shift, mask=inside[:, None])
+        tl.store(dgamma_ptr + ch, q * inv, mask=inside)
+        tl.store(dbeta_ptr + blocked, dbeta, mask=inside[:, None])
+
+
+def _spatial_stride(t: Tensor) -> int | None:
+    """The one stride of the spatial axes of ``(N, 4C, *S)`` flattened, or None where they
+    do not flatten to one (from shape and strides alone: no dispatcher call)."""
+    axes = [(n, st) for n, st in zip(t.shape[2:], t.stride()[2:], strict=True) if n != 1]
+    for (_, outer), (n, inner) in itertools.pairwise(axes):
+        if outer != n * inner:
+            return None
+    return axes[-1][1] if axes else 1
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    """Strides of ``t`` viewed as ``(N, 4C, S)``: sample, real channel, position."""
+    spatial = _spatial_stride(t)
+    assert spatial is not None
+    return t.stride(0), t.stride(1), spatial
 
 
 def _count(x: Tensor) -> int:
@@ -308,7 +397,7 @@ def _count(x: Tensor) -> int:
 
 def supports(x: Tensor) -> bool:
     """Whether the kernels take ``x`` as it is: not empty, spatial axes on one stride."""
-    return x.numel() > 0 and _flat(x) is not None
+    return x.numel() > 0 and _spatial_stride(x) is not None
 
 
 @functools.cache
@@ -325,17 +414,11 @@ def _slabs(x: Tensor, c: int, positions: int) -> int:
     return max(1, min(triton.cdiv(positions, _BLOCK), triton.cdiv(_WAVES * sms, c)))
 
 
-def _strides(t: Tensor) -> tuple[int, int, int]:
-    flat = _flat(t)
-    assert flat is not None
-    return flat.stride(0), flat.stride(1), flat.stride(2)
-
-
 def _gram(
     a: Tensor | None, b: Tensor, center: Tensor | None, c: int, dtype: torch.dtype
 ) -> tuple[Tensor, int]:
     """Partial sums ``(C, slabs, 20)`` of :func:`_gram_kernel` and the slab count."""
-    s_total = b[0, 0].numel()
+    s_total = _count(b) // b.shape[0]
     positions = b.shape[0] * s_total
     slabs = _slabs(b, c, positions)
     per_slab = triton.cdiv(triton.cdiv(positions, slabs), _BLOCK) * _BLOCK
@@ -352,11 +435,11 @@ def _gram(
 
 def _mix(
     out: Tensor, mat_a: Tensor, a: Tensor, shift: Tensor, mat_b: Tensor | None = None,
-    b: Tensor | None = None,
+    b: Tensor | None = None, center: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """``out = A a [+ B b] + shift`` per channel (:func:`_mix_kernel`)."""
+    """``out = A (a [- center]) [+ B b] + shift`` per channel (:func:`_mix_kernel`)."""
     c = mat_a.shape[0]
-    s_total = a[0, 0].numel()
+    s_total = _count(a) // a.shape[0]
     positions = a.shape[0] * s_total
     slabs = _slabs(a, c, positions)
     per_slab = triton.cdiv(triton.cdiv(positions, slabs), _BLOCK) * _BLOCK
@@ -364,11 +447,16 @@ def _mix(
     two = mat_b is not None
     _mix_kernel[(c, slabs)](
         a, b if two else a, out, mat_a, mat_b if two else mat_a, shift,
-        c, s_total, positions, per_slab,
+        shift if center is None else center, c, s_total, positions, per_slab,
         *_strides(a), *_strides(b if two else a), *_strides(out),
-        TWO=two, BLOCK=_BLOCK,
+        TWO=two, CENTERED=center is not None, BLOCK=_BLOCK,
     )  # fmt: skip
     return out
+
+
+def _on_device_of(x: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``x``'s."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def whiten_forward(
@@ -379,17 +467,26 @@ def whiten_forward(
     cov (C, 4, 4) biased, (mu blocked, W, M) for :func:`whiten_backward`, bad)`` where
     ``bad`` is a one-element int32 flag of non-finite or indefinite statistics."""
     c, dtype = gm.shape[0], gm.dtype
-    part, slabs = _gram(None, x, None, c, dtype)
     new = gm.new_empty
     mu, shift = new(4 * c), new(4 * c)
     cov, w, mm = new(c, 4, 4), new(c, 4, 4), new(c, 4, 4)
     bad = torch.empty(1, dtype=torch.int32, device=x.device)
-    _whiten_stats_kernel[(1,)](
-        part, x, gm.contiguous(), beta.contiguous(), mu, cov, w, mm, shift, bad,
-        c, slabs, _strides(x)[1], _count(x), eps, CHANNELS=_CHANNELS,
-    )  # fmt: skip
-    y = _mix(torch.empty_like(x), mm, x, shift)
+    with _on_device_of(x):
+        part, slabs = _gram(None, x, None, c, dtype)
+        _whiten_stats_kernel[(1,)](
+            part, x, gm.contiguous(), beta.contiguous(), mu, cov, w, mm, shift, bad,
+            c, slabs, _strides(x)[1], _count(x), eps, CHANNELS=_CHANNELS,
+        )  # fmt: skip
+        y = _mix(torch.empty_like(x), mm, x, shift)
     return y, mu.view(4, c).t(), cov, (mu, w, mm), bad
+
+
+def affine(x: Tensor, mm: Tensor, center: Tensor, shift: Tensor) -> Tensor:
+    """Eval-mode whitening ``y = M (x - center) + shift`` per channel in one launch: ``mm``
+    ``(C, 4, 4)``, blocked ``center`` and ``shift`` ``(4C,)`` in the compute dtype."""
+    with _on_device_of(x):
+        out = torch.empty_like(x)
+        return _mix(out, mm.contiguous(), x, shift.contiguous(), center=center.contiguous())
 
 
 def whiten_backward(
@@ -399,13 +496,53 @@ def whiten_backward(
     for the output gradient ``dy``; ``saved`` is its ``(mu, W, M)``."""
     mu, w, mm = saved
     c, dtype = gm.shape[0], gm.dtype
-    part, slabs = _gram(dy, x, mu, c, dtype)
     new = gm.new_empty
     mat_a, mat_b, dgm = new(c, 4, 4), new(c, 4, 4), new(c, 4, 4)
     shift, dbeta = new(4 * c), new(4 * c)
-    _whiten_grad_kernel[(1,)](
-        part, mu, w, gm.contiguous(), mm, mat_a, mat_b, shift, dgm, dbeta,
-        c, slabs, _count(x), CHANNELS=_CHANNELS,
-    )  # fmt: skip
-    dx = _mix(torch.empty_like(x), mat_a, dy, shift, mat_b, x)
+    with _on_device_of(x):
+        part, slabs = _gram(dy, x, mu, c, dtype)
+        _whiten_grad_kernel[(1,)](
+            part, mu, w, gm.contiguous(), mm, mat_a, mat_b, shift, dgm, dbeta,
+            c, slabs, _count(x), CHANNELS=_CHANNELS,
+        )  # fmt: skip
+        dx = _mix(torch.empty_like(x), mat_a, dy, shift, mat_b, x)
     return dx, dgm, dbeta
+
+
+def variance_forward(
+    x: Tensor, gamma: Tensor, beta: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Training-mode variance normalization of ``x`` with ``gamma`` ``(C,)`` and blocked
+    ``beta`` in the compute dtype: ``(y, mu (4C,) blocked, sigma2 (C,) biased, inv =
+    1/sqrt(sigma2 + eps), bad)`` (``bad`` as in :func:`whiten_forward`)."""
+    c, dtype = gamma.shape[0], gamma.dtype
+    new = gamma.new_empty
+    mu, shift, sigma2, inv, mm = new(4 * c), new(4 * c), new(c), new(c), new(c, 4, 4)
+    bad = torch.empty(1, dtype=torch.int32, device=x.device)
+    with _on_device_of(x):
+        part, slabs = _gram(None, x, None, c, dtype)
+        _variance_stats_kernel[(1,)](
+            part, x, gamma.contiguous(), beta.contiguous(), mu, sigma2, inv, mm, shift, bad,
+            c, slabs, _strides(x)[1], _count(x), eps, CHANNELS=_CHANNELS,
+        )  # fmt: skip
+        y = _mix(torch.empty_like(x), mm, x, shift)
+    return y, mu, sigma2, inv, bad
+
+
+def variance_backward(
+    x: Tensor, dy: Tensor, mu: Tensor, inv: Tensor, gamma: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dx, dgamma (C,), dbeta blocked (4C,))`` of :func:`variance_forward` for
+    the output gradient ``dy``, from its ``mu`` and ``inv``."""
+    c, dtype = gamma.shape[0], gamma.dtype
+    new = gamma.new_empty
+    mat_a, mat_b, shift = new(c, 4, 4), new(c, 4, 4), new(4 * c)
+    dgamma, dbeta = new(c), new(4 * c)
+    with _on_device_of(x):
+        part, slabs = _gram(dy, x, mu, c, dtype)
+        _variance_grad_kernel[(1,)](
+            part, mu, inv, gamma.contiguous(), mat_a, mat_b, shift, dgamma, dbeta,
+            c, slabs, _count(x), CHANNELS=_CHANNELS,
+        )  # fmt: skip
+        dx = _mix(torch.empty_like(x), mat_a, dy, shift, mat_b, x)
+    return dx, dgamma, dbeta
