@@ -408,21 +408,22 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _slabs(x: Tensor, c: int, positions: int) -> int:
-    """Slabs per channel: enough programs for a few waves over the device's SMs."""
-    sms = _multiprocessors(x.device)
-    return max(1, min(triton.cdiv(positions, _BLOCK), triton.cdiv(_WAVES * sms, c)))
+def _sweep(x: Tensor, c: int) -> tuple[int, int, int, int]:
+    """``(S, positions N*S, positions per slab, slabs)`` of a sweep over ``x`` with ``C``
+    channels: slabs of whole tiles, enough programs for a few waves over the device's SMs."""
+    s_total = _count(x) // x.shape[0]
+    positions = x.shape[0] * s_total
+    wanted = triton.cdiv(_WAVES * _multiprocessors(x.device), c)
+    slabs = max(1, min(triton.cdiv(positions, _BLOCK), wanted))
+    per_slab = triton.cdiv(triton.cdiv(positions, slabs), _BLOCK) * _BLOCK
+    return s_total, positions, per_slab, triton.cdiv(positions, per_slab)
 
 
 def _gram(
     a: Tensor | None, b: Tensor, center: Tensor | None, c: int, dtype: torch.dtype
 ) -> tuple[Tensor, int]:
     """Partial sums ``(C, slabs, 20)`` of :func:`_gram_kernel` and the slab count."""
-    s_total = _count(b) // b.shape[0]
-    positions = b.shape[0] * s_total
-    slabs = _slabs(b, c, positions)
-    per_slab = triton.cdiv(triton.cdiv(positions, slabs), _BLOCK) * _BLOCK
-    slabs = triton.cdiv(positions, per_slab)
+    s_total, positions, per_slab, slabs = _sweep(b, c)
     part = torch.empty(c, slabs, _PART.value, dtype=dtype, device=b.device)
     a_strides = _strides(b if a is None else a)
     _gram_kernel[(c, slabs)](
@@ -439,11 +440,7 @@ def _mix(
 ) -> Tensor:  # fmt: skip
     """``out = A (a [- center]) [+ B b] + shift`` per channel (:func:`_mix_kernel`)."""
     c = mat_a.shape[0]
-    s_total = _count(a) // a.shape[0]
-    positions = a.shape[0] * s_total
-    slabs = _slabs(a, c, positions)
-    per_slab = triton.cdiv(triton.cdiv(positions, slabs), _BLOCK) * _BLOCK
-    slabs = triton.cdiv(positions, per_slab)
+    s_total, positions, per_slab, slabs = _sweep(a, c)
     two = mat_b is not None
     _mix_kernel[(c, slabs)](
         a, b if two else a, out, mat_a, mat_b if two else mat_a, shift,
