@@ -456,6 +456,44 @@ def _on_device_of(x: Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+def _forward(
+    stats_kernel: triton.JITFunction, x: Tensor, weight: Tensor, beta: Tensor, eps: float,
+    stats: tuple[Tensor, ...],
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """A training-mode forward: the sums sweep, ``stats_kernel`` (one program writing
+    ``stats``, the map ``M`` and the shift) and the map sweep: ``(y, M, bad)``."""
+    c = beta.shape[0] // 4
+    mm, shift = beta.new_empty(c, 4, 4), beta.new_empty(4 * c)
+    bad = torch.empty(1, dtype=torch.int32, device=x.device)
+    with _on_device_of(x):
+        part, slabs = _gram(None, x, None, c, beta.dtype)
+        stats_kernel[(1,)](
+            part, x, weight.contiguous(), beta.contiguous(), *stats, mm, shift, bad,
+            c, slabs, _strides(x)[1], _count(x), eps, CHANNELS=_CHANNELS,
+        )  # fmt: skip
+        y = _mix(torch.empty_like(x), mm, x, shift)
+    return y, mm, bad
+
+
+def _backward(
+    grad_kernel: triton.JITFunction, x: Tensor, dy: Tensor, mu: Tensor,
+    saved: tuple[Tensor, ...], grads: tuple[Tensor, ...],
+) -> Tensor:  # fmt: skip
+    """A training-mode backward: the cross-sums sweep of ``dy`` and ``x - mu``,
+    ``grad_kernel`` (one program: the matrices of ``dx = A dy + B x + shift`` from
+    ``saved``, and the parameter ``grads``) and the map sweep: ``dx``."""
+    c = mu.shape[0] // 4
+    new = mu.new_empty
+    mat_a, mat_b, shift = new(c, 4, 4), new(c, 4, 4), new(4 * c)
+    with _on_device_of(x):
+        part, slabs = _gram(dy, x, mu, c, mu.dtype)
+        grad_kernel[(1,)](
+            part, mu, *saved, mat_a, mat_b, shift, *grads,
+            c, slabs, _count(x), CHANNELS=_CHANNELS,
+        )  # fmt: skip
+        return _mix(torch.empty_like(x), mat_a, dy, shift, mat_b, x)
+
+
 def whiten_forward(
     x: Tensor, gm: Tensor, beta: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor], Tensor]:
@@ -463,19 +501,21 @@ def whiten_forward(
     ``(C, 4, 4)`` and blocked ``beta`` ``(4C,)`` in the compute dtype: ``(y, mu (C, 4),
     cov (C, 4, 4) biased, (mu blocked, W, M) for :func:`whiten_backward`, bad)`` where
     ``bad`` is a one-element int32 flag of non-finite or indefinite statistics."""
-    c, dtype = gm.shape[0], gm.dtype
-    new = gm.new_empty
-    mu, shift = new(4 * c), new(4 * c)
-    cov, w, mm = new(c, 4, 4), new(c, 4, 4), new(c, 4, 4)
-    bad = torch.empty(1, dtype=torch.int32, device=x.device)
-    with _on_device_of(x):
-        part, slabs = _gram(None, x, None, c, dtype)
-        _whiten_stats_kernel[(1,)](
-            part, x, gm.contiguous(), beta.contiguous(), mu, cov, w, mm, shift, bad,
-            c, slabs, _strides(x)[1], _count(x), eps, CHANNELS=_CHANNELS,
-        )  # fmt: skip
-        y = _mix(torch.empty_like(x), mm, x, shift)
+    c = gm.shape[0]
+    mu, cov, w = gm.new_empty(4 * c), gm.new_empty(c, 4, 4), gm.new_empty(c, 4, 4)
+    y, mm, bad = _forward(_whiten_stats_kernel, x, gm, beta, eps, (mu, cov, w))
     return y, mu.view(4, c).t(), cov, (mu, w, mm), bad
+
+
+def whiten_backward(
+    x: Tensor, dy: Tensor, saved: tuple[Tensor, Tensor, Tensor], gm: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dx, dGamma (C, 4, 4), dbeta blocked (4C,))`` of :func:`whiten_forward`
+    for the output gradient ``dy``; ``saved`` is its ``(mu, W, M)``."""
+    mu, w, mm = saved
+    dgm, dbeta = torch.empty_like(mm), torch.empty_like(mu)
+    dx = _backward(_whiten_grad_kernel, x, dy, mu, (w, gm.contiguous(), mm), (dgm, dbeta))
+    return dx, dgm, dbeta
 
 
 def affine(x: Tensor, mm: Tensor, center: Tensor, shift: Tensor) -> Tensor:
@@ -486,43 +526,14 @@ def affine(x: Tensor, mm: Tensor, center: Tensor, shift: Tensor) -> Tensor:
         return _mix(out, mm.contiguous(), x, shift.contiguous(), center=center.contiguous())
 
 
-def whiten_backward(
-    x: Tensor, dy: Tensor, saved: tuple[Tensor, Tensor, Tensor], gm: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(dx, dGamma (C, 4, 4), dbeta blocked (4C,))`` of :func:`whiten_forward`
-    for the output gradient ``dy``; ``saved`` is its ``(mu, W, M)``."""
-    mu, w, mm = saved
-    c, dtype = gm.shape[0], gm.dtype
-    new = gm.new_empty
-    mat_a, mat_b, dgm = new(c, 4, 4), new(c, 4, 4), new(c, 4, 4)
-    shift, dbeta = new(4 * c), new(4 * c)
-    with _on_device_of(x):
-        part, slabs = _gram(dy, x, mu, c, dtype)
-        _whiten_grad_kernel[(1,)](
-            part, mu, w, gm.contiguous(), mm, mat_a, mat_b, shift, dgm, dbeta,
-            c, slabs, _count(x), CHANNELS=_CHANNELS,
-        )  # fmt: skip
-        dx = _mix(torch.empty_like(x), mat_a, dy, shift, mat_b, x)
-    return dx, dgm, dbeta
-
-
 def variance_forward(
     x: Tensor, gamma: Tensor, beta: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Training-mode variance normalization of ``x`` with ``gamma`` ``(C,)`` and blocked
     ``beta`` in the compute dtype: ``(y, mu (4C,) blocked, sigma2 (C,) biased, inv =
     1/sqrt(sigma2 + eps), bad)`` (``bad`` as in :func:`whiten_forward`)."""
-    c, dtype = gamma.shape[0], gamma.dtype
-    new = gamma.new_empty
-    mu, shift, sigma2, inv, mm = new(4 * c), new(4 * c), new(c), new(c), new(c, 4, 4)
-    bad = torch.empty(1, dtype=torch.int32, device=x.device)
-    with _on_device_of(x):
-        part, slabs = _gram(None, x, None, c, dtype)
-        _variance_stats_kernel[(1,)](
-            part, x, gamma.contiguous(), beta.contiguous(), mu, sigma2, inv, mm, shift, bad,
-            c, slabs, _strides(x)[1], _count(x), eps, CHANNELS=_CHANNELS,
-        )  # fmt: skip
-        y = _mix(torch.empty_like(x), mm, x, shift)
+    mu, sigma2, inv = torch.empty_like(beta), torch.empty_like(gamma), torch.empty_like(gamma)
+    y, _, bad = _forward(_variance_stats_kernel, x, gamma, beta, eps, (mu, sigma2, inv))
     return y, mu, sigma2, inv, bad
 
 
@@ -531,15 +542,6 @@ def variance_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dx, dgamma (C,), dbeta blocked (4C,))`` of :func:`variance_forward` for
     the output gradient ``dy``, from its ``mu`` and ``inv``."""
-    c, dtype = gamma.shape[0], gamma.dtype
-    new = gamma.new_empty
-    mat_a, mat_b, shift = new(c, 4, 4), new(c, 4, 4), new(4 * c)
-    dgamma, dbeta = new(c), new(4 * c)
-    with _on_device_of(x):
-        part, slabs = _gram(dy, x, mu, c, dtype)
-        _variance_grad_kernel[(1,)](
-            part, mu, inv, gamma.contiguous(), mat_a, mat_b, shift, dgamma, dbeta,
-            c, slabs, _count(x), CHANNELS=_CHANNELS,
-        )  # fmt: skip
-        dx = _mix(torch.empty_like(x), mat_a, dy, shift, mat_b, x)
+    dgamma, dbeta = torch.empty_like(gamma), torch.empty_like(mu)
+    dx = _backward(_variance_grad_kernel, x, dy, mu, (inv, gamma.contiguous()), (dgamma, dbeta))
     return dx, dgamma, dbeta
