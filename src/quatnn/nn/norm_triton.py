@@ -221,6 +221,20 @@ def _slab_sums(part_ptr, ch, inside, slabs, rows, cols, comp, CHANNELS: tl.const
 
 
 @triton.jit
+def _moments(part_ptr, x_ptr, ch, inside, blocked, slabs, x_c, count, CHANNELS: tl.constexpr):
+    """Mean ``[K, 4]`` and biased covariance ``[K, 4, 4]`` of channels ``ch`` from the
+    slabs' sums of :func:`_gram_kernel`, shifted by each channel's first value in ``x``."""
+    comp = tl.arange(0, 4)
+    cross, plain = _slab_sums(
+        part_ptr, ch, inside, slabs, comp[None, :, None], comp[None, None, :], comp, CHANNELS
+    )
+    first = tl.load(x_ptr + blocked.to(tl.int64) * x_c, mask=inside[:, None], other=0.0)
+    delta = plain / count
+    mu = first.to(part_ptr.dtype.element_ty) + delta
+    return mu, cross / count - delta[:, :, None] * delta[:, None, :]
+
+
+@triton.jit
 def _whiten_stats_kernel(
     part_ptr, x_ptr, gm_ptr, beta_ptr,
     mu_ptr, cov_ptr, w_ptr, mm_ptr, shift_ptr, bad_ptr,
@@ -231,7 +245,6 @@ def _whiten_stats_kernel(
     ``(4C,)``; ``cov`` (biased, without eps), ``W = L^-1``, ``M = Gamma W`` as ``(C, 4, 4)``;
     ``shift = beta - M mu`` blocked; ``bad[0] = 1`` where any statistic is NaN/Inf or the
     covariance is not positive definite."""
-    acc_t = part_ptr.dtype.element_ty
     comp = tl.arange(0, 4)
     rows = comp[None, :, None]
     cols = comp[None, None, :]
@@ -241,11 +254,7 @@ def _whiten_stats_kernel(
         ch = c0 + tl.arange(0, CHANNELS)
         inside = ch < n_channels
         blocked = comp[None, :] * n_channels + ch[:, None]  # [K, 4] blocked index
-        cross, plain = _slab_sums(part_ptr, ch, inside, slabs, rows, cols, comp, CHANNELS)
-        first = tl.load(x_ptr + blocked.to(tl.int64) * x_c, mask=inside[:, None], other=0.0)
-        delta = plain / count
-        mu = first.to(acc_t) + delta
-        cov = cross / count - delta[:, :, None] * delta[:, None, :]
+        mu, cov = _moments(part_ptr, x_ptr, ch, inside, blocked, slabs, x_c, count, CHANNELS)
         w = _inverse_cholesky(cov + eps * eye, rows, cols)
         square = ch[:, None, None] * 16 + rows * 4 + cols
         gm = tl.load(gm_ptr + square, mask=inside[:, None, None], other=0.0)
@@ -311,7 +320,6 @@ def _variance_stats_kernel(
     """Variance-mode forward statistics of every channel (one program): ``mu`` blocked,
     ``sigma2 = E|x - mu|^2`` (biased), ``inv = 1/sqrt(sigma2 + eps)``, ``M = gamma inv I``,
     ``shift = beta - gamma inv mu`` blocked; ``bad[0] = 1`` where any is NaN/Inf."""
-    acc_t = part_ptr.dtype.element_ty
     comp = tl.arange(0, 4)
     rows = comp[None, :, None]
     cols = comp[None, None, :]
@@ -320,12 +328,8 @@ def _variance_stats_kernel(
         ch = c0 + tl.arange(0, CHANNELS)
         inside = ch < n_channels
         blocked = comp[None, :] * n_channels + ch[:, None]
-        cross, plain = _slab_sums(part_ptr, ch, inside, slabs, rows, cols, comp, CHANNELS)
-        first = tl.load(x_ptr + blocked.to(tl.int64) * x_c, mask=inside[:, None], other=0.0)
-        delta = plain / count
-        mu = first.to(acc_t) + delta
-        squares = tl.sum(tl.sum(tl.where(rows == cols, cross, 0.0), 2), 1)
-        sigma2 = squares / count - tl.sum(delta * delta, 1)
+        mu, cov = _moments(part_ptr, x_ptr, ch, inside, blocked, slabs, x_c, count, CHANNELS)
+        sigma2 = tl.sum(tl.sum(tl.where(rows == cols, cov, 0.0), 2), 1)
         inv = 1.0 / tl.sqrt(sigma2 + eps)
         scale = tl.load(gamma_ptr + ch, mask=inside, other=0.0) * inv
         mm = tl.where(rows == cols, scale[:, None, None], 0.0)
