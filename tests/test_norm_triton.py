@@ -20,7 +20,7 @@ from test_norm import correlated, gamma_matrix, randomize, reference_whiten, sta
 import quatnn.nn.norm as qnorm
 from quatnn.nn.norm import NonFiniteStatistics, QBatchNorm2d, triton_norms
 
-pytest.importorskip("triton")
+norm_triton = pytest.importorskip("quatnn.nn.norm_triton")  # needs Triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(
     DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
@@ -183,6 +183,42 @@ def test_non_finite_statistics_raise(fused, mode, bad):
     x[2, 5, 1, 1] = bad  # 1e30 squared overflows float32
     with pytest.raises(NonFiniteStatistics):
         normalize(mode, x, weight, beta)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_training_calls_the_kernels(fused, monkeypatch, mode):
+    """torch.compile (one graph, dynamic batch size) calls the kernels as custom ops and
+    matches the eager PyTorch ops: outputs, gradients, running statistics."""
+    calls = []
+
+    def counted(name):
+        kernel = getattr(norm_triton, name)
+        return lambda *args: (calls.append(name), kernel(*args))[1]
+
+    for name in (f"{mode}_forward", f"{mode}_backward"):
+        monkeypatch.setattr(norm_triton, name, counted(name))
+    torch.manual_seed(0)
+    compiled_bn = QBatchNorm2d(8, mode=mode).double().to(DEVICE)
+    randomize(compiled_bn)
+    eager_bn = QBatchNorm2d(8, mode=mode).double().to(DEVICE)
+    eager_bn.load_state_dict(compiled_bn.state_dict())
+    step = torch.compile(compiled_bn, fullgraph=True, dynamic=True)
+    for n in (4, 6):
+        x = (torch.randn(n, 8, 5, 3, dtype=torch.float64) * 2 + 1).to(DEVICE)
+        dy = torch.randn_like(x)
+        results = []
+        for run, devices in ((step, (DEVICE,)), (eager_bn, ())):
+            with triton_norms(*devices):
+                xg = x.clone().requires_grad_()
+                y = run(xg)
+                y.backward(dy)
+                results.append((y.detach(), xg.grad))
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert calls == [f"{mode}_forward", f"{mode}_backward"] * 2
+    for a, b in zip(compiled_bn.state_dict().values(), eager_bn.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(compiled_bn.weight.grad, eager_bn.weight.grad, rtol=1e-9, atol=1e-9)
 
 
 def test_layouts_the_kernels_do_not_take_use_the_chunked_path(fused):

@@ -34,7 +34,9 @@ Gradients are first order only (no double backward).
 
 ``torch.compile`` and ``torch.func``: under torch.compile every mode (training and eval)
 is traced as plain tensor ops, which Inductor fuses into a few loops: one graph, no break
-at each norm. Traced, a non-finite batch gives a non-finite output (as in
+at each norm; where the eager norms run Triton kernels (CUDA), the graph calls them as
+custom ops (:mod:`quatnn.nn.norm_ops`) for the whiten and variance modes in training
+instead. Compiled, a non-finite batch gives a non-finite output (as in
 ``nn.BatchNorm``) and leaves the running statistics as they are, and a non-positive-definite
 ``running_cov`` raises ``torch.linalg.cholesky``'s error. Under ``torch.func`` transforms
 (vmap, grad, ...) eval mode (running statistics) works in every mode; batch statistics in
@@ -65,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 import math
 from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
@@ -74,6 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quatnn.functional import _constant_cache, autocast_disabled, transforming
+from quatnn.nn import norm_ops
 from quatnn.nn.base import KeepsDerived
 
 __all__ = [
@@ -103,6 +107,8 @@ _DEVICE_CHUNK_BYTES = 1 << 62
 # forward) run the fused Triton kernels of quatnn.nn.norm_triton (3 launches a pass
 # instead of ~30 and ~10) where Triton is installed.
 _TRITON_DEVICES = ("cuda",)
+# Whether Triton can be imported (found without importing it; compiled graphs decide on it).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 # Upper-triangle index of each (row, col) of a symmetric 4x4 matrix, in the order of
 # torch.triu_indices(4, 4): (0,0) (0,1) (0,2) (0,3) (1,1) (1,2) (1,3) (2,2) (2,3) (3,3).
 _SYM_INDEX = (0, 1, 2, 3, 1, 4, 5, 6, 2, 5, 7, 8, 3, 6, 8, 9)
@@ -549,12 +555,14 @@ _BatchFn = Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, ...]]
 
 
 def _traced_while_compiling(
-    kernels: type[torch.autograd.Function],
+    kernels: type[torch.autograd.Function], fused: _BatchFn
 ) -> Callable[[_BatchFn], _BatchFn]:
     """Decorator: ``kernels`` (an autograd Function of ``(x, weight, beta, eps)``) in eager
-    mode; the decorated plain-ops version, with autocast off, while torch.compile traces:
-    Inductor fuses it, and it has no data-dependent check, which would split the graph (a
-    non-finite batch gives a non-finite output, as in ``nn.BatchNorm``)."""
+    mode. While torch.compile traces, with autocast off: ``fused`` (the Triton kernels as
+    custom ops, :mod:`quatnn.nn.norm_ops`) on devices in :data:`_TRITON_DEVICES` where
+    Triton is installed, else the decorated plain-ops version, which Inductor fuses. Neither
+    has a data-dependent check, which would split the graph (a non-finite batch gives a
+    non-finite output, as in ``nn.BatchNorm``)."""
 
     def decorate(traced: _BatchFn) -> _BatchFn:
         @functools.wraps(traced)
@@ -562,6 +570,8 @@ def _traced_while_compiling(
             if not torch.compiler.is_compiling():
                 return kernels.apply(x, weight, beta, eps)
             with autocast_disabled(x.device.type):
+                if _TRITON_INSTALLED and x.device.type in _TRITON_DEVICES:
+                    return fused(x, weight, beta, eps)
                 return traced(x, weight, beta, eps)
 
         return call
@@ -569,7 +579,7 @@ def _traced_while_compiling(
     return decorate
 
 
-@_traced_while_compiling(_WhitenBatch)
+@_traced_while_compiling(_WhitenBatch, norm_ops.whiten)
 def _whiten_batch(x: Tensor, gm: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, ...]:
     """:class:`_WhitenBatch` (``(y, mu (C, 4), cov (C, 4, 4))``); traced, plain tensor ops
     on the component planes: two-pass statistics, Cholesky, :func:`_mix` (the chunked
@@ -711,7 +721,7 @@ def _variance_chunked_grad(
     return dx, q * inv, dbeta
 
 
-@_traced_while_compiling(_VarianceBatch)
+@_traced_while_compiling(_VarianceBatch, norm_ops.variance)
 def _variance_batch(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, ...]:
     """:class:`_VarianceBatch` (``(y, mu (4C,), sigma^2 (C,))``); traced, plain tensor ops."""
     c, cdt = gamma.shape[0], _compute_dtype(x.dtype)
