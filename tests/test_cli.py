@@ -335,6 +335,19 @@ def test_bench_train_compiles_every_variant_in_the_mode_given(monkeypatch, capsy
     assert "invalid choice: 'fast'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("algorithm", ["block", "rank8"])
+def test_bench_train_forces_the_algorithm_given(monkeypatch, capsys, algorithm):
+    from quatnn import functional
+
+    chosen = []
+    resolve = functional._resolve
+    monkeypatch.setattr(functional, "_resolve", lambda *a: chosen.append(resolve(*a)) or chosen[-1])
+    argv = ["bench", "train", "--model", "lenet_300_100", "--variants", "quaternion"]
+    assert cli.main([*argv, "--batch", "2", "--steps", "1", "--algorithm", algorithm]) == 0
+    assert f"algorithm {algorithm}" in capsys.readouterr().out
+    assert chosen and set(chosen) == {algorithm}
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -10,6 +10,7 @@ Example:
     quatnn bench train --model resnet20 --option norm=variance
     quatnn bench train --model resnet20 --batch 128 --device cuda --compile \
         --compile-mode reduce-overhead
+    quatnn bench train --model conv6 --algorithm rank8
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from quatnn import models
 from quatnn.bench.timing import device_name, markdown_table, positive_int, sync, write_rows
+from quatnn.functional import ALGORITHMS, use_algorithm
 from quatnn.train.config import COMPILE_MODES, parse_option
 from quatnn.train.errors import RunError
 
@@ -45,10 +47,12 @@ def run(
     channels_last: bool = False,
     compile: str | None = None,
     options: dict | None = None,
+    algorithm: str = "auto",
 ) -> list[dict]:
     """Steps/s and peak memory per variant (rows), ``speed_x`` relative to the first;
     ``compile`` is a :data:`COMPILE_MODES` mode to ``torch.compile`` the models with;
-    ``options`` are the model's own (:func:`quatnn.models.create`)."""
+    ``options`` are the model's own (:func:`quatnn.models.create`); ``algorithm`` is
+    forced on every quaternion layer (:func:`quatnn.functional.use_algorithm`)."""
     dev = torch.device(device)
     spec = models.spec(model)
     nets, opts, inputs = {}, {}, {}
@@ -72,7 +76,10 @@ def run(
     def steps_of(variant: str, n: int) -> None:
         net, opt, x = nets[variant], opts[variant], inputs[variant]
         for _ in range(n):
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            with (
+                use_algorithm(algorithm),
+                torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None),
+            ):
                 loss = F.cross_entropy(net(x), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -141,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="model option, repeatable (as in quatnn train), e.g. norm=variance for ResNets",
     )
+    parser.add_argument(
+        "--algorithm",
+        choices=ALGORITHMS,
+        default="auto",
+        help="force this algorithm on every quaternion layer (default: auto, per layer)",
+    )
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="also write the table (.csv or .json)")
     args = parser.parse_args(argv)
@@ -158,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     mode = args.compile_mode if args.compile else None
     compiled = "" if mode is None else f", compiled ({mode})"
-    print(f"{args.model} batch {args.batch} on {args.device}{compiled}, torch {torch.__version__}")
+    algorithm = "" if args.algorithm == "auto" else f", algorithm {args.algorithm}"
+    print(
+        f"{args.model} batch {args.batch} on {args.device}{compiled}{algorithm}, "
+        f"torch {torch.__version__}"
+    )
     rows = run(
         args.model,
         variants,
@@ -169,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         channels_last=args.channels_last,
         compile=mode,
         options=options,
+        algorithm=args.algorithm,
     )
     print(markdown_table(rows, COLUMNS))
     if args.out:
