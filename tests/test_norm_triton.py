@@ -163,6 +163,19 @@ def test_eval_forward_matches_chunked_and_reference(fused, channels_last):
     assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_statistics_do_not_cancel_on_a_large_mean(fused, mode):
+    """Sums shifted by each channel's first value: a mean 1e5 times the spread loses no
+    more than float32 rounding of the data (unshifted sums of squares would lose it all)."""
+    x, weight, beta = inputs(mode, (8, 8, 6, 6), dtype=torch.float32)
+    x = (x - x.mean()) * 1e-2 + 1e3
+    y, mu, stat = normalize(mode, x, weight, beta)
+    y64, mu64, stat64 = normalize(mode, x.double(), weight.double(), beta.double())
+    torch.testing.assert_close(mu, mu64.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(stat, stat64.float(), rtol=1e-3, atol=0)
+    torch.testing.assert_close(y, y64.float(), rtol=0, atol=2e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode", MODES)
 def test_half_precision_input(fused, mode, dtype):
@@ -243,13 +256,13 @@ COMPILE = textwrap.dedent(
 
     CONSTEXPRS = {
         K._gram_kernel: [dict(SAME=s, FIRST_CENTER=s, BLOCK=K._BLOCK) for s in (True, False)],
-        K._mix_kernel: [dict(TWO=t, CENTERED=not t, BLOCK=K._BLOCK) for t in (False, True)],
+        K._mix_kernel: [dict(GRAD=g, BLOCK=K._BLOCK) for g in (False, True)],
         K._whiten_stats_kernel: [dict(CHANNELS=K._CHANNELS)],
         K._whiten_grad_kernel: [dict(CHANNELS=K._CHANNELS)],
         K._variance_stats_kernel: [dict(CHANNELS=K._CHANNELS)],
         K._variance_grad_kernel: [dict(CHANNELS=K._CHANNELS)],
     }
-    DATA = {"a_ptr", "b_ptr", "x_ptr", "out_ptr"}  # pointers to the input/output dtype
+    DATA = {"a_ptr", "b_ptr", "x_ptr", "g_ptr", "out_ptr"}  # pointers to the data dtype
     for data, acc in (("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")):
         for kernel, variants in CONSTEXPRS.items():
             for constexprs in variants:

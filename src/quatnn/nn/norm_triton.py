@@ -10,10 +10,10 @@ a forward is 3 launches and a backward 3, reading the input as ``nn.BatchNorm`` 
   ``a = dy``, ``b = x``, ``center = mu``.
 * :func:`_whiten_stats_kernel`, :func:`_whiten_grad_kernel` - one program that adds up
   the slabs and does every channel's 4x4 algebra in closed form: mean, covariance,
-  Cholesky factor ``L``, ``W = L^-1``, ``M = Gamma W`` and the output shift; backward, the
-  matrices of ``dx = A dy + B x + shift`` (the analytic gradient of
+  Cholesky factor ``L``, ``W = L^-1`` and ``M = Gamma W``; backward, the matrices of
+  ``dx = A dy + B (x - mu) + shift`` (the analytic gradient of
   :class:`quatnn.nn.norm._WhitenBatch`) and ``dGamma``.
-* :func:`_mix_kernel` - ``out = A (a [- center]) [+ B b] + shift`` per quaternion
+* :func:`_mix_kernel` - ``out = X (x - center) [+ G g] + shift`` per quaternion
   channel; alone, it is the eval-mode forward (:func:`affine`).
 
 Inputs are any ``(N, 4C, *S)`` tensor whose spatial axes flatten to one stride
@@ -108,41 +108,39 @@ def _gram_kernel(
 
 @triton.jit
 def _mix_kernel(
-    a_ptr, b_ptr, out_ptr, mat_a_ptr, mat_b_ptr, shift_ptr, center_ptr,
+    x_ptr, g_ptr, out_ptr, mat_x_ptr, mat_g_ptr, center_ptr, shift_ptr,
     n_channels, s_total, positions, per_slab,
-    a_n, a_c, a_s, b_n, b_c, b_s, o_n, o_c, o_s,
-    TWO: tl.constexpr, CENTERED: tl.constexpr, BLOCK: tl.constexpr,
+    x_n, x_c, x_s, g_n, g_c, g_s, o_n, o_c, o_s,
+    GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """``out = A (a [- center]) [+ B b] + shift`` for channel ``program_id(0)`` over slab
-    ``program_id(1)``; ``A``, ``B`` are ``(C, 4, 4)`` row-major, ``shift`` and ``center``
-    blocked ``(4C,)``."""
+    """``out = X (x - center) [+ G g] + shift`` for channel ``program_id(0)`` over slab
+    ``program_id(1)``; ``X``, ``G`` are ``(C, 4, 4)`` row-major, ``center`` and ``shift``
+    blocked ``(4C,)``. Centering first keeps the precision of ``x - center`` (folded into
+    the shift, ``X x`` and ``X center`` would cancel where the mean dwarfs the spread)."""
     c = tl.program_id(0)
     slab = tl.program_id(1)
-    acc_t = mat_a_ptr.dtype.element_ty
+    acc_t = mat_x_ptr.dtype.element_ty
     comp = tl.arange(0, 4)
     square = c * 16 + comp[:, None] * 4 + comp[None, :]
-    mat_a = tl.load(mat_a_ptr + square)
-    if TWO:
-        mat_b = tl.load(mat_b_ptr + square)
+    mat_x = tl.load(mat_x_ptr + square)
+    if GRAD:
+        mat_g = tl.load(mat_g_ptr + square)
+    center = tl.load(center_ptr + comp * n_channels + c)
     shift = tl.load(shift_ptr + comp * n_channels + c)
-    if CENTERED:
-        center = tl.load(center_ptr + comp * n_channels + c)
     start = slab * per_slab
     stop = tl.minimum(start + per_slab, positions)
     for p0 in range(start, stop, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
         inside = (p < stop)[None, :]
         src = tl.load(
-            a_ptr + _tile_offsets(p, s_total, c, n_channels, a_n, a_c, a_s), mask=inside
+            x_ptr + _tile_offsets(p, s_total, c, n_channels, x_n, x_c, x_s), mask=inside
         ).to(acc_t)
-        if CENTERED:
-            src -= center[:, None]
-        res = tl.sum(mat_a[:, :, None] * src[None, :, :], 1) + shift[:, None]
-        if TWO:
+        res = tl.sum(mat_x[:, :, None] * (src - center[:, None])[None, :, :], 1) + shift[:, None]
+        if GRAD:
             src = tl.load(
-                b_ptr + _tile_offsets(p, s_total, c, n_channels, b_n, b_c, b_s), mask=inside
+                g_ptr + _tile_offsets(p, s_total, c, n_channels, g_n, g_c, g_s), mask=inside
             ).to(acc_t)
-            res += tl.sum(mat_b[:, :, None] * src[None, :, :], 1)
+            res += tl.sum(mat_g[:, :, None] * src[None, :, :], 1)
         offs = _tile_offsets(p, s_total, c, n_channels, o_n, o_c, o_s)
         tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -237,14 +235,14 @@ def _moments(part_ptr, x_ptr, ch, inside, blocked, slabs, x_c, count, CHANNELS: 
 @triton.jit
 def _whiten_stats_kernel(
     part_ptr, x_ptr, gm_ptr, beta_ptr,
-    mu_ptr, cov_ptr, w_ptr, mm_ptr, shift_ptr, bad_ptr,
+    mu_ptr, cov_ptr, w_ptr, mm_ptr, bad_ptr,
     n_channels, slabs, x_c, count, eps,
     CHANNELS: tl.constexpr,
 ):  # fmt: skip
     """Forward statistics and matrices of every channel (one program): ``mu`` blocked
     ``(4C,)``; ``cov`` (biased, without eps), ``W = L^-1``, ``M = Gamma W`` as ``(C, 4, 4)``;
-    ``shift = beta - M mu`` blocked; ``bad[0] = 1`` where any statistic is NaN/Inf or the
-    covariance is not positive definite."""
+    ``bad[0] = 1`` where any statistic is NaN/Inf or the covariance is not positive
+    definite."""
     comp = tl.arange(0, 4)
     rows = comp[None, :, None]
     cols = comp[None, None, :]
@@ -259,14 +257,10 @@ def _whiten_stats_kernel(
         square = ch[:, None, None] * 16 + rows * 4 + cols
         gm = tl.load(gm_ptr + square, mask=inside[:, None, None], other=0.0)
         mm = _bmm4(gm, w)
-        shift = tl.load(beta_ptr + blocked, mask=inside[:, None], other=0.0) - tl.sum(
-            mm * mu[:, None, :], 2
-        )
         nonfinite = (w * 0.0 != 0.0) | (cov * 0.0 != 0.0)
         bad = tl.maximum(bad, tl.max(tl.max(tl.where(nonfinite, 1, 0), 2), 1))
         in3 = inside[:, None, None]
         tl.store(mu_ptr + blocked, mu, mask=inside[:, None])
-        tl.store(shift_ptr + blocked, shift, mask=inside[:, None])
         tl.store(cov_ptr + square, cov, mask=in3)
         tl.store(w_ptr + square, w, mask=in3)
         tl.store(mm_ptr + square, mm, mask=in3)
@@ -275,15 +269,15 @@ def _whiten_stats_kernel(
 
 @triton.jit
 def _whiten_grad_kernel(
-    part_ptr, mu_ptr, w_ptr, gm_ptr, mm_ptr,
+    part_ptr, w_ptr, gm_ptr, mm_ptr,
     mat_a_ptr, mat_b_ptr, shift_ptr, dgm_ptr, dbeta_ptr,
     n_channels, slabs, count,
     CHANNELS: tl.constexpr,
 ):  # fmt: skip
     """Backward matrices of every channel (one program), from ``P = sum dy (x - mu)^T`` and
-    ``sum dy``: ``dx = A dy + B x + shift`` with ``A = M^T``,
+    ``sum dy``: ``dx = A dy + B (x - mu) + shift`` with ``A = M^T``,
     ``B = -(2/n) W^T sym(Gamma^T P W^T) W`` (``sym(X) = (tril X + tril(X, -1)^T) / 2``, the
-    Cholesky factor's adjoint) and ``shift = -(1/n) M^T sum dy - B mu``;
+    Cholesky factor's adjoint) and ``shift = -(1/n) M^T sum dy``;
     ``dGamma = P W^T``, ``dbeta = sum dy`` (blocked)."""
     comp = tl.arange(0, 4)
     rows = comp[None, :, None]
@@ -301,8 +295,7 @@ def _whiten_grad_kernel(
         lower = tl.where(rows >= cols, _bmm4(_bmm4(_mT(gm), cross), _mT(w)), 0.0)
         sym = 0.5 * (lower + _mT(tl.where(rows > cols, lower, 0.0)))
         mat_b = _bmm4(_bmm4(_mT(w), sym), w) * -2.0 / count  # count last: float64 stays
-        mu = tl.load(mu_ptr + blocked, mask=inside[:, None], other=0.0)
-        shift = -(tl.sum(mat_a * dbeta[:, None, :], 2) / count) - tl.sum(mat_b * mu[:, None, :], 2)
+        shift = -(tl.sum(mat_a * dbeta[:, None, :], 2) / count)
         tl.store(mat_a_ptr + square, mat_a, mask=in3)
         tl.store(mat_b_ptr + square, mat_b, mask=in3)
         tl.store(dgm_ptr + square, _bmm4(cross, _mT(w)), mask=in3)
@@ -313,13 +306,13 @@ def _whiten_grad_kernel(
 @triton.jit
 def _variance_stats_kernel(
     part_ptr, x_ptr, gamma_ptr, beta_ptr,
-    mu_ptr, sigma2_ptr, inv_ptr, mm_ptr, shift_ptr, bad_ptr,
+    mu_ptr, sigma2_ptr, inv_ptr, mm_ptr, bad_ptr,
     n_channels, slabs, x_c, count, eps,
     CHANNELS: tl.constexpr,
 ):  # fmt: skip
     """Variance-mode forward statistics of every channel (one program): ``mu`` blocked,
-    ``sigma2 = E|x - mu|^2`` (biased), ``inv = 1/sqrt(sigma2 + eps)``, ``M = gamma inv I``,
-    ``shift = beta - gamma inv mu`` blocked; ``bad[0] = 1`` where any is NaN/Inf."""
+    ``sigma2 = E|x - mu|^2`` (biased), ``inv = 1/sqrt(sigma2 + eps)``, ``M = gamma inv I``;
+    ``bad[0] = 1`` where any is NaN/Inf."""
     comp = tl.arange(0, 4)
     rows = comp[None, :, None]
     cols = comp[None, None, :]
@@ -333,10 +326,8 @@ def _variance_stats_kernel(
         inv = 1.0 / tl.sqrt(sigma2 + eps)
         scale = tl.load(gamma_ptr + ch, mask=inside, other=0.0) * inv
         mm = tl.where(rows == cols, scale[:, None, None], 0.0)
-        shift = tl.load(beta_ptr + blocked, mask=inside[:, None], other=0.0) - scale[:, None] * mu
         bad = tl.maximum(bad, tl.where(inside & (sigma2 * 0.0 != 0.0), 1, 0))
         tl.store(mu_ptr + blocked, mu, mask=inside[:, None])
-        tl.store(shift_ptr + blocked, shift, mask=inside[:, None])
         tl.store(sigma2_ptr + ch, sigma2, mask=inside)
         tl.store(inv_ptr + ch, inv, mask=inside)
         tl.store(mm_ptr + ch[:, None, None] * 16 + rows * 4 + cols, mm, mask=inside[:, None, None])
@@ -345,15 +336,16 @@ def _variance_stats_kernel(
 
 @triton.jit
 def _variance_grad_kernel(
-    part_ptr, mu_ptr, inv_ptr, gamma_ptr,
+    part_ptr, inv_ptr, gamma_ptr,
     mat_a_ptr, mat_b_ptr, shift_ptr, dgamma_ptr, dbeta_ptr,
     n_channels, slabs, count,
     CHANNELS: tl.constexpr,
 ):  # fmt: skip
     """Variance-mode backward of every channel (one program), from ``P = sum dy (x - mu)^T``
-    and ``sum dy``: with ``q = tr P`` and ``scale = gamma inv``, ``dx = A dy + B x + shift``
-    for ``A = scale I``, ``B = coef I``, ``coef = -scale inv^2 q / n``,
-    ``shift = -scale (sum dy) / n - coef mu``; ``dgamma = q inv``, ``dbeta = sum dy``."""
+    and ``sum dy``: with ``q = tr P`` and ``scale = gamma inv``,
+    ``dx = A dy + B (x - mu) + shift`` for ``A = scale I``, ``B = coef I``,
+    ``coef = -scale inv^2 q / n``, ``shift = -scale (sum dy) / n``; ``dgamma = q inv``,
+    ``dbeta = sum dy``."""
     comp = tl.arange(0, 4)
     rows = comp[None, :, None]
     cols = comp[None, None, :]
@@ -366,8 +358,7 @@ def _variance_grad_kernel(
         inv = tl.load(inv_ptr + ch, mask=inside, other=0.0)
         scale = tl.load(gamma_ptr + ch, mask=inside, other=0.0) * inv
         coef = -scale * inv * inv * q / count
-        mu = tl.load(mu_ptr + blocked, mask=inside[:, None], other=0.0)
-        shift = -scale[:, None] * dbeta / count - coef[:, None] * mu
+        shift = -scale[:, None] * dbeta / count
         square = ch[:, None, None] * 16 + rows * 4 + cols
         in3 = inside[:, None, None]
         tl.store(mat_a_ptr + square, tl.where(rows == cols, scale[:, None, None], 0.0), mask=in3)
@@ -439,18 +430,18 @@ def _gram(
 
 
 def _mix(
-    out: Tensor, mat_a: Tensor, a: Tensor, shift: Tensor, mat_b: Tensor | None = None,
-    b: Tensor | None = None, center: Tensor | None = None,
+    out: Tensor, mat_x: Tensor, x: Tensor, center: Tensor, shift: Tensor,
+    mat_g: Tensor | None = None, g: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """``out = A (a [- center]) [+ B b] + shift`` per channel (:func:`_mix_kernel`)."""
-    c = mat_a.shape[0]
-    s_total, positions, per_slab, slabs = _sweep(a, c)
-    two = mat_b is not None
+    """``out = X (x - center) [+ G g] + shift`` per channel (:func:`_mix_kernel`)."""
+    c = mat_x.shape[0]
+    s_total, positions, per_slab, slabs = _sweep(x, c)
+    grad = mat_g is not None
     _mix_kernel[(c, slabs)](
-        a, b if two else a, out, mat_a, mat_b if two else mat_a, shift,
-        shift if center is None else center, c, s_total, positions, per_slab,
-        *_strides(a), *_strides(b if two else a), *_strides(out),
-        TWO=two, CENTERED=center is not None, BLOCK=_BLOCK,
+        x, g if grad else x, out, mat_x, mat_g if grad else mat_x, center, shift,
+        c, s_total, positions, per_slab,
+        *_strides(x), *_strides(g if grad else x), *_strides(out),
+        GRAD=grad, BLOCK=_BLOCK,
     )  # fmt: skip
     return out
 
@@ -465,17 +456,19 @@ def _forward(
     stats: tuple[Tensor, ...],
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """A training-mode forward: the sums sweep, ``stats_kernel`` (one program writing
-    ``stats``, the map ``M`` and the shift) and the map sweep: ``(y, M, bad)``."""
+    ``stats``, the blocked mean first, and the map ``M``) and the map sweep
+    ``y = M (x - mu) + beta``: ``(y, M, bad)``."""
     c = beta.shape[0] // 4
-    mm, shift = beta.new_empty(c, 4, 4), beta.new_empty(4 * c)
+    mm = beta.new_empty(c, 4, 4)
     bad = torch.empty(1, dtype=torch.int32, device=x.device)
+    beta = beta.contiguous()
     with _on_device_of(x):
         part, slabs = _gram(None, x, None, c, beta.dtype)
         stats_kernel[(1,)](
-            part, x, weight.contiguous(), beta.contiguous(), *stats, mm, shift, bad,
+            part, x, weight.contiguous(), beta, *stats, mm, bad,
             c, slabs, _strides(x)[1], _count(x), eps, CHANNELS=_CHANNELS,
         )  # fmt: skip
-        y = _mix(torch.empty_like(x), mm, x, shift)
+        y = _mix(torch.empty_like(x), mm, x, stats[0], beta)
     return y, mm, bad
 
 
@@ -484,7 +477,7 @@ def _backward(
     saved: tuple[Tensor, ...], grads: tuple[Tensor, ...],
 ) -> Tensor:  # fmt: skip
     """A training-mode backward: the cross-sums sweep of ``dy`` and ``x - mu``,
-    ``grad_kernel`` (one program: the matrices of ``dx = A dy + B x + shift`` from
+    ``grad_kernel`` (one program: the matrices of ``dx = A dy + B (x - mu) + shift`` from
     ``saved``, and the parameter ``grads``) and the map sweep: ``dx``."""
     c = mu.shape[0] // 4
     new = mu.new_empty
@@ -492,10 +485,9 @@ def _backward(
     with _on_device_of(x):
         part, slabs = _gram(dy, x, mu, c, mu.dtype)
         grad_kernel[(1,)](
-            part, mu, *saved, mat_a, mat_b, shift, *grads,
-            c, slabs, _count(x), CHANNELS=_CHANNELS,
-        )  # fmt: skip
-        return _mix(torch.empty_like(x), mat_a, dy, shift, mat_b, x)
+            part, *saved, mat_a, mat_b, shift, *grads, c, slabs, _count(x), CHANNELS=_CHANNELS
+        )
+        return _mix(torch.empty_like(x), mat_b, x, mu, shift, mat_a, dy)
 
 
 def whiten_forward(
@@ -527,7 +519,7 @@ def affine(x: Tensor, mm: Tensor, center: Tensor, shift: Tensor) -> Tensor:
     ``(C, 4, 4)``, blocked ``center`` and ``shift`` ``(4C,)`` in the compute dtype."""
     with _on_device_of(x):
         out = torch.empty_like(x)
-        return _mix(out, mm.contiguous(), x, shift.contiguous(), center=center.contiguous())
+        return _mix(out, mm.contiguous(), x, center.contiguous(), shift.contiguous())
 
 
 def variance_forward(
