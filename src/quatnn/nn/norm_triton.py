@@ -1,8 +1,9 @@
-"""Fused Triton kernels of the quaternion whitening batch norm for CUDA.
+"""Fused Triton kernels of the quaternion whiten and variance batch norms, for CUDA.
 
-The chunked PyTorch implementation in :mod:`quatnn.nn.norm` launches ~60 small kernels
-per forward+backward, and on a GPU those launches, not the arithmetic, set its pace. Here
-a forward is 3 launches and a backward 3, reading the input as ``nn.BatchNorm`` does:
+The PyTorch implementation in :mod:`quatnn.nn.norm` launches ~60 small kernels per
+whitening forward+backward (~30 in variance mode), and on a GPU those launches, not the
+arithmetic, set its pace. Here a forward is 3 launches and a backward 3, reading the
+input as ``nn.BatchNorm`` does:
 
 * :func:`_gram_kernel` - per quaternion channel and slab of positions, the sums
   ``sum_i a_i`` and ``sum_i a_i (b_i - center)^T`` (4 and 4x4); the forward takes
@@ -12,7 +13,9 @@ a forward is 3 launches and a backward 3, reading the input as ``nn.BatchNorm`` 
   the slabs and does every channel's 4x4 algebra in closed form: mean, covariance,
   Cholesky factor ``L``, ``W = L^-1`` and ``M = Gamma W``; backward, the matrices of
   ``dx = A dy + B (x - mu) + shift`` (the analytic gradient of
-  :class:`quatnn.nn.norm._WhitenBatch`) and ``dGamma``.
+  :class:`quatnn.nn.norm._WhitenBatch`) and ``dGamma``. The variance mode's
+  :func:`_variance_stats_kernel`, :func:`_variance_grad_kernel` do the same with
+  ``M = gamma / sqrt(E|x - mu|^2 + eps) I``.
 * :func:`_mix_kernel` - ``out = X (x - center) [+ G g] + shift`` per quaternion
   channel; alone, it is the eval-mode forward (:func:`affine`).
 
