@@ -105,7 +105,7 @@ _FUSED_SUM_DEVICES = ("cpu",)
 _DEVICE_CHUNK_BYTES = 1 << 62
 # Devices on which the whiten and variance modes (training, and the eval-mode whitening's
 # forward) run the fused Triton kernels of quatnn.nn.norm_triton (3 launches a pass
-# instead of ~30 and ~10) where Triton is installed.
+# instead of ~30 and ~20) where Triton is installed.
 _TRITON_DEVICES = ("cuda",)
 # Whether Triton can be imported (found without importing it; compiled graphs decide on it).
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None

@@ -1,7 +1,7 @@
 """Fused Triton kernels of the quaternion whiten and variance batch norms, for CUDA.
 
 The PyTorch implementation in :mod:`quatnn.nn.norm` launches ~60 small kernels per
-whitening forward+backward (~30 in variance mode), and on a GPU those launches, not the
+whitening forward+backward (~40 in variance mode), and on a GPU those launches, not the
 arithmetic, set its pace. Here a forward is 3 launches and a backward 3, reading the
 input as ``nn.BatchNorm`` does:
 
