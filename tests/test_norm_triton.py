@@ -254,6 +254,8 @@ COMPILE = textwrap.dedent(
     from triton.compiler import ASTSource
     from quatnn.nn import norm_triton as K
 
+    # Triton's launcher passes integers equal to 1 as constants: as for BatchNorm1d
+    ONES = {"s_total", "a_s", "b_s", "x_s", "g_s", "o_s", "slabs"}
     CONSTEXPRS = {
         K._gram_kernel: [dict(SAME=s, FIRST_CENTER=s, BLOCK=K._BLOCK) for s in (True, False)],
         K._mix_kernel: [dict(GRAD=g, BLOCK=K._BLOCK) for g in (False, True)],
@@ -265,10 +267,13 @@ COMPILE = textwrap.dedent(
     DATA = {"a_ptr", "b_ptr", "x_ptr", "g_ptr", "out_ptr"}  # pointers to the data dtype
     for data, acc in (("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")):
         for kernel, variants in CONSTEXPRS.items():
-            for constexprs in variants:
+            ones = {name: 1 for name in ONES.intersection(kernel.arg_names)}
+            for constexprs in [*variants, {**variants[-1], **ones}]:
                 signature = {}
                 for name in kernel.arg_names:
                     if name in constexprs:
+                        if constexprs[name] == 1 and name in ONES:
+                            signature[name] = "constexpr"
                         continue
                     if name == "bad_ptr":
                         signature[name] = "*i32"
