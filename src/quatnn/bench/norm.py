@@ -81,23 +81,19 @@ def run(
 
         return run_unfused
 
-    layers: dict[str, tuple[str, nn.Module]] = {"nn.BatchNorm2d": ("-", nn.BatchNorm2d(channels))}
+    # name -> (mode, layer, whether it runs the PyTorch ops where Triton kernels would)
+    layers: dict[str, tuple[str, nn.Module, bool]] = {
+        "nn.BatchNorm2d": ("-", nn.BatchNorm2d(channels).to(device), False)
+    }
     for mode in modes:
-        layers[f"QBatchNorm2d({mode})"] = (mode, QBatchNorm2d(channels, mode=mode))
-    layers = {name: (mode, layer.to(device).train()) for name, (mode, layer) in layers.items()}
-    fns = {name: step(layer) for name, (_, layer) in layers.items()}
-    for mode in ("whiten", "variance"):
-        if mode in modes and _fused_norm(x) is not None:
-            layers[f"QBatchNorm2d({mode}, PyTorch ops)"] = layers[f"QBatchNorm2d({mode})"]
-            fns[f"QBatchNorm2d({mode}, PyTorch ops)"] = unfused(layers[f"QBatchNorm2d({mode})"][1])
+        layer = QBatchNorm2d(channels, mode=mode).to(device)
+        layers[f"QBatchNorm2d({mode})"] = (mode, layer, False)
+        if mode in ("whiten", "variance") and _fused_norm(x) is not None:
+            layers[f"QBatchNorm2d({mode}, PyTorch ops)"] = (mode, layer, True)
     if compile:
-        twins = {
-            f"{name}, compiled": (mode, torch.compile(layer))
-            for name, (mode, layer) in layers.items()
-            if "PyTorch ops" not in name  # compiled, every whitening is traced ops
-        }
-        layers.update(twins)
-        fns.update({name: step(layer) for name, (_, layer) in twins.items()})
+        for name, (mode, layer, ops) in list(layers.items()):
+            layers[f"{name}, compiled"] = (mode, torch.compile(layer), ops)
+    fns = {name: (unfused if ops else step)(layer) for name, (_, layer, ops) in layers.items()}
     seconds = interleaved_seconds(fns, device, repeats, warmup)
     base = seconds["nn.BatchNorm2d"]
     return [
@@ -110,7 +106,7 @@ def run(
             "threads": torch.get_num_threads(),
             "device": device,
         }
-        for name, (mode, _) in layers.items()
+        for name, (mode, _, _) in layers.items()
     ]
 
 
