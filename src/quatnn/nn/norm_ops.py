@@ -27,6 +27,7 @@ __all__ = ["variance", "whiten"]
 
 
 def _kernels() -> ModuleType:
+    """:mod:`quatnn.nn.norm_triton` (importing Triton the first time)."""
     return importlib.import_module("quatnn.nn.norm_triton")
 
 
