@@ -234,6 +234,17 @@ def test_compiled_training_calls_the_kernels(fused, monkeypatch, mode):
     torch.testing.assert_close(compiled_bn.weight.grad, eager_bn.weight.grad, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize(("capability", "taken"), [((6, 1), False), ((7, 0), True), ((9, 0), True)])
+def test_gpus_triton_does_not_compile_for_keep_the_pytorch_ops(monkeypatch, capability, taken):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    norm_triton._capable.cache_clear()
+    try:
+        assert norm_triton._capable(torch.device("cuda", 0)) == taken
+    finally:
+        norm_triton._capable.cache_clear()
+
+
 def test_layouts_the_kernels_do_not_take_use_the_chunked_path(fused):
     x = torch.randn(4, 8, 6, 6, device=DEVICE)
     assert qnorm._fused_norm(x) is not None

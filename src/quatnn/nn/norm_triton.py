@@ -393,9 +393,19 @@ def _count(x: Tensor) -> int:
     return x.numel() // x.shape[1]
 
 
+@functools.cache
+def _capable(device: torch.device) -> bool:
+    """Whether Triton compiles for ``device``: a CUDA GPU of compute capability 7.0 or newer
+    (as Inductor requires), a ROCm GPU, or the interpreter's CPU."""
+    if device.type != "cuda" or torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device) >= (7, 0)
+
+
 def supports(x: Tensor) -> bool:
-    """Whether the kernels take ``x`` as it is: not empty, spatial axes on one stride."""
-    return x.numel() > 0 and _spatial_stride(x) is not None
+    """Whether the kernels take ``x`` as it is: not empty, spatial axes on one stride, on a
+    device Triton compiles for."""
+    return x.numel() > 0 and _spatial_stride(x) is not None and _capable(x.device)
 
 
 @functools.cache
