@@ -99,6 +99,21 @@ def test_matches_chunked_and_autograd_reference(fused, mode, shape, channels_las
         assert got[3].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_many_slabs_match_the_pytorch_ops(fused, monkeypatch, mode):
+    """10 slabs a channel (as on a GPU with many SMs): the one-program kernels add them up
+    in three masked steps of 4."""
+    monkeypatch.setattr(norm_triton, "_multiprocessors", lambda device: 50)
+    x, weight, beta = inputs(mode, (5, 80, 16, 16))
+    assert norm_triton._sweep(x, 20)[3] == 10 and norm_triton._one_program(20)["SLABS"] == 4
+    dy = torch.randn_like(x)
+    got = outputs_and_grads(x, weight, beta, dy, lambda *a: normalize(mode, *a))
+    with triton_norms():
+        chunked = outputs_and_grads(x, weight, beta, dy, lambda *a: normalize(mode, *a))
+    for a, b in zip(got, chunked, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 def test_whitens_ill_conditioned_input_like_the_reference(fused):
     x, _ = correlated(64, 2, (3, 5), cond=1e3, seed=3)
     bn = QBatchNorm2d(8).double().to(DEVICE)
@@ -267,13 +282,14 @@ COMPILE = textwrap.dedent(
 
     # Triton's launcher passes integers equal to 1 as constants: as for BatchNorm1d
     ONES = {"s_total", "a_s", "b_s", "x_s", "g_s", "o_s", "slabs"}
+    ONE_PROGRAM = [K._one_program(c) for c in (4, 512)]  # few channels, many
     CONSTEXPRS = {
         K._gram_kernel: [dict(SAME=s, FIRST_CENTER=s, BLOCK=K._BLOCK) for s in (True, False)],
         K._mix_kernel: [dict(GRAD=g, BLOCK=K._BLOCK) for g in (False, True)],
-        K._whiten_stats_kernel: [dict(CHANNELS=K._CHANNELS)],
-        K._whiten_grad_kernel: [dict(CHANNELS=K._CHANNELS)],
-        K._variance_stats_kernel: [dict(CHANNELS=K._CHANNELS)],
-        K._variance_grad_kernel: [dict(CHANNELS=K._CHANNELS)],
+        K._whiten_stats_kernel: ONE_PROGRAM,
+        K._whiten_grad_kernel: ONE_PROGRAM,
+        K._variance_stats_kernel: ONE_PROGRAM,
+        K._variance_grad_kernel: ONE_PROGRAM,
     }
     DATA = {"a_ptr", "b_ptr", "x_ptr", "g_ptr", "out_ptr"}  # pointers to the data dtype
     for data, acc in (("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")):

@@ -48,8 +48,10 @@ from torch import Tensor
 
 # Positions per tile of the sweeps (each program walks its slab tile by tile).
 _BLOCK = 128
-# Channels per step of the single-program 4x4 algebra.
+# Channels per step of the single-program 4x4 algebra (at most), and partial-sum rows it
+# loads a step (channels x slabs).
 _CHANNELS = 32
+_ROWS = 128
 # Programs per streaming multiprocessor the sweeps aim for (slabs = this x SMs / C).
 _WAVES = 4
 # Values per partial-sum row: 16 cross sums then 4 plain sums.
@@ -207,28 +209,35 @@ def _inverse_cholesky(v, rows, cols):
 
 
 @triton.jit
-def _slab_sums(part_ptr, ch, inside, slabs, rows, cols, comp, CHANNELS: tl.constexpr):
-    """Sum over slabs of the partial rows of channels ``ch`` (``CHANNELS`` of them):
+def _slab_sums(part_ptr, ch, inside, slabs, CHANNELS: tl.constexpr, SLABS: tl.constexpr):
+    """Sum over slabs of the partial rows of channels ``ch`` (``CHANNELS`` of them), ``SLABS``
+    slabs a step (one load of many rows, not a chain of dependent loads a slab):
     ``[K, 4, 4]``, ``[K, 4]``."""
     acc_t = part_ptr.dtype.element_ty
+    comp = tl.arange(0, 4)
+    rows = comp[None, None, :, None]
+    cols = comp[None, None, None, :]
     cross = tl.zeros((CHANNELS, 4, 4), dtype=acc_t)
     plain = tl.zeros((CHANNELS, 4), dtype=acc_t)
     base = ch.to(tl.int64) * slabs * _PART
-    for slab in range(0, slabs):
-        row = part_ptr + base + slab * _PART
-        cross += tl.load(row[:, None, None] + rows * 4 + cols, mask=inside[:, None, None])
-        plain += tl.load(row[:, None] + 16 + comp[None, :], mask=inside[:, None])
+    for s0 in range(0, slabs, SLABS):
+        slab = s0 + tl.arange(0, SLABS)
+        taken = inside[:, None] & (slab < slabs)[None, :]  # [K, SLABS]
+        row = part_ptr + base[:, None] + slab[None, :] * _PART
+        tile = tl.load(row[:, :, None, None] + rows * 4 + cols, taken[:, :, None, None], 0.0)
+        cross += tl.sum(tile, 1)
+        plain += tl.sum(tl.load(row[:, :, None] + 16 + comp, taken[:, :, None], 0.0), 1)
     return cross, plain
 
 
 @triton.jit
-def _moments(part_ptr, x_ptr, ch, inside, blocked, slabs, x_c, count, CHANNELS: tl.constexpr):
+def _moments(
+    part_ptr, x_ptr, ch, inside, blocked, slabs, x_c, count,
+    CHANNELS: tl.constexpr, SLABS: tl.constexpr,
+):  # fmt: skip
     """Mean ``[K, 4]`` and biased covariance ``[K, 4, 4]`` of channels ``ch`` from the
     slabs' sums of :func:`_gram_kernel`, shifted by each channel's first value in ``x``."""
-    comp = tl.arange(0, 4)
-    cross, plain = _slab_sums(
-        part_ptr, ch, inside, slabs, comp[None, :, None], comp[None, None, :], comp, CHANNELS
-    )
+    cross, plain = _slab_sums(part_ptr, ch, inside, slabs, CHANNELS, SLABS)
     first = tl.load(x_ptr + blocked.to(tl.int64) * x_c, mask=inside[:, None], other=0.0)
     delta = plain / count
     mu = first.to(part_ptr.dtype.element_ty) + delta
@@ -240,7 +249,7 @@ def _whiten_stats_kernel(
     part_ptr, x_ptr, gm_ptr, beta_ptr,
     mu_ptr, cov_ptr, w_ptr, mm_ptr, bad_ptr,
     n_channels, slabs, x_c, count, eps,
-    CHANNELS: tl.constexpr,
+    CHANNELS: tl.constexpr, SLABS: tl.constexpr,
 ):  # fmt: skip
     """Forward statistics and matrices of every channel (one program): ``mu`` blocked
     ``(4C,)``; ``cov`` (biased, without eps), ``W = L^-1``, ``M = Gamma W`` as ``(C, 4, 4)``;
@@ -255,7 +264,7 @@ def _whiten_stats_kernel(
         ch = c0 + tl.arange(0, CHANNELS)
         inside = ch < n_channels
         blocked = comp[None, :] * n_channels + ch[:, None]  # [K, 4] blocked index
-        mu, cov = _moments(part_ptr, x_ptr, ch, inside, blocked, slabs, x_c, count, CHANNELS)
+        mu, cov = _moments(part_ptr, x_ptr, ch, inside, blocked, slabs, x_c, count, CHANNELS, SLABS)
         w = _inverse_cholesky(cov + eps * eye, rows, cols)
         square = ch[:, None, None] * 16 + rows * 4 + cols
         gm = tl.load(gm_ptr + square, mask=inside[:, None, None], other=0.0)
@@ -275,7 +284,7 @@ def _whiten_grad_kernel(
     part_ptr, w_ptr, gm_ptr, mm_ptr,
     mat_a_ptr, mat_b_ptr, shift_ptr, dgm_ptr, dbeta_ptr,
     n_channels, slabs, count,
-    CHANNELS: tl.constexpr,
+    CHANNELS: tl.constexpr, SLABS: tl.constexpr,
 ):  # fmt: skip
     """Backward matrices of every channel (one program), from ``P = sum dy (x - mu)^T`` and
     ``sum dy``: ``dx = A dy + B (x - mu) + shift`` with ``A = M^T``,
@@ -290,7 +299,7 @@ def _whiten_grad_kernel(
         inside = ch < n_channels
         in3 = inside[:, None, None]
         blocked = comp[None, :] * n_channels + ch[:, None]
-        cross, dbeta = _slab_sums(part_ptr, ch, inside, slabs, rows, cols, comp, CHANNELS)
+        cross, dbeta = _slab_sums(part_ptr, ch, inside, slabs, CHANNELS, SLABS)
         square = ch[:, None, None] * 16 + rows * 4 + cols
         w = tl.load(w_ptr + square, mask=in3, other=0.0)
         gm = tl.load(gm_ptr + square, mask=in3, other=0.0)
@@ -311,7 +320,7 @@ def _variance_stats_kernel(
     part_ptr, x_ptr, gamma_ptr, beta_ptr,
     mu_ptr, sigma2_ptr, inv_ptr, mm_ptr, bad_ptr,
     n_channels, slabs, x_c, count, eps,
-    CHANNELS: tl.constexpr,
+    CHANNELS: tl.constexpr, SLABS: tl.constexpr,
 ):  # fmt: skip
     """Variance-mode forward statistics of every channel (one program): ``mu`` blocked,
     ``sigma2 = E|x - mu|^2`` (biased), ``inv = 1/sqrt(sigma2 + eps)``, ``M = gamma inv I``;
@@ -324,7 +333,7 @@ def _variance_stats_kernel(
         ch = c0 + tl.arange(0, CHANNELS)
         inside = ch < n_channels
         blocked = comp[None, :] * n_channels + ch[:, None]
-        mu, cov = _moments(part_ptr, x_ptr, ch, inside, blocked, slabs, x_c, count, CHANNELS)
+        mu, cov = _moments(part_ptr, x_ptr, ch, inside, blocked, slabs, x_c, count, CHANNELS, SLABS)
         sigma2 = tl.sum(tl.sum(tl.where(rows == cols, cov, 0.0), 2), 1)
         inv = 1.0 / tl.sqrt(sigma2 + eps)
         scale = tl.load(gamma_ptr + ch, mask=inside, other=0.0) * inv
@@ -342,7 +351,7 @@ def _variance_grad_kernel(
     part_ptr, inv_ptr, gamma_ptr,
     mat_a_ptr, mat_b_ptr, shift_ptr, dgamma_ptr, dbeta_ptr,
     n_channels, slabs, count,
-    CHANNELS: tl.constexpr,
+    CHANNELS: tl.constexpr, SLABS: tl.constexpr,
 ):  # fmt: skip
     """Variance-mode backward of every channel (one program), from ``P = sum dy (x - mu)^T``
     and ``sum dy``: with ``q = tr P`` and ``scale = gamma inv``,
@@ -356,7 +365,7 @@ def _variance_grad_kernel(
         ch = c0 + tl.arange(0, CHANNELS)
         inside = ch < n_channels
         blocked = comp[None, :] * n_channels + ch[:, None]
-        cross, dbeta = _slab_sums(part_ptr, ch, inside, slabs, rows, cols, comp, CHANNELS)
+        cross, dbeta = _slab_sums(part_ptr, ch, inside, slabs, CHANNELS, SLABS)
         q = tl.sum(tl.sum(tl.where(rows == cols, cross, 0.0), 2), 1)
         inv = tl.load(inv_ptr + ch, mask=inside, other=0.0)
         scale = tl.load(gamma_ptr + ch, mask=inside, other=0.0) * inv
@@ -464,6 +473,13 @@ def _on_device_of(x: Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+def _one_program(c: int) -> dict[str, int]:
+    """Block sizes of the one-program kernels for ``C`` channels: ``CHANNELS`` a step (a
+    power of 2 up to :data:`_CHANNELS`) and as many slabs as fill :data:`_ROWS` rows."""
+    channels = min(_CHANNELS, triton.next_power_of_2(c))
+    return {"CHANNELS": channels, "SLABS": _ROWS // channels}
+
+
 def _forward(
     stats_kernel: triton.JITFunction, x: Tensor, weight: Tensor, beta: Tensor, eps: float,
     stats: tuple[Tensor, ...],
@@ -479,7 +495,7 @@ def _forward(
         part, slabs = _gram(None, x, None, c, beta.dtype)
         stats_kernel[(1,)](
             part, x, weight.contiguous(), beta, *stats, mm, bad,
-            c, slabs, _strides(x)[1], _count(x), eps, CHANNELS=_CHANNELS,
+            c, slabs, _strides(x)[1], _count(x), eps, **_one_program(c),
         )  # fmt: skip
         y = _mix(torch.empty_like(x), mm, x, stats[0], beta)
     return y, mm, bad
@@ -498,7 +514,7 @@ def _backward(
     with _on_device_of(x):
         part, slabs = _gram(dy, x, mu, c, mu.dtype)
         grad_kernel[(1,)](
-            part, *saved, mat_a, mat_b, shift, *grads, c, slabs, _count(x), CHANNELS=_CHANNELS
+            part, *saved, mat_a, mat_b, shift, *grads, c, slabs, _count(x), **_one_program(c)
         )
         return _mix(torch.empty_like(x), mat_b, x, mu, shift, mat_a, dy)
 
