@@ -282,14 +282,13 @@ COMPILE = textwrap.dedent(
 
     # Triton's launcher passes integers equal to 1 as constants: as for BatchNorm1d
     ONES = {"s_total", "a_s", "b_s", "x_s", "g_s", "o_s", "slabs"}
-    ONE_PROGRAM = [K._one_program(c) for c in (4, 512)]  # few channels, many
+    # both modes, with few channels and with many
+    ONE_PROGRAM = [dict(WHITEN=w, **K._one_program(c)) for w in (True, False) for c in (4, 512)]
     CONSTEXPRS = {
         K._gram_kernel: [dict(SAME=s, FIRST_CENTER=s, BLOCK=K._BLOCK) for s in (True, False)],
         K._mix_kernel: [dict(GRAD=g, BLOCK=K._BLOCK) for g in (False, True)],
-        K._whiten_stats_kernel: ONE_PROGRAM,
-        K._whiten_grad_kernel: ONE_PROGRAM,
-        K._variance_stats_kernel: ONE_PROGRAM,
-        K._variance_grad_kernel: ONE_PROGRAM,
+        K._stats_kernel: ONE_PROGRAM,
+        K._grad_kernel: ONE_PROGRAM,
     }
     DATA = {"a_ptr", "b_ptr", "x_ptr", "g_ptr", "out_ptr"}  # pointers to the data dtype
     for data, acc in (("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")):

@@ -9,13 +9,12 @@ input as ``nn.BatchNorm`` does:
   ``sum_i a_i`` and ``sum_i a_i (b_i - center)^T`` (4 and 4x4); the forward takes
   ``a = b = x`` shifted by the channel's first value (so nothing cancels), the backward
   ``a = dy``, ``b = x``, ``center = mu``.
-* :func:`_whiten_stats_kernel`, :func:`_whiten_grad_kernel` - one program that adds up
-  the slabs and does every channel's 4x4 algebra in closed form: mean, covariance,
-  Cholesky factor ``L``, ``W = L^-1`` and ``M = Gamma W``; backward, the matrices of
+* :func:`_stats_kernel`, :func:`_grad_kernel` - one program that adds up the slabs and
+  does every channel's 4x4 algebra in closed form: whitening, mean, covariance, Cholesky
+  factor ``L``, ``W = L^-1`` and ``M = Gamma W``; backward, the matrices of
   ``dx = A dy + B (x - mu) + shift`` (the analytic gradient of
   :class:`quatnn.nn.norm._WhitenBatch`) and ``dGamma``. The variance mode's
-  :func:`_variance_stats_kernel`, :func:`_variance_grad_kernel` do the same with
-  ``M = gamma / sqrt(E|x - mu|^2 + eps) I``.
+  ``M = gamma / sqrt(E|x - mu|^2 + eps) I`` takes the other branch of each.
 * :func:`_mix_kernel` - ``out = X (x - center) [+ G g] + shift`` per quaternion
   channel; alone, it is the eval-mode forward (:func:`affine`).
 
@@ -245,16 +244,17 @@ def _moments(
 
 
 @triton.jit
-def _whiten_stats_kernel(
-    part_ptr, x_ptr, gm_ptr, beta_ptr,
-    mu_ptr, cov_ptr, w_ptr, mm_ptr, bad_ptr,
+def _stats_kernel(
+    part_ptr, x_ptr, weight_ptr, mu_ptr, stat_ptr, inv_ptr, mm_ptr, bad_ptr,
     n_channels, slabs, x_c, count, eps,
-    CHANNELS: tl.constexpr, SLABS: tl.constexpr,
+    WHITEN: tl.constexpr, CHANNELS: tl.constexpr, SLABS: tl.constexpr,
 ):  # fmt: skip
-    """Forward statistics and matrices of every channel (one program): ``mu`` blocked
-    ``(4C,)``; ``cov`` (biased, without eps), ``W = L^-1``, ``M = Gamma W`` as ``(C, 4, 4)``;
-    ``bad[0] = 1`` where any statistic is NaN/Inf or the covariance is not positive
-    definite."""
+    """Forward statistics and map of every channel (one program) from the sums sweep: the
+    blocked mean ``mu`` and ``M`` (``(C, 4, 4)``); with ``WHITEN`` the covariance (biased,
+    without eps) in ``stat`` and ``W = L^-1`` in ``inv`` (``(C, 4, 4)``), ``M = Gamma W``;
+    else ``sigma2 = E|x - mu|^2`` in ``stat`` and ``1/sqrt(sigma2 + eps)`` in ``inv``
+    (``(C,)``), ``M = gamma inv I``. ``bad[0] = 1`` where a statistic is NaN/Inf (or the
+    covariance is not positive definite)."""
     comp = tl.arange(0, 4)
     rows = comp[None, :, None]
     cols = comp[None, None, :]
@@ -263,120 +263,73 @@ def _whiten_stats_kernel(
     for c0 in range(0, n_channels, CHANNELS):
         ch = c0 + tl.arange(0, CHANNELS)
         inside = ch < n_channels
-        blocked = comp[None, :] * n_channels + ch[:, None]  # [K, 4] blocked index
-        mu, cov = _moments(part_ptr, x_ptr, ch, inside, blocked, slabs, x_c, count, CHANNELS, SLABS)
-        w = _inverse_cholesky(cov + eps * eye, rows, cols)
-        square = ch[:, None, None] * 16 + rows * 4 + cols
-        gm = tl.load(gm_ptr + square, mask=inside[:, None, None], other=0.0)
-        mm = _bmm4(gm, w)
-        nonfinite = (w * 0.0 != 0.0) | (cov * 0.0 != 0.0)
-        bad = tl.maximum(bad, tl.max(tl.max(tl.where(nonfinite, 1, 0), 2), 1))
         in3 = inside[:, None, None]
+        blocked = comp[None, :] * n_channels + ch[:, None]  # [K, 4] blocked index
+        square = ch[:, None, None] * 16 + rows * 4 + cols  # [K, 4, 4] row-major index
+        mu, cov = _moments(part_ptr, x_ptr, ch, inside, blocked, slabs, x_c, count, CHANNELS, SLABS)
+        if WHITEN:
+            w = _inverse_cholesky(cov + eps * eye, rows, cols)
+            mm = _bmm4(tl.load(weight_ptr + square, mask=in3, other=0.0), w)
+            nonfinite = (w * 0.0 != 0.0) | (cov * 0.0 != 0.0)
+            bad = tl.maximum(bad, tl.max(tl.max(tl.where(nonfinite, 1, 0), 2), 1))
+            tl.store(stat_ptr + square, cov, mask=in3)
+            tl.store(inv_ptr + square, w, mask=in3)
+        else:
+            sigma2 = tl.sum(tl.sum(tl.where(rows == cols, cov, 0.0), 2), 1)
+            inv = 1.0 / tl.sqrt(sigma2 + eps)
+            mm = eye * (tl.load(weight_ptr + ch, mask=inside, other=0.0) * inv)[:, None, None]
+            bad = tl.maximum(bad, tl.where(inside & (sigma2 * 0.0 != 0.0), 1, 0))
+            tl.store(stat_ptr + ch, sigma2, mask=inside)
+            tl.store(inv_ptr + ch, inv, mask=inside)
         tl.store(mu_ptr + blocked, mu, mask=inside[:, None])
-        tl.store(cov_ptr + square, cov, mask=in3)
-        tl.store(w_ptr + square, w, mask=in3)
         tl.store(mm_ptr + square, mm, mask=in3)
     tl.store(bad_ptr, tl.max(bad, 0))
 
 
 @triton.jit
-def _whiten_grad_kernel(
-    part_ptr, w_ptr, gm_ptr, mm_ptr,
-    mat_a_ptr, mat_b_ptr, shift_ptr, dgm_ptr, dbeta_ptr,
+def _grad_kernel(
+    part_ptr, inv_ptr, weight_ptr, mm_ptr,
+    mat_a_ptr, mat_b_ptr, shift_ptr, dweight_ptr, dbeta_ptr,
     n_channels, slabs, count,
-    CHANNELS: tl.constexpr, SLABS: tl.constexpr,
+    WHITEN: tl.constexpr, CHANNELS: tl.constexpr, SLABS: tl.constexpr,
 ):  # fmt: skip
     """Backward matrices of every channel (one program), from ``P = sum dy (x - mu)^T`` and
-    ``sum dy``: ``dx = A dy + B (x - mu) + shift`` with ``A = M^T``,
-    ``B = -(2/n) W^T sym(Gamma^T P W^T) W`` (``sym(X) = (tril X + tril(X, -1)^T) / 2``, the
-    Cholesky factor's adjoint) and ``shift = -(1/n) M^T sum dy``;
-    ``dGamma = P W^T``, ``dbeta = sum dy`` (blocked)."""
+    ``sum dy``: ``dx = A dy + B (x - mu) + shift`` with ``A = M^T`` and
+    ``shift = -(1/n) M^T sum dy``; ``dbeta = sum dy`` (blocked). Whitening (``inv`` is
+    ``W``, ``weight`` is ``Gamma``, ``M`` read from ``mm``): ``B = -(2/n) W^T
+    sym(Gamma^T P W^T) W`` (``sym(X) = (tril X + tril(X, -1)^T) / 2``, the Cholesky
+    factor's adjoint), ``dGamma = P W^T``. Variance (``inv``, ``gamma``; ``mm`` unread):
+    ``M = gamma inv I``, ``B = -gamma inv^3 tr(P) / n I``, ``dgamma = inv tr(P)``."""
     comp = tl.arange(0, 4)
     rows = comp[None, :, None]
     cols = comp[None, None, :]
+    eye = tl.where(rows == cols, 1.0, 0.0)
     for c0 in range(0, n_channels, CHANNELS):
         ch = c0 + tl.arange(0, CHANNELS)
         inside = ch < n_channels
         in3 = inside[:, None, None]
         blocked = comp[None, :] * n_channels + ch[:, None]
-        cross, dbeta = _slab_sums(part_ptr, ch, inside, slabs, CHANNELS, SLABS)
         square = ch[:, None, None] * 16 + rows * 4 + cols
-        w = tl.load(w_ptr + square, mask=in3, other=0.0)
-        gm = tl.load(gm_ptr + square, mask=in3, other=0.0)
-        mat_a = _mT(tl.load(mm_ptr + square, mask=in3, other=0.0))
-        lower = tl.where(rows >= cols, _bmm4(_bmm4(_mT(gm), cross), _mT(w)), 0.0)
-        sym = 0.5 * (lower + _mT(tl.where(rows > cols, lower, 0.0)))
-        mat_b = _bmm4(_bmm4(_mT(w), sym), w) * -2.0 / count  # count last: float64 stays
+        cross, dbeta = _slab_sums(part_ptr, ch, inside, slabs, CHANNELS, SLABS)
+        if WHITEN:
+            w = tl.load(inv_ptr + square, mask=in3, other=0.0)
+            gm = tl.load(weight_ptr + square, mask=in3, other=0.0)
+            mat_a = _mT(tl.load(mm_ptr + square, mask=in3, other=0.0))
+            lower = tl.where(rows >= cols, _bmm4(_bmm4(_mT(gm), cross), _mT(w)), 0.0)
+            sym = 0.5 * (lower + _mT(tl.where(rows > cols, lower, 0.0)))
+            mat_b = _bmm4(_bmm4(_mT(w), sym), w) * -2.0 / count  # count last: float64 stays
+            tl.store(dweight_ptr + square, _bmm4(cross, _mT(w)), mask=in3)
+        else:
+            q = tl.sum(tl.sum(tl.where(rows == cols, cross, 0.0), 2), 1)
+            inv = tl.load(inv_ptr + ch, mask=inside, other=0.0)
+            scale = tl.load(weight_ptr + ch, mask=inside, other=0.0) * inv
+            mat_a = eye * scale[:, None, None]
+            mat_b = eye * (-scale * inv * inv * q / count)[:, None, None]
+            tl.store(dweight_ptr + ch, q * inv, mask=inside)
         shift = -(tl.sum(mat_a * dbeta[:, None, :], 2) / count)
         tl.store(mat_a_ptr + square, mat_a, mask=in3)
         tl.store(mat_b_ptr + square, mat_b, mask=in3)
-        tl.store(dgm_ptr + square, _bmm4(cross, _mT(w)), mask=in3)
         tl.store(shift_ptr + blocked, shift, mask=inside[:, None])
-        tl.store(dbeta_ptr + blocked, dbeta, mask=inside[:, None])
-
-
-@triton.jit
-def _variance_stats_kernel(
-    part_ptr, x_ptr, gamma_ptr, beta_ptr,
-    mu_ptr, sigma2_ptr, inv_ptr, mm_ptr, bad_ptr,
-    n_channels, slabs, x_c, count, eps,
-    CHANNELS: tl.constexpr, SLABS: tl.constexpr,
-):  # fmt: skip
-    """Variance-mode forward statistics of every channel (one program): ``mu`` blocked,
-    ``sigma2 = E|x - mu|^2`` (biased), ``inv = 1/sqrt(sigma2 + eps)``, ``M = gamma inv I``;
-    ``bad[0] = 1`` where any is NaN/Inf."""
-    comp = tl.arange(0, 4)
-    rows = comp[None, :, None]
-    cols = comp[None, None, :]
-    bad = tl.zeros((CHANNELS,), dtype=tl.int32)
-    for c0 in range(0, n_channels, CHANNELS):
-        ch = c0 + tl.arange(0, CHANNELS)
-        inside = ch < n_channels
-        blocked = comp[None, :] * n_channels + ch[:, None]
-        mu, cov = _moments(part_ptr, x_ptr, ch, inside, blocked, slabs, x_c, count, CHANNELS, SLABS)
-        sigma2 = tl.sum(tl.sum(tl.where(rows == cols, cov, 0.0), 2), 1)
-        inv = 1.0 / tl.sqrt(sigma2 + eps)
-        scale = tl.load(gamma_ptr + ch, mask=inside, other=0.0) * inv
-        mm = tl.where(rows == cols, scale[:, None, None], 0.0)
-        bad = tl.maximum(bad, tl.where(inside & (sigma2 * 0.0 != 0.0), 1, 0))
-        tl.store(mu_ptr + blocked, mu, mask=inside[:, None])
-        tl.store(sigma2_ptr + ch, sigma2, mask=inside)
-        tl.store(inv_ptr + ch, inv, mask=inside)
-        tl.store(mm_ptr + ch[:, None, None] * 16 + rows * 4 + cols, mm, mask=inside[:, None, None])
-    tl.store(bad_ptr, tl.max(bad, 0))
-
-
-@triton.jit
-def _variance_grad_kernel(
-    part_ptr, inv_ptr, gamma_ptr,
-    mat_a_ptr, mat_b_ptr, shift_ptr, dgamma_ptr, dbeta_ptr,
-    n_channels, slabs, count,
-    CHANNELS: tl.constexpr, SLABS: tl.constexpr,
-):  # fmt: skip
-    """Variance-mode backward of every channel (one program), from ``P = sum dy (x - mu)^T``
-    and ``sum dy``: with ``q = tr P`` and ``scale = gamma inv``,
-    ``dx = A dy + B (x - mu) + shift`` for ``A = scale I``, ``B = coef I``,
-    ``coef = -scale inv^2 q / n``, ``shift = -scale (sum dy) / n``; ``dgamma = q inv``,
-    ``dbeta = sum dy``."""
-    comp = tl.arange(0, 4)
-    rows = comp[None, :, None]
-    cols = comp[None, None, :]
-    for c0 in range(0, n_channels, CHANNELS):
-        ch = c0 + tl.arange(0, CHANNELS)
-        inside = ch < n_channels
-        blocked = comp[None, :] * n_channels + ch[:, None]
-        cross, dbeta = _slab_sums(part_ptr, ch, inside, slabs, CHANNELS, SLABS)
-        q = tl.sum(tl.sum(tl.where(rows == cols, cross, 0.0), 2), 1)
-        inv = tl.load(inv_ptr + ch, mask=inside, other=0.0)
-        scale = tl.load(gamma_ptr + ch, mask=inside, other=0.0) * inv
-        coef = -scale * inv * inv * q / count
-        shift = -scale[:, None] * dbeta / count
-        square = ch[:, None, None] * 16 + rows * 4 + cols
-        in3 = inside[:, None, None]
-        tl.store(mat_a_ptr + square, tl.where(rows == cols, scale[:, None, None], 0.0), mask=in3)
-        tl.store(mat_b_ptr + square, tl.where(rows == cols, coef[:, None, None], 0.0), mask=in3)
-        tl.store(shift_ptr + blocked, shift, mask=inside[:, None])
-        tl.store(dgamma_ptr + ch, q * inv, mask=inside)
         tl.store(dbeta_ptr + blocked, dbeta, mask=inside[:, None])
 
 
@@ -481,41 +434,42 @@ def _one_program(c: int) -> dict[str, int]:
 
 
 def _forward(
-    stats_kernel: triton.JITFunction, x: Tensor, weight: Tensor, beta: Tensor, eps: float,
-    stats: tuple[Tensor, ...],
+    whiten: bool, x: Tensor, weight: Tensor, beta: Tensor, eps: float,
+    stats: tuple[Tensor, Tensor, Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """A training-mode forward: the sums sweep, ``stats_kernel`` (one program writing
-    ``stats``, the blocked mean first, and the map ``M``) and the map sweep
+    """A training-mode forward: the sums sweep, :func:`_stats_kernel` (writing ``stats``:
+    the blocked mean, the statistic, its inverse; and the map ``M``) and the map sweep
     ``y = M (x - mu) + beta``: ``(y, M, bad)``."""
     c = beta.shape[0] // 4
     mm = beta.new_empty(c, 4, 4)
     bad = torch.empty(1, dtype=torch.int32, device=x.device)
-    beta = beta.contiguous()
     with _on_device_of(x):
         part, slabs = _gram(None, x, None, c, beta.dtype)
-        stats_kernel[(1,)](
-            part, x, weight.contiguous(), beta, *stats, mm, bad,
-            c, slabs, _strides(x)[1], _count(x), eps, **_one_program(c),
+        _stats_kernel[(1,)](
+            part, x, weight.contiguous(), *stats, mm, bad,
+            c, slabs, _strides(x)[1], _count(x), eps, WHITEN=whiten, **_one_program(c),
         )  # fmt: skip
-        y = _mix(torch.empty_like(x), mm, x, stats[0], beta)
+        y = _mix(torch.empty_like(x), mm, x, stats[0], beta.contiguous())
     return y, mm, bad
 
 
 def _backward(
-    grad_kernel: triton.JITFunction, x: Tensor, dy: Tensor, mu: Tensor,
-    saved: tuple[Tensor, ...], grads: tuple[Tensor, ...],
+    whiten: bool, x: Tensor, dy: Tensor, mu: Tensor, saved: tuple[Tensor, Tensor, Tensor],
+    grads: tuple[Tensor, Tensor],
 ) -> Tensor:  # fmt: skip
     """A training-mode backward: the cross-sums sweep of ``dy`` and ``x - mu``,
-    ``grad_kernel`` (one program: the matrices of ``dx = A dy + B (x - mu) + shift`` from
-    ``saved``, and the parameter ``grads``) and the map sweep: ``dx``."""
+    :func:`_grad_kernel` (the matrices of ``dx = A dy + B (x - mu) + shift`` from ``saved``
+    (inverse statistic, weight, ``M``), and the parameter ``grads``) and the map sweep:
+    ``dx``."""
     c = mu.shape[0] // 4
     new = mu.new_empty
     mat_a, mat_b, shift = new(c, 4, 4), new(c, 4, 4), new(4 * c)
     with _on_device_of(x):
         part, slabs = _gram(dy, x, mu, c, mu.dtype)
-        grad_kernel[(1,)](
-            part, *saved, mat_a, mat_b, shift, *grads, c, slabs, _count(x), **_one_program(c)
-        )
+        _grad_kernel[(1,)](
+            part, *saved, mat_a, mat_b, shift, *grads,
+            c, slabs, _count(x), WHITEN=whiten, **_one_program(c),
+        )  # fmt: skip
         return _mix(torch.empty_like(x), mat_b, x, mu, shift, mat_a, dy)
 
 
@@ -528,7 +482,7 @@ def whiten_forward(
     ``bad`` is a one-element int32 flag of non-finite or indefinite statistics."""
     c = gm.shape[0]
     mu, cov, w = gm.new_empty(4 * c), gm.new_empty(c, 4, 4), gm.new_empty(c, 4, 4)
-    y, mm, bad = _forward(_whiten_stats_kernel, x, gm, beta, eps, (mu, cov, w))
+    y, mm, bad = _forward(True, x, gm, beta, eps, (mu, cov, w))
     return y, mu.view(4, c).t(), cov, (mu, w, mm), bad
 
 
@@ -539,7 +493,7 @@ def whiten_backward(
     for the output gradient ``dy``; ``saved`` is its ``(mu, W, M)``."""
     mu, w, mm = saved
     dgm, dbeta = torch.empty_like(mm), torch.empty_like(mu)
-    dx = _backward(_whiten_grad_kernel, x, dy, mu, (w, gm.contiguous(), mm), (dgm, dbeta))
+    dx = _backward(True, x, dy, mu, (w, gm.contiguous(), mm), (dgm, dbeta))
     return dx, dgm, dbeta
 
 
@@ -558,7 +512,7 @@ def variance_forward(
     ``beta`` in the compute dtype: ``(y, mu (4C,) blocked, sigma2 (C,) biased, inv =
     1/sqrt(sigma2 + eps), bad)`` (``bad`` as in :func:`whiten_forward`)."""
     mu, sigma2, inv = torch.empty_like(beta), torch.empty_like(gamma), torch.empty_like(gamma)
-    y, _, bad = _forward(_variance_stats_kernel, x, gamma, beta, eps, (mu, sigma2, inv))
+    y, _, bad = _forward(False, x, gamma, beta, eps, (mu, sigma2, inv))
     return y, mu, sigma2, inv, bad
 
 
@@ -568,5 +522,6 @@ def variance_backward(
     """Gradients ``(dx, dgamma (C,), dbeta blocked (4C,))`` of :func:`variance_forward` for
     the output gradient ``dy``, from its ``mu`` and ``inv``."""
     dgamma, dbeta = torch.empty_like(gamma), torch.empty_like(mu)
-    dx = _backward(_variance_grad_kernel, x, dy, mu, (inv, gamma.contiguous()), (dgamma, dbeta))
+    saved = (inv, gamma.contiguous(), inv)  # the kernel reads no M in variance mode
+    dx = _backward(False, x, dy, mu, saved, (dgamma, dbeta))
     return dx, dgamma, dbeta
