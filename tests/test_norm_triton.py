@@ -269,8 +269,34 @@ def test_layouts_the_kernels_do_not_take_use_the_chunked_path(fused):
     x3 = torch.randn(2, 8, 3, 1, 4, device=DEVICE)
     assert qnorm._fused_norm(x3.contiguous(memory_format=torch.channels_last_3d))
     assert qnorm._fused_norm(x3[:, :, :, :, 1:3]) is None
-    y, _, _ = normalize("whiten", x[:, :, ::2, :], *inputs("whiten", (4, 8))[1:])
-    assert y.shape == (4, 8, 3, 6)
+    strided = x.double()[:, :, ::2, :]
+    gm, beta = inputs("whiten", (4, 8))[1:]
+    y, _, _ = normalize("whiten", strided, gm, beta)  # the PyTorch ops, eagerly
+    ref = qnorm._whiten_batch.__wrapped__(strided, gm, beta, 1e-5)[0]
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kernels_copy_layouts_they_do_not_take(mode):
+    """Called directly (as the compiled graphs call them), the kernels take any layout of
+    the input and the output gradient: the same results as on contiguous copies."""
+    x, weight, beta = inputs(mode, (4, 8, 6, 6))
+    dy = torch.randn_like(x)
+    forward, backward = (
+        getattr(norm_triton, f"{mode}_forward"),
+        getattr(norm_triton, f"{mode}_backward"),
+    )
+
+    def run(x, dy):
+        y, mu, stat, *saved, _ = forward(x, weight, beta, 1e-5)
+        if mode == "whiten":
+            return y, *backward(x, dy, saved[0], weight)
+        return y, *backward(x, dy, mu, saved[0], weight)
+
+    strided = (x.transpose(2, 3), dy.transpose(2, 3))  # spatial axes not on one stride
+    assert not norm_triton.supports(strided[0]) and not norm_triton.supports(strided[1])
+    for a, b in zip(run(*strided), run(*(t.contiguous() for t in strided)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 COMPILE = textwrap.dedent(

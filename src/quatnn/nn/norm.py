@@ -482,8 +482,6 @@ class _WhitenBatch(torch.autograd.Function):
             elif ctx.kernels is None:
                 dx, dgm, dbeta = _whiten_chunked_grad(x, dy, tuple(saved), gm, need_x)
             else:
-                if not ctx.kernels.supports(dy):
-                    dy = dy.contiguous()
                 dx, dgm, dbeta = ctx.kernels.whiten_backward(x, dy, tuple(saved), gm)
             dgm = dgm.to(ctx.gm_dtype) if need_gm else None
             dbeta = dbeta.to(ctx.beta_dtype) if need_beta else None
@@ -571,7 +569,8 @@ def _traced_while_compiling(
                 return kernels.apply(x, weight, beta, eps)
             with autocast_disabled(x.device.type):
                 if _TRITON_INSTALLED and x.device.type in _TRITON_DEVICES:
-                    return fused(x, weight, beta, eps)
+                    cdt = _compute_dtype(x.dtype)
+                    return fused(x, weight.to(cdt), beta.to(cdt), eps)
                 return traced(x, weight, beta, eps)
 
         return call
@@ -688,8 +687,6 @@ class _VarianceBatch(torch.autograd.Function):
         need_x, need_gamma, need_beta, _ = ctx.needs_input_grad
         with autocast_disabled(x.device.type):
             if ctx.kernels is not None:
-                if not ctx.kernels.supports(dy):
-                    dy = dy.contiguous()
                 dx, dgamma, dbeta = ctx.kernels.variance_backward(x, dy, mu, inv, gamma)
             else:
                 dx, dgamma, dbeta = _variance_chunked_grad(x, dy, mu, inv, gamma, need_x)

@@ -31,42 +31,35 @@ def _kernels() -> ModuleType:
     return importlib.import_module("quatnn.nn.norm_triton")
 
 
-def _taken(x: Tensor) -> Tensor:
-    """``x`` in a layout the kernels take (its own, or contiguous)."""
-    return x if _kernels().supports(x) else x.contiguous()
-
-
-def _like_taken(x: Tensor) -> Tensor:
+def _output_like(x: Tensor) -> Tensor:
     """An empty tensor laid out as the kernels' output for ``x`` (fake implementations)."""
-    from quatnn.nn.norm_triton import _spatial_stride  # imports Triton: lazily
-
-    return torch.empty_like(x if _spatial_stride(x) is not None else x.contiguous())
+    return torch.empty_like(_kernels().taken(x))
 
 
 @torch.library.custom_op("quatnn::whiten_batch", mutates_args=())
 def _whiten_batch(
     x: Tensor, gm: Tensor, beta: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    y, _, cov, (mu, w, mm), _ = _kernels().whiten_forward(_taken(x), gm, beta, eps)
+    y, _, cov, (mu, w, mm), _ = _kernels().whiten_forward(x, gm, beta, eps)
     return y, mu, cov, w, mm
 
 
 @_whiten_batch.register_fake
 def _(x: Tensor, gm: Tensor, beta: Tensor, eps: float):
     c = gm.shape[0]
-    return _like_taken(x), beta.new_empty(4 * c), *(gm.new_empty(c, 4, 4) for _ in range(3))
+    return _output_like(x), beta.new_empty(4 * c), *(gm.new_empty(c, 4, 4) for _ in range(3))
 
 
 @torch.library.custom_op("quatnn::whiten_batch_backward", mutates_args=())
 def _whiten_batch_backward(
     x: Tensor, dy: Tensor, mu: Tensor, w: Tensor, gm: Tensor, mm: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().whiten_backward(_taken(x), _taken(dy), (mu, w, mm), gm)
+    return _kernels().whiten_backward(x, dy, (mu, w, mm), gm)
 
 
 @_whiten_batch_backward.register_fake
 def _(x: Tensor, dy: Tensor, mu: Tensor, w: Tensor, gm: Tensor, mm: Tensor):
-    return _like_taken(x), torch.empty_like(mm), torch.empty_like(mu)
+    return _output_like(x), torch.empty_like(mm), torch.empty_like(mu)
 
 
 def _whiten_setup(ctx, inputs, output) -> None:
@@ -88,25 +81,25 @@ _whiten_batch.register_autograd(_whiten_grad, setup_context=_whiten_setup)
 def _variance_batch(
     x: Tensor, gamma: Tensor, beta: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, mu, sigma2, inv, _ = _kernels().variance_forward(_taken(x), gamma, beta, eps)
+    y, mu, sigma2, inv, _ = _kernels().variance_forward(x, gamma, beta, eps)
     return y, mu, sigma2, inv
 
 
 @_variance_batch.register_fake
 def _(x: Tensor, gamma: Tensor, beta: Tensor, eps: float):
-    return _like_taken(x), torch.empty_like(beta), torch.empty_like(gamma), torch.empty_like(gamma)
+    return _output_like(x), torch.empty_like(beta), torch.empty_like(gamma), torch.empty_like(gamma)
 
 
 @torch.library.custom_op("quatnn::variance_batch_backward", mutates_args=())
 def _variance_batch_backward(
     x: Tensor, dy: Tensor, mu: Tensor, inv: Tensor, gamma: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().variance_backward(_taken(x), _taken(dy), mu, inv, gamma)
+    return _kernels().variance_backward(x, dy, mu, inv, gamma)
 
 
 @_variance_batch_backward.register_fake
 def _(x: Tensor, dy: Tensor, mu: Tensor, inv: Tensor, gamma: Tensor):
-    return _like_taken(x), torch.empty_like(gamma), torch.empty_like(mu)
+    return _output_like(x), torch.empty_like(gamma), torch.empty_like(mu)
 
 
 def _variance_setup(ctx, inputs, output) -> None:
@@ -124,20 +117,15 @@ def _variance_grad(ctx, dy: Tensor, *_: Tensor):
 _variance_batch.register_autograd(_variance_grad, setup_context=_variance_setup)
 
 
-def _compute(t: Tensor, x: Tensor) -> Tensor:
-    """``t`` in the kernels' compute dtype for ``x`` (float64 stays, else float32)."""
-    return t.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-
-
 def whiten(x: Tensor, gm: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Training-mode whitening in the kernels: ``(y, mu (C, 4), cov (C, 4, 4))``, as the
-    norm's traced form returns them."""
-    y, mu, cov, _, _ = _whiten_batch(x, _compute(gm, x), _compute(beta, x), eps)
+    """Training-mode whitening in the kernels (``gm`` and ``beta`` in the compute dtype):
+    ``(y, mu (C, 4), cov (C, 4, 4))``, as the norm's traced form returns them."""
+    y, mu, cov, _, _ = _whiten_batch(x, gm, beta, eps)
     return y, mu.detach().view(4, -1).t(), cov.detach()
 
 
 def variance(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Training-mode variance normalization in the kernels: ``(y, mu (4C,), sigma^2
-    (C,))``, as the norm's traced form returns them."""
-    y, mu, sigma2, _ = _variance_batch(x, _compute(gamma, x), _compute(beta, x), eps)
+    """Training-mode variance normalization in the kernels (``gamma`` and ``beta`` in the
+    compute dtype): ``(y, mu (4C,), sigma^2 (C,))``, as the norm's traced form returns them."""
+    y, mu, sigma2, _ = _variance_batch(x, gamma, beta, eps)
     return y, mu.detach(), sigma2.detach()

@@ -18,11 +18,12 @@ input as ``nn.BatchNorm`` does:
 * :func:`_mix_kernel` - ``out = X (x - center) [+ G g] + shift`` per quaternion
   channel; alone, it is the eval-mode forward (:func:`affine`).
 
-Inputs are any ``(N, 4C, *S)`` tensor whose spatial axes flatten to one stride
-(contiguous and channels_last alike; a tile reads consecutive positions of one channel,
-contiguous in memory only in the contiguous layout); sums and the 4x4 algebra run in
-float32 (float64 for float64 inputs). The kernels run in Triton's interpreter on CPU
-tensors too (``TRITON_INTERPRET=1``), which is how the tests check them.
+Inputs are ``(N, 4C, *S)`` tensors; contiguous and channels_last ones are taken as they
+are (spatial axes on one stride; a tile reads consecutive positions of one channel,
+contiguous in memory only in the contiguous layout), others are copied to contiguous
+first. Sums and the 4x4 algebra run in float32 (float64 for float64 inputs). The kernels
+run in Triton's interpreter on CPU tensors too (``TRITON_INTERPRET=1``), which is how the
+tests check them.
 
 Example (:class:`quatnn.nn.QBatchNorm2d` calls these by itself on CUDA; CPU tensors need
 ``TRITON_INTERPRET=1`` set before Triton is imported):
@@ -364,6 +365,12 @@ def _capable(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (7, 0)
 
 
+def taken(t: Tensor) -> Tensor:
+    """``t`` in a layout the kernels take: itself, or a contiguous copy where its spatial
+    axes do not flatten to one stride."""
+    return t if _spatial_stride(t) is not None else t.contiguous()
+
+
 def supports(x: Tensor) -> bool:
     """Whether the kernels take ``x`` as it is: not empty, spatial axes on one stride, on a
     device Triton compiles for."""
@@ -440,7 +447,7 @@ def _forward(
     """A training-mode forward: the sums sweep, :func:`_stats_kernel` (writing ``stats``:
     the blocked mean, the statistic, its inverse; and the map ``M``) and the map sweep
     ``y = M (x - mu) + beta``: ``(y, M, bad)``."""
-    c = beta.shape[0] // 4
+    c, x = beta.shape[0] // 4, taken(x)
     mm = beta.new_empty(c, 4, 4)
     bad = torch.empty(1, dtype=torch.int32, device=x.device)
     with _on_device_of(x):
@@ -461,7 +468,7 @@ def _backward(
     :func:`_grad_kernel` (the matrices of ``dx = A dy + B (x - mu) + shift`` from ``saved``
     (inverse statistic, weight, ``M``), and the parameter ``grads``) and the map sweep:
     ``dx``."""
-    c = mu.shape[0] // 4
+    c, x, dy = mu.shape[0] // 4, taken(x), taken(dy)
     new = mu.new_empty
     mat_a, mat_b, shift = new(c, 4, 4), new(c, 4, 4), new(4 * c)
     with _on_device_of(x):
@@ -500,6 +507,7 @@ def whiten_backward(
 def affine(x: Tensor, mm: Tensor, center: Tensor, shift: Tensor) -> Tensor:
     """Eval-mode whitening ``y = M (x - center) + shift`` per channel in one launch: ``mm``
     ``(C, 4, 4)``, blocked ``center`` and ``shift`` ``(4C,)`` in the compute dtype."""
+    x = taken(x)
     with _on_device_of(x):
         out = torch.empty_like(x)
         return _mix(out, mm.contiguous(), x, center.contiguous(), shift.contiguous())
