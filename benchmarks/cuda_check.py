@@ -1,6 +1,6 @@
 """CUDA path of the quaternion layers against the float64 CPU reference (the whitening's
-fused Triton kernels included), and compiled batch norms against the eager ones (run on a
-GPU box).
+fused Triton kernels included, also as the synchronized norm's sweeps), and compiled batch
+norms against the eager ones (run on a GPU box).
 
     PYTHONPATH=src python benchmarks/cuda_check.py
 
@@ -14,7 +14,7 @@ import torch
 
 from quatnn import algebra
 from quatnn import functional as QF
-from quatnn.nn import QBatchNorm1d, QBatchNorm2d, QConv2d, QLinear
+from quatnn.nn import QBatchNorm1d, QBatchNorm2d, QConv2d, QLinear, sync_norm
 from quatnn.nn.norm import _fused_norm
 
 assert torch.cuda.is_available(), "needs a CUDA device"
@@ -149,6 +149,29 @@ for shape, layout, mode in (
         names = ("output", "grad input", "grad weight", "grad beta", "running mean", "running stat")
         for name, g, w_ in zip(names, results[1], results[0], strict=True):
             check(f"fused {mode} {tuple(shape)} {dtype} {name}", g, w_, rtol)
+# the synchronized norm's kernel path, over a stand-in group of one process (its
+# all-reduce the identity; the PyTorch-ops path's collective fails if reached), against
+# the single-process layer in float64 on the CPU
+sync_norm._all_reduce_ = lambda tensor, group: tensor
+sync_norm._all_reduce_sum = lambda tensor, group: sys.exit("the PyTorch-ops path ran")
+sync_norm.QSyncBatchNorm._group = lambda self: "stand-in group"
+for mode in ("whiten", "variance"):
+    torch.manual_seed(3)
+    bn = QBatchNorm2d(32, mode=mode).double()
+    with torch.no_grad():
+        bn.weight.add_(0.3 * torch.randn_like(bn.weight))
+        bn.bias.normal_()
+    synced = sync_norm.convert_sync_batchnorm(copy.deepcopy(bn).to(dev, torch.float32))
+    x64 = torch.randn(16, 32, 8, 8, dtype=torch.float64) * 3 + 2
+    dy64 = torch.randn(16, 32, 8, 8, dtype=torch.float64)
+    results = []
+    for layer, dt in ((bn, torch.float64), (synced, torch.float32)):
+        xg = x64.to(layer.bias.device, dt).requires_grad_()
+        yg = layer(xg)
+        grads = torch.autograd.grad(yg, (xg, layer.weight, layer.bias), dy64.to(xg))
+        results.append((yg, *grads, *list(layer.buffers())[:2]))
+    for name, g, w_ in zip(names, results[1], results[0], strict=True):
+        check(f"synchronized {mode} (kernels) {name}", g, w_, 1e-5)
 # batch norms in training, compiled (traced plain ops) against the eager CUDA kernels
 for mode in ("whiten", "variance"):
     torch.manual_seed(1)

@@ -7,13 +7,17 @@ and the bundled digits data with Lenet-300-100 (quaternion) for a few steps.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import math
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -23,7 +27,8 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 
 from quatnn import cli, train
-from quatnn.nn import NonFiniteStatistics, QBatchNorm1d, QBatchNorm2d, QConv2d, QLinear
+from quatnn.nn import NonFiniteStatistics, QBatchNorm1d, QBatchNorm2d, QConv2d, QLinear, sync_norm
+from quatnn.nn.norm import triton_norms
 from quatnn.nn.sync_norm import QSyncBatchNorm, convert_sync_batchnorm
 from quatnn.train import distributed, runner
 from quatnn.train.seeding import EpochSampler
@@ -314,6 +319,24 @@ def _batch(image: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randn(out_shape, generator=g, dtype=torch.float64)
 
 
+# The synchronized norms' backends: PyTorch ops (autograd through the collectives), and
+# where Triton is installed the fused kernels' sweeps (whiten and variance modes; in
+# Triton's interpreter here, which the root conftest.py turns on without a GPU).
+SYNC_BACKENDS = ("ops", "kernels") if importlib.util.find_spec("triton") else ("ops",)
+
+
+@contextlib.contextmanager
+def _sync_backend(backend: str) -> Iterator[None]:
+    """Run the synchronized whiten and variance norms on ``backend`` only: with
+    ``"kernels"`` the PyTorch-ops path's collective fails if it is reached."""
+    if backend == "ops":
+        yield
+        return
+    ops = mock.patch.object(sync_norm, "_all_reduce_sum", side_effect=AssertionError("ops ran"))
+    with triton_norms("cpu"), ops:
+        yield
+
+
 def _sync_bn_worker(rank: int, init_file: str, results: str) -> None:
     if Path("/sys/class/net/lo").exists():
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -321,61 +344,92 @@ def _sync_bn_worker(rank: int, init_file: str, results: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         out = {}
-        for mode, image in SYNC_CASES:
-            model = convert_sync_batchnorm(_tiny(mode, image))
-            assert sum(isinstance(m, QSyncBatchNorm) for m in model.modules()) == 1 + image
-            steps = []
-            for seed in (0, 1):  # two training steps: running statistics accumulate
-                x, g = _batch(image, seed)
-                lo, hi = SHARDS[rank]
-                xr = x[lo:hi].clone().requires_grad_()
-                model.zero_grad()
-                y = model(xr)
-                (y * g[lo:hi]).sum().backward()  # the loss of the whole batch, split
-                grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-                for grad in grads.values():
-                    dist.all_reduce(grad)
-                steps.append({"y": y.detach(), "dx": xr.grad, "grads": grads})
-            buffers = {n: b.clone() for n, b in model.named_buffers()}
-            out[f"{mode}-{image}"] = {"steps": steps, "buffers": buffers}
-        # A NaN in one process's shard: both see non-finite statistics and raise alike.
-        x, _ = _batch(True, 0)
-        x[-1, 0, 0, 0] = math.nan
-        try:
-            convert_sync_batchnorm(_tiny("whiten", True))(x[slice(*SHARDS[rank])])
-            out["nan"] = "no error"
-        except NonFiniteStatistics as err:
-            out["nan"] = str(err)
-        # One sample here and six there: a global batch of 7 (only this process reads the
-        # count back). One sample and none: a global count of 1, and both raise.
-        x = _batch(False, 2)[0][:7]
-        norm = QSyncBatchNorm(8).double()
-        out["one-sample"] = norm(x[:1] if rank == 0 else x[1:]).detach()
-        out["one-sample-buffers"] = {n: b.clone() for n, b in norm.named_buffers()}
-        try:
-            QSyncBatchNorm(8).double()(x[:1] if rank == 0 else x[:0])
-            out["count-1"] = "no error"
-        except ValueError as err:
-            out["count-1"] = str(err)
+        for backend in SYNC_BACKENDS:
+            with _sync_backend(backend):
+                out[backend] = _sync_bn_cases(rank, backend)
         torch.save(out, Path(results) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_sync_batch_norm_in_two_processes_equals_one_batch_norm_on_the_whole_batch(tmp_path):
-    mp.spawn(_sync_bn_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+def _sync_bn_cases(rank: int, backend: str) -> dict:
+    """What :func:`_sync_bn_worker` records of one backend."""
+    out = {}
+    for mode, image in SYNC_CASES:
+        if mode == "split" and backend == "kernels":  # no kernels: per real channel
+            continue
+        model = convert_sync_batchnorm(_tiny(mode, image))
+        assert sum(isinstance(m, QSyncBatchNorm) for m in model.modules()) == 1 + image
+        steps = []
+        for seed in (0, 1):  # two training steps: running statistics accumulate
+            x, g = _batch(image, seed)
+            lo, hi = SHARDS[rank]
+            xr = x[lo:hi].clone().requires_grad_()
+            model.zero_grad()
+            y = model(xr)
+            (y * g[lo:hi]).sum().backward()  # the loss of the whole batch, split
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            for grad in grads.values():
+                dist.all_reduce(grad)
+            steps.append({"y": y.detach(), "dx": xr.grad, "grads": grads})
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        out[f"{mode}-{image}"] = {"steps": steps, "buffers": buffers}
+    # A NaN in one process's shard: both see non-finite statistics and raise alike.
+    x, _ = _batch(True, 0)
+    x[-1, 0, 0, 0] = math.nan
+    try:
+        convert_sync_batchnorm(_tiny("whiten", True))(x[slice(*SHARDS[rank])])
+        out["nan"] = "no error"
+    except NonFiniteStatistics as err:
+        out["nan"] = str(err)
+    # One sample here and six there: a global batch of 7 (only this process reads the
+    # count back), trained through. One sample and none: a global count of 1; both raise.
+    x = _batch(False, 2)[0][:7]
+    norm = QSyncBatchNorm(8).double()
+    share = (x[:1] if rank == 0 else x[1:]).clone().requires_grad_()
+    y = norm(share)
+    y.sum().backward()
+    out["one-sample"] = y.detach()
+    out["one-sample-dx"] = share.grad
+    out["one-sample-buffers"] = {n: b.clone() for n, b in norm.named_buffers()}
+    try:
+        QSyncBatchNorm(8).double()(x[:1] if rank == 0 else x[:0])
+        out["count-1"] = "no error"
+    except ValueError as err:
+        out["count-1"] = str(err)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sync_bn_runs(tmp_path_factory) -> list[dict]:
+    """What each of 2 processes recorded in :func:`_sync_bn_worker`, per backend."""
+    path = tmp_path_factory.mktemp("sync_bn")
+    mp.spawn(_sync_bn_worker, args=(str(path / "init"), str(path)), nprocs=2)
+    return [torch.load(path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("backend", SYNC_BACKENDS)
+def test_sync_batch_norm_in_two_processes_equals_one_batch_norm_on_the_whole_batch(
+    sync_bn_runs, backend
+):
+    ranks = [run[backend] for run in sync_bn_runs]
     assert all("non-finite batch statistics" in ranks[r]["nan"] for r in range(2))
     assert all("in the global batch when using batch statistics, got 1" in ranks[r]["count-1"]
                for r in range(2))  # fmt: skip
-    x, norm = _batch(False, 2)[0][:7], QBatchNorm1d(8).double()
-    y = torch.cat([ranks[r]["one-sample"] for r in range(2)])
-    torch.testing.assert_close(y, norm(x).detach(), atol=1e-10, rtol=1e-8)
+    x, norm = _batch(False, 2)[0][:7].requires_grad_(), QBatchNorm1d(8).double()
+    y = norm(x)
+    y.sum().backward()
+    torch.testing.assert_close(torch.cat([ranks[r]["one-sample"] for r in range(2)]), y.detach(),
+                               atol=1e-10, rtol=1e-8)  # fmt: skip
+    dx = torch.cat([ranks[r]["one-sample-dx"] for r in range(2)])
+    torch.testing.assert_close(dx, x.grad, atol=1e-10, rtol=1e-8)
     for r in range(2):
         for name, buf in norm.named_buffers():
             torch.testing.assert_close(ranks[r]["one-sample-buffers"][name], buf, msg=name)
     close = {"atol": 1e-10, "rtol": 1e-8}
     for mode, image in SYNC_CASES:
+        if mode == "split" and backend == "kernels":
+            continue
         model = _tiny(mode, image)
         for step, seed in enumerate((0, 1)):
             x, g = _batch(image, seed)
@@ -396,31 +450,35 @@ def test_sync_batch_norm_in_two_processes_equals_one_batch_norm_on_the_whole_bat
                 torch.testing.assert_close(buffers[name], buf, **close, msg=name)
 
 
+@pytest.mark.parametrize("backend", SYNC_BACKENDS)
 @pytest.mark.parametrize("mode", ["whiten", "variance"])
-def test_sync_batch_norm_syncs_once_and_compiles_to_one_graph(monkeypatch, mode):
+def test_sync_batch_norm_syncs_once_and_compiles_to_one_graph(monkeypatch, mode, backend):
     """The synchronized path, run in one process over a stand-in group whose all-reduce is
     the identity: it equals the ordinary layer, reads nothing back to the host but its one
     finiteness check (no call of .item() while every process has 2+ values per channel),
-    and torch.compile traces it whole: a non-finite batch then gives non-finite outputs and
-    leaves the running statistics as they were (eager mode raises)."""
-    from quatnn.nn import sync_norm
-
+    and torch.compile traces it whole (the PyTorch ops: compiled, the kernels' path is not
+    taken): a non-finite batch then gives non-finite outputs and leaves the running
+    statistics as they were (eager mode raises)."""
     monkeypatch.setattr(sync_norm, "_all_reduce_sum", lambda tensor, group: tensor)
+    monkeypatch.setattr(sync_norm, "_all_reduce_", lambda tensor, group: tensor)
     monkeypatch.setattr(QSyncBatchNorm, "_group", lambda self: "stand-in group")
     torch.manual_seed(0)
     plain = QBatchNorm2d(8, mode=mode)
     synced = convert_sync_batchnorm(QBatchNorm2d(8, mode=mode))
     x = torch.randn(4, 8, 6, 6) * 2 + 1
-    item = torch.Tensor.item
-    monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("read back the count"))
-    torch.testing.assert_close(synced(x), plain(x), rtol=1e-4, atol=1e-5)
-    monkeypatch.setattr(torch.Tensor, "item", item)
-    for name, buf in plain.named_buffers():
-        torch.testing.assert_close(synced.get_buffer(name), buf, msg=name)
     bad = x.clone()
     bad[1, 2, 3, 3] = float("nan")  # component 1 of quaternion channel 0
-    with pytest.raises(NonFiniteStatistics, match="non-finite"):
-        synced(bad)
+    item = torch.Tensor.item
+    with _sync_backend(backend):
+        monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("read back the count"))
+        torch.testing.assert_close(synced(x), plain(x), rtol=1e-4, atol=1e-5)
+        monkeypatch.setattr(torch.Tensor, "item", item)
+        for name, buf in plain.named_buffers():
+            torch.testing.assert_close(synced.get_buffer(name), buf, msg=name)
+        with pytest.raises(NonFiniteStatistics, match="non-finite"):
+            synced(bad)
+    if backend != "ops":
+        return
     explained = torch._dynamo.explain(synced)(x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
     compiled = torch.compile(synced, backend="aot_eager")

@@ -344,6 +344,33 @@ def _tril_grad_sym(x: Tensor) -> Tensor:
     return 0.5 * (low + low.tril(-1).mT)
 
 
+def _whitening_map(cov: Tensor, gm: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(W, M, info)`` of a batch's biased covariance ``cov`` ``(C, 4, 4)``: ``W = L^-1``
+    for ``cov + eps I = L L^T``, ``M = Gamma W`` and ``cholesky_ex``'s ``info`` (nonzero
+    where ``cov + eps I`` is not positive definite). Differentiable."""
+    eye = _eye4(cov.dtype, cov.device)
+    chol, info = torch.linalg.cholesky_ex(torch.add(cov, eye, alpha=eps))
+    w = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    return w, torch.bmm(gm, w), info  # the 4x4 products as bmm: @ adds 5 view calls each
+
+
+def _whiten_grad_maps(
+    p: Tensor, dbeta: Tensor, w: Tensor, gm: Tensor, mm: Tensor, n: float | Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The whitening's input gradient ``dx = A dy + B (x - mu) + shift`` per channel:
+    ``(A, B, shift blocked (4C,))`` from ``P = sum_i dy_i (x_i - mu)^T`` ``(C, 4, 4)`` and
+    ``sum_i dy_i`` ``(C, 4)`` over the ``n`` values per channel, ``W``, ``Gamma``, ``M``."""
+    # Through W = L^-1 (dL = -W^T dW W^T), the Cholesky factor (V = L L^T:
+    # dV = W^T sym(L^T dL) W, and L^T dL = -dW W^T as W L = I) and V = cov + eps I:
+    # dx_i = M^T dy_i + (2/n) dV (x_i - mu) - (1/n) M^T sum_j dy_j.
+    dw = torch.bmm(gm.mT, p)
+    mat_a = mm.mT
+    sym = _tril_grad_sym(torch.bmm(dw, w.mT))
+    mat_b = torch.bmm(torch.bmm(w.mT, sym), w).mul_(-2.0 / n)
+    shift_cq = torch.bmm(mat_a, dbeta.unsqueeze(-1)).squeeze(-1).mul_(-1.0 / n)
+    return mat_a, mat_b, _cq_to_blocked(shift_cq)
+
+
 def _whiten_chunked(
     x: Tensor, gm: Tensor, beta: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
@@ -364,14 +391,11 @@ def _whiten_chunked(
     # the last chunk, x - shift, recentred in place for the output sweep
     loaded.sub_((mu_blocked - shift).view(-1, *(1,) * (x.dim() - 1)))
     cov = gram / n - delta.unsqueeze(-1) * delta.unsqueeze(-2)
-    eye = _eye4(cdt, x.device)
-    chol, info = torch.linalg.cholesky_ex(torch.add(cov, eye, alpha=eps))
+    w, mm, info = _whitening_map(cov, gm, eps)
     # A NaN/Inf anywhere in x reaches every sum of its channel, so checking the covariance
     # (one sync) is enough; large finite values that overflow are caught too.
     if _flagged(_nonfinite(cov.sum()) | info.any()):
         raise NonFiniteStatistics()
-    w = torch.linalg.solve_triangular(chol, eye.expand(c, 4, 4), upper=False)
-    mm = torch.bmm(gm, w)  # the 4x4 products as bmm: @ adds 5 view calls each
     y = torch.empty_like(x)
     _apply_4x4(ch, y, mm, x, mu_blocked, beta, loaded=loaded)
     return y, mu, cov, (mu_blocked, w, mm)
@@ -390,16 +414,9 @@ def _whiten_chunked_grad(
     dgm = torch.bmm(p, w.mT)
     dx = None
     if need_x:
-        # Through W = L^-1 (dL = -W^T dW W^T), the Cholesky factor (V = L L^T:
-        # dV = W^T sym(L^T dL) W, and L^T dL = -dW W^T as W L = I) and V = cov + eps I:
-        # dx_i = M^T dy_i + (2/n) dV (x_i - mu) - (1/n) M^T sum_j dy_j.
-        dw = torch.bmm(gm.mT, p)
-        mat_a = mm.mT
-        sym = _tril_grad_sym(torch.bmm(dw, w.mT))
-        mat_b = torch.bmm(torch.bmm(w.mT, sym), w).mul_(-2.0 / n)
-        shift_cq = torch.bmm(mat_a, dbeta.unsqueeze(-1)).squeeze(-1).mul_(-1.0 / n)
+        mat_a, mat_b, shift = _whiten_grad_maps(p, dbeta, w, gm, mm, n)
         dx = torch.empty_like(x)
-        _apply_4x4(ch, dx, mat_a, dy, None, _cq_to_blocked(shift_cq), mat_b, x, mu, loaded)
+        _apply_4x4(ch, dx, mat_a, dy, None, shift, mat_b, x, mu, loaded)
     return dx, dgm, _cq_to_blocked(dbeta)
 
 
@@ -589,10 +606,8 @@ def _whiten_batch(x: Tensor, gm: Tensor, beta: Tensor, eps: float) -> tuple[Tens
     mu = torch.stack([p.mean(dims) for p in planes])  # (4, C)
     d = [p - m.view(-1, *ones) for p, m in zip(planes, mu, strict=True)]
     cov = _sym_from_triu(torch.stack([(d[i] * d[j]).mean(dims) for i, j in _SYM_PAIRS], -1))
-    eye = _eye4(cdt, x.device)
-    chol, _ = torch.linalg.cholesky_ex(cov + eps * eye)  # NaN/Inf reach y through d
-    w = torch.linalg.solve_triangular(chol, eye.expand(c, 4, 4), upper=False)
-    y = _mix(gm.to(cdt) @ w, d, beta).to(x.dtype)
+    _, mm, _ = _whitening_map(cov, gm.to(cdt), eps)  # NaN/Inf reach y through d
+    y = _mix(mm, d, beta).to(x.dtype)
     return y, mu.detach().t(), cov.detach()  # cov biased
 
 
@@ -856,6 +871,18 @@ class _QBatchNorm(KeepsDerived):
             return _eye4(dtype, device).expand(c, 4, 4)
         return _sym_from_triu(self.weight)
 
+    def _param_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype of stand-ins for absent affine parameters: the module's own floating
+        dtype (``x``'s where it holds no tensor)."""
+        state = self.weight if self.weight is not None else self.running_mean
+        return x.dtype if state is None else state.dtype
+
+    def _gamma(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The variance mode's ``gamma`` ``(C,)``: ones without affine parameters."""
+        if self.weight is None:
+            return torch.ones(self.num_quaternions, dtype=dtype, device=device)
+        return self.weight
+
     def _beta(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         if self.bias is None:
             return torch.zeros(self.num_features, dtype=dtype, device=device)
@@ -884,9 +911,7 @@ class _QBatchNorm(KeepsDerived):
                 factor,
                 self.eps,
             )
-        # dtype of the stand-ins for absent affine parameters: the module's own floating dtype
-        state = self.weight if self.weight is not None else self.running_mean
-        pdtype = x.dtype if state is None else state.dtype
+        pdtype = self._param_dtype(x)
         if use_batch:
             n = _count(x)
             if n == 1:
@@ -906,9 +931,7 @@ class _QBatchNorm(KeepsDerived):
                 y, mu, stat = _whiten_batch(x, gm, beta, self.eps)
                 mu = _cq_to_blocked(mu)
             else:
-                gamma = self.weight
-                if gamma is None:
-                    gamma = torch.ones(self.num_quaternions, dtype=pdtype, device=x.device)
+                gamma = self._gamma(pdtype, x.device)
                 if n == 0:
                     return F.batch_norm(x, None, None, gamma.repeat(4), beta, True, 0.0, self.eps)
                 y, mu, stat = _variance_batch(x, gamma, beta, self.eps)
@@ -921,9 +944,7 @@ class _QBatchNorm(KeepsDerived):
             return y
         # Running statistics (eval mode): a fixed affine map per quaternion channel.
         if self.mode == "variance":
-            gamma = self.weight
-            if gamma is None:
-                gamma = torch.ones(self.num_quaternions, dtype=pdtype, device=x.device)
+            gamma = self._gamma(pdtype, x.device)
             return F.batch_norm(
                 x,
                 self.running_mean,

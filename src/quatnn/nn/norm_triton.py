@@ -18,6 +18,10 @@ input as ``nn.BatchNorm`` does:
 * :func:`_mix_kernel` - ``out = X (x - center) [+ G g] + shift`` per quaternion
   channel; alone, it is the eval-mode forward (:func:`affine`).
 
+The synchronized norm (:mod:`quatnn.nn.sync_norm`) uses the sweeps alone, with its 4x4
+algebra between them after all-reduces: :func:`moments`, :func:`cross_sums`,
+:func:`affine`.
+
 Inputs are ``(N, 4C, *S)`` tensors; contiguous and channels_last ones are taken as they
 are (spatial axes on one stride; a tile reads consecutive positions of one channel,
 contiguous in memory only in the contiguous layout), others are copied to contiguous
@@ -504,13 +508,46 @@ def whiten_backward(
     return dx, dgm, dbeta
 
 
-def affine(x: Tensor, mm: Tensor, center: Tensor, shift: Tensor) -> Tensor:
-    """Eval-mode whitening ``y = M (x - center) + shift`` per channel in one launch: ``mm``
-    ``(C, 4, 4)``, blocked ``center`` and ``shift`` ``(4C,)`` in the compute dtype."""
+def affine(
+    x: Tensor, mm: Tensor, center: Tensor, shift: Tensor,
+    mat_g: Tensor | None = None, g: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """``y = M (x - center) [+ G g] + shift`` per channel in one launch (the eval-mode
+    whitening; with ``G g``, the input gradient of a training pass): ``mm`` and ``mat_g``
+    ``(C, 4, 4)``, blocked ``center`` and ``shift`` ``(4C,)`` in the compute dtype, ``g``
+    shaped as ``x``."""
     x = taken(x)
+    if mat_g is not None:
+        mat_g, g = mat_g.contiguous(), taken(g)
     with _on_device_of(x):
         out = torch.empty_like(x)
-        return _mix(out, mm.contiguous(), x, center.contiguous(), shift.contiguous())
+        return _mix(out, mm.contiguous(), x, center.contiguous(), shift.contiguous(), mat_g, g)
+
+
+def moments(x: Tensor, c: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per quaternion channel of ``x`` (``(N, 4C, *S)``, not empty) in ``dtype``: the mean
+    ``(C, 4)`` and the sum of centred outer products ``sum_i (x_i - mu)(x_i - mu)^T``
+    ``(C, 4, 4)``, from one sums sweep (shifted by each channel's first value, so nothing
+    cancels): the pieces that processes combine into the statistics of their joint batch."""
+    x = taken(x)
+    with _on_device_of(x):
+        part, _ = _gram(None, x, None, c, dtype)
+    sums = part.sum(1)
+    cross, plain = sums[:, :16].view(c, 4, 4), sums[:, 16:]
+    first = x[(0, slice(None), *(0,) * (x.dim() - 2))].to(dtype).view(4, c).t()
+    delta = plain / _count(x)
+    return first + delta, cross - plain.unsqueeze(-1) * delta.unsqueeze(-2)
+
+
+def cross_sums(dy: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum_i dy_i (x_i - mu)^T (C, 4, 4), sum_i dy_i (C, 4))`` per quaternion channel, in
+    ``mu``'s dtype, for a blocked ``mu`` ``(4C,)`` and ``dy``, ``x`` ``(N, 4C, *S)``, not
+    empty: the sums a training pass's input gradient is made of."""
+    c, x, dy = mu.shape[0] // 4, taken(x), taken(dy)
+    with _on_device_of(x):
+        part, _ = _gram(dy, x, mu.contiguous(), c, mu.dtype)
+    sums = part.sum(1)
+    return sums[:, :16].view(c, 4, 4), sums[:, 16:]
 
 
 def variance_forward(

@@ -11,13 +11,24 @@ run on ``W`` processes normalizes exactly as one process would on the concatenat
 * ``"variance"``: the count, the sum and the sum of squared norms ``|x - mu|^2``.
 * ``"split"``: per real channel the count, the sum and the sum of squares.
 
-The sums go through a differentiable all-reduce (the backward pass all-reduces the
-gradients of the statistics), and the rest is written with plain autograd ops, so input,
-``weight`` and ``bias`` gradients are those of the single-process layer on the whole
-batch (slower than the fused kernels of :mod:`quatnn.nn.norm`; only used with more than
-one process). Without a process group, with one process, in eval mode (running
-statistics) or with ``track_running_stats=False`` outside training, the layer runs the
-ordinary :class:`~quatnn.nn.norm.QBatchNorm2d` code and gives identical results.
+Input gradients are those of the single-process layer on the whole batch (the backward
+pass all-reduces the sums it needs); ``weight`` and ``bias`` gradients are each process's
+own share, which DDP sums up (averages) with the other parameters' gradients. Two backends:
+
+* Where the single-process norms run the fused Triton kernels (CUDA;
+  :func:`quatnn.nn.norm.triton_norms`), the whiten and variance modes use their sweeps
+  (:mod:`quatnn.nn.norm_triton`): forward, one sums sweep per process gives its count,
+  mean and centred 4x4 moments, two small all-reduces combine them (the mean first, then
+  each process's moments moved to it, as in Chan et al.'s pairwise update), and one map
+  sweep writes the output; backward, one cross-sums sweep, one all-reduce, one map sweep.
+  The 4x4 algebra is PyTorch ops on ``(C, 4, 4)`` tensors.
+* Elsewhere, in the split mode and while torch.compile traces (one graph): the sums go
+  through a differentiable all-reduce and the rest is plain autograd ops (the global mean
+  first, then the centred second moments in a second pass).
+
+Without a process group, with one process, in eval mode (running statistics) or with
+``track_running_stats=False`` outside training, the layer runs the ordinary
+:class:`~quatnn.nn.norm.QBatchNorm2d` code and gives identical results.
 
 :func:`convert_sync_batchnorm` converts a model: quaternion batch norms (every mode) to
 :class:`QSyncBatchNorm` and real ``nn.BatchNorm*d`` to :class:`torch.nn.SyncBatchNorm`
@@ -42,19 +53,25 @@ Example:
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from quatnn.functional import autocast_disabled
+from quatnn.nn import norm
 from quatnn.nn.norm import (
     NonFiniteStatistics,
     _compute_dtype,
+    _count,
+    _cq_to_blocked,
     _eye4,
     _flagged,
     _memory_format,
     _QBatchNorm,
+    _whiten_grad_maps,
+    _whitening_map,
 )
 
 __all__ = ["QSyncBatchNorm", "convert_sync_batchnorm"]
@@ -73,6 +90,128 @@ def _all_reduce_sum(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
     from torch.distributed.nn.functional import all_reduce  # pragma: no cover
 
     return all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)  # pragma: no cover
+
+
+def _all_reduce_(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """Sum ``tensor`` over the processes of ``group`` in place (no autograd); returns it."""
+    dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def _sync_kernels(x: Tensor) -> ModuleType | None:
+    """The Triton kernels module where the single-process norms of ``x``'s device run them
+    (:func:`quatnn.nn.norm.triton_norms`), else None. Decided by the device alone, never
+    by ``x``'s shape or layout, so that every process takes the same path (and makes the
+    same collective calls), an empty share of the batch included."""
+    if x.device.type not in norm._TRITON_DEVICES:
+        return None
+    kernels = norm._triton_kernels()
+    return kernels if kernels is not None and kernels._capable(x.device) else None
+
+
+class _SyncFused(torch.autograd.Function):
+    """Training-mode whiten/variance norm over a process group with the Triton kernels'
+    sweeps (:mod:`quatnn.nn.norm_triton`) and the 4x4 algebra in PyTorch ops.
+
+    Forward: one sums sweep gives this process's count, mean and centred second moments;
+    two all-reduces combine them (the global mean first, then each process's moments
+    moved to it: ``sum_k M2_k + n_k (m_k - mu)(m_k - mu)^T``), and one map sweep writes
+    the output. Backward: one cross-sums sweep (``sum dy (x - mu)^T``, ``sum dy``), one
+    all-reduce of those, one map sweep for the input gradient. The parameter gradients
+    are this process's own (DDP averages them), as in ``nn.SyncBatchNorm``.
+
+    ``weight`` is ``Gamma`` ``(C, 4, 4)`` (whiten) or ``gamma`` ``(C,)``; returns
+    ``(y, mean blocked (4C,), statistic (biased covariance or E|x - mu|^2), global count)``.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        beta: Tensor,
+        eps: float,
+        whiten: bool,
+        group: dist.ProcessGroup,
+        kernels: ModuleType,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        cdt, c, count = _compute_dtype(x.dtype), beta.shape[0] // 4, _count(x)
+        with autocast_disabled(x.device.type):
+            weightc, betac = weight.to(cdt), beta.to(cdt)
+            if count:
+                mean, m2 = kernels.moments(x, c, cdt)
+            else:
+                mean, m2 = x.new_zeros(c, 4, dtype=cdt), x.new_zeros(c, 4, 4, dtype=cdt)
+            local = torch.cat((mean.flatten() * count, mean.new_full((1,), count)))
+            total = _all_reduce_(local, group)
+            n = total[-1]
+            _check_count(count, n)
+            mu = total[:-1].view(c, 4) / n
+            moved = (mean - mu) * math.sqrt(count)
+            cov = _all_reduce_(m2 + moved.unsqueeze(-1) * moved.unsqueeze(-2), group) / n
+            bad = torch.isfinite(cov).all().logical_not()  # not of a sum: no overflow
+            if whiten:
+                stat = cov
+                inv, mm, info = _whitening_map(cov, weightc, eps)
+                bad = bad | info.any()
+            else:
+                stat = _trace(cov)
+                inv = torch.rsqrt(stat + eps)
+                mm = _eye4(cdt, x.device) * (weightc * inv).view(c, 1, 1)
+            if _flagged(bad):  # one sync per call, every process alike
+                raise NonFiniteStatistics()
+            mu = _cq_to_blocked(mu)
+            y = kernels.affine(x, mm, mu, betac) if count else torch.empty_like(x)
+        ctx.save_for_backward(x, weightc, mu, inv, mm, n)
+        ctx.meta = (whiten, group, kernels, weight.dtype, beta.dtype)
+        ctx.mark_non_differentiable(mu, stat, n)
+        ctx.set_materialize_grads(False)
+        return y, mu, stat, n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor | None, *_stats: Tensor | None):  # type: ignore[override]
+        if dy is None:  # only the statistics had gradients: zero
+            return (None,) * 7
+        x, weight, mu, inv, mm, n = ctx.saved_tensors
+        whiten, group, kernels, weight_dtype, beta_dtype = ctx.meta
+        c = mu.shape[0] // 4
+        with autocast_disabled(x.device.type):
+            if _count(x):
+                p, s = kernels.cross_sums(dy, x, mu)
+            else:
+                p, s = mu.new_zeros(c, 4, 4), mu.new_zeros(c, 4)
+            dweight = torch.bmm(p, inv.mT) if whiten else _trace(p) * inv
+            dbeta = _cq_to_blocked(s)
+            total = _all_reduce_(torch.cat((p.flatten(), s.flatten())), group)
+            p, s = total[: 16 * c].view(c, 4, 4), total[16 * c :].view(c, 4)
+            if whiten:
+                mat_a, mat_b, shift = _whiten_grad_maps(p, s, inv, weight, mm, n)
+            else:
+                eye, scale = _eye4(mu.dtype, x.device), weight * inv
+                mat_a = eye * scale.view(c, 1, 1)
+                mat_b = eye * (-scale * inv.square() * _trace(p) / n).view(c, 1, 1)
+                shift = _cq_to_blocked(-(scale.unsqueeze(-1) * s) / n)
+            dx = kernels.affine(x, mat_b, mu, shift, mat_a, dy) if _count(x) else None
+        grads = dweight.to(weight_dtype), dbeta.to(beta_dtype)
+        return dx, *grads, None, None, None, None
+
+
+def _trace(m: Tensor) -> Tensor:
+    """Traces ``(C,)`` of ``(C, 4, 4)`` matrices."""
+    return m.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def _check_count(count: int, n: Tensor) -> None:
+    """Raise unless the global batch (``n``, at least this process's ``count``) has more
+    than one value per channel. It is read back (a device sync, and a graph break under
+    torch.compile) only when ``count`` cannot decide; processes that read it all see the
+    same value, so they raise alike."""
+    if count <= 1 and (global_count := int(n.item())) <= 1:
+        raise ValueError(
+            "QSyncBatchNorm: expected more than 1 value per channel in the global batch "
+            f"when using batch statistics, got {global_count}"
+        )
 
 
 class QSyncBatchNorm(_QBatchNorm):
@@ -119,6 +258,26 @@ class QSyncBatchNorm(_QBatchNorm):
             return super().forward(x)
         self._check_input(x)
         factor = self._momentum_factor()
+        kernels = None
+        if self.mode != "split" and not torch.compiler.is_compiling():
+            kernels = _sync_kernels(x)
+        if kernels is None:
+            y, mean, stat, n = self._synced(x, group)
+        else:
+            pdtype, whiten = self._param_dtype(x), self.mode == "whiten"
+            weight = (self._gamma_matrix if whiten else self._gamma)(pdtype, x.device)
+            beta = self._beta(pdtype, x.device)
+            y, mean, stat, n = _SyncFused.apply(x, weight, beta, self.eps, whiten, group, kernels)
+        if self.training and self.track_running_stats:  # traced: bad statistics change nothing
+            traced_bad = None
+            if torch.compiler.is_compiling():
+                traced_bad = torch.isfinite(stat).all().logical_not()
+            self._update_running(mean, stat, n, factor, traced_bad)
+        return y
+
+    def _synced(self, x: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, ...]:
+        """``(y, blocked mean, biased statistic, global count)`` in differentiable PyTorch
+        ops and collectives (traced whole by torch.compile)."""
         parts = 1 if self.mode == "split" else 4  # components per channel
         channels = self.num_features // parts
         cdt = _compute_dtype(x.dtype)
@@ -130,14 +289,7 @@ class QSyncBatchNorm(_QBatchNorm):
             local = torch.cat((xs.sum((0, 3)).reshape(-1), xs.new_full((1,), count)))
             total = _all_reduce_sum(local, group)
             n = total[-1]
-            # The global count is at least this process's own: it is read back (a device
-            # sync, and a graph break under torch.compile) only when that cannot decide.
-            # Processes that read it all see the same value, so they raise alike.
-            if count <= 1 and (global_count := int(n.item())) <= 1:
-                raise ValueError(
-                    f"{type(self).__name__}: expected more than 1 value per channel in the "
-                    f"global batch when using batch statistics, got {global_count}"
-                )
+            _check_count(count, n)
             mean = total[:-1].view(1, parts, channels, 1) / n
             d = xs - mean
             # Pass 2: centered second moments.
@@ -153,11 +305,8 @@ class QSyncBatchNorm(_QBatchNorm):
                 raise NonFiniteStatistics()
             if self.bias is not None:
                 y = y + self.bias.to(cdt).view(1, parts, channels, 1)
-        if self.training and self.track_running_stats:  # traced: bad statistics change nothing
-            traced_bad = bad if torch.compiler.is_compiling() else None
-            self._update_running(mean.reshape(-1), stat, n, factor, traced_bad)
         out = y.reshape(x.shape).to(x.dtype)
-        return out.contiguous(memory_format=_memory_format(x))
+        return out.contiguous(memory_format=_memory_format(x)), mean.reshape(-1), stat, n
 
     def _normalize(self, d: Tensor, stat: Tensor, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
         """``d`` (centered, ``(N, parts, C, M)``) normalized with the batch statistic
@@ -165,10 +314,7 @@ class QSyncBatchNorm(_QBatchNorm):
         (non-finite, or a covariance + eps I that is not positive definite)."""
         bad = torch.isfinite(stat.detach()).all().logical_not()  # not of a sum: no overflow
         if self.mode == "whiten":
-            eye = _eye4(cdt, d.device)
-            chol, info = torch.linalg.cholesky_ex(stat + self.eps * eye)
-            w = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-            m = self._gamma_matrix(cdt, d.device).to(cdt) @ w  # (C, 4, 4)
+            _, m, info = _whitening_map(stat, self._gamma_matrix(cdt, d.device).to(cdt), self.eps)
             return torch.einsum("cij,njcm->nicm", m, d), bad | info.any()
         scale = torch.rsqrt(stat + self.eps)
         if self.weight is not None:
