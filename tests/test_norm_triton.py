@@ -306,8 +306,10 @@ COMPILE = textwrap.dedent(
     from triton.compiler import ASTSource
     from quatnn.nn import norm_triton as K
 
-    # Triton's launcher passes integers equal to 1 as constants: as for BatchNorm1d
-    ONES = {"s_total", "a_s", "b_s", "x_s", "g_s", "o_s", "slabs"}
+    # Triton's launcher passes integers equal to 1 as constants: as for BatchNorm1d, and
+    # the synchronized norm's one-program calls (one slab of sums over one value, the
+    # mean read with stride 1)
+    ONES = {"s_total", "a_s", "b_s", "x_s", "g_s", "o_s", "slabs", "x_c", "count"}
     # both modes, with few channels and with many
     ONE_PROGRAM = [dict(WHITEN=w, **K._one_program(c)) for w in (True, False) for c in (4, 512)]
     CONSTEXPRS = {

@@ -354,23 +354,6 @@ def _whitening_map(cov: Tensor, gm: Tensor, eps: float) -> tuple[Tensor, Tensor,
     return w, torch.bmm(gm, w), info  # the 4x4 products as bmm: @ adds 5 view calls each
 
 
-def _whiten_grad_maps(
-    p: Tensor, dbeta: Tensor, w: Tensor, gm: Tensor, mm: Tensor, n: float | Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The whitening's input gradient ``dx = A dy + B (x - mu) + shift`` per channel:
-    ``(A, B, shift blocked (4C,))`` from ``P = sum_i dy_i (x_i - mu)^T`` ``(C, 4, 4)`` and
-    ``sum_i dy_i`` ``(C, 4)`` over the ``n`` values per channel, ``W``, ``Gamma``, ``M``."""
-    # Through W = L^-1 (dL = -W^T dW W^T), the Cholesky factor (V = L L^T:
-    # dV = W^T sym(L^T dL) W, and L^T dL = -dW W^T as W L = I) and V = cov + eps I:
-    # dx_i = M^T dy_i + (2/n) dV (x_i - mu) - (1/n) M^T sum_j dy_j.
-    dw = torch.bmm(gm.mT, p)
-    mat_a = mm.mT
-    sym = _tril_grad_sym(torch.bmm(dw, w.mT))
-    mat_b = torch.bmm(torch.bmm(w.mT, sym), w).mul_(-2.0 / n)
-    shift_cq = torch.bmm(mat_a, dbeta.unsqueeze(-1)).squeeze(-1).mul_(-1.0 / n)
-    return mat_a, mat_b, _cq_to_blocked(shift_cq)
-
-
 def _whiten_chunked(
     x: Tensor, gm: Tensor, beta: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor]]:
@@ -414,9 +397,16 @@ def _whiten_chunked_grad(
     dgm = torch.bmm(p, w.mT)
     dx = None
     if need_x:
-        mat_a, mat_b, shift = _whiten_grad_maps(p, dbeta, w, gm, mm, n)
+        # Through W = L^-1 (dL = -W^T dW W^T), the Cholesky factor (V = L L^T:
+        # dV = W^T sym(L^T dL) W, and L^T dL = -dW W^T as W L = I) and V = cov + eps I:
+        # dx_i = M^T dy_i + (2/n) dV (x_i - mu) - (1/n) M^T sum_j dy_j.
+        dw = torch.bmm(gm.mT, p)
+        mat_a = mm.mT
+        sym = _tril_grad_sym(torch.bmm(dw, w.mT))
+        mat_b = torch.bmm(torch.bmm(w.mT, sym), w).mul_(-2.0 / n)
+        shift_cq = torch.bmm(mat_a, dbeta.unsqueeze(-1)).squeeze(-1).mul_(-1.0 / n)
         dx = torch.empty_like(x)
-        _apply_4x4(ch, dx, mat_a, dy, None, shift, mat_b, x, mu, loaded)
+        _apply_4x4(ch, dx, mat_a, dy, None, _cq_to_blocked(shift_cq), mat_b, x, mu, loaded)
     return dx, dgm, _cq_to_blocked(dbeta)
 
 

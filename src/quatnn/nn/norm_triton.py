@@ -18,9 +18,10 @@ input as ``nn.BatchNorm`` does:
 * :func:`_mix_kernel` - ``out = X (x - center) [+ G g] + shift`` per quaternion
   channel; alone, it is the eval-mode forward (:func:`affine`).
 
-The synchronized norm (:mod:`quatnn.nn.sync_norm`) uses the sweeps alone, with its 4x4
-algebra between them after all-reduces: :func:`moments`, :func:`cross_sums`,
-:func:`affine`.
+The synchronized norm (:mod:`quatnn.nn.sync_norm`) calls the steps one by one, with
+all-reduces between them: :func:`moments` and :func:`cross_sums` (sums sweeps),
+:func:`maps` and :func:`gradient_maps` (the one-program kernels on the combined sums),
+:func:`affine` (map sweeps).
 
 Inputs are ``(N, 4C, *S)`` tensors; contiguous and channels_last ones are taken as they
 are (spatial axes on one stride; a tile reads consecutive positions of one channel,
@@ -524,32 +525,6 @@ def affine(
         return _mix(out, mm.contiguous(), x, center.contiguous(), shift.contiguous(), mat_g, g)
 
 
-def moments(x: Tensor, c: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Per quaternion channel of ``x`` (``(N, 4C, *S)``, not empty) in ``dtype``: the mean
-    ``(C, 4)`` and the sum of centred outer products ``sum_i (x_i - mu)(x_i - mu)^T``
-    ``(C, 4, 4)``, from one sums sweep (shifted by each channel's first value, so nothing
-    cancels): the pieces that processes combine into the statistics of their joint batch."""
-    x = taken(x)
-    with _on_device_of(x):
-        part, _ = _gram(None, x, None, c, dtype)
-    sums = part.sum(1)
-    cross, plain = sums[:, :16].view(c, 4, 4), sums[:, 16:]
-    first = x[(0, slice(None), *(0,) * (x.dim() - 2))].to(dtype).view(4, c).t()
-    delta = plain / _count(x)
-    return first + delta, cross - plain.unsqueeze(-1) * delta.unsqueeze(-2)
-
-
-def cross_sums(dy: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum_i dy_i (x_i - mu)^T (C, 4, 4), sum_i dy_i (C, 4))`` per quaternion channel, in
-    ``mu``'s dtype, for a blocked ``mu`` ``(4C,)`` and ``dy``, ``x`` ``(N, 4C, *S)``, not
-    empty: the sums a training pass's input gradient is made of."""
-    c, x, dy = mu.shape[0] // 4, taken(x), taken(dy)
-    with _on_device_of(x):
-        part, _ = _gram(dy, x, mu.contiguous(), c, mu.dtype)
-    sums = part.sum(1)
-    return sums[:, :16].view(c, 4, 4), sums[:, 16:]
-
-
 def variance_forward(
     x: Tensor, gamma: Tensor, beta: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -570,3 +545,67 @@ def variance_backward(
     saved = (inv, gamma.contiguous(), inv)  # the kernel reads no M in variance mode
     dx = _backward(False, x, dy, mu, saved, (dgamma, dbeta))
     return dx, dgamma, dbeta
+
+
+def moments(x: Tensor, c: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per quaternion channel of ``x`` (``(N, 4C, *S)``, not empty) in ``dtype``: the mean
+    ``(C, 4)`` and the sum of centred outer products ``sum_i (x_i - mu)(x_i - mu)^T``
+    ``(C, 4, 4)``, from one sums sweep (shifted by each channel's first value, so nothing
+    cancels): what processes combine into the statistics of their joint batch."""
+    x = taken(x)
+    with _on_device_of(x):
+        part, _ = _gram(None, x, None, c, dtype)
+    sums = part.sum(1)
+    cross, plain = sums[:, :16].view(c, 4, 4), sums[:, 16:]
+    first = x[(0, slice(None), *(0,) * (x.dim() - 2))].view(4, c).t()
+    delta = plain / _count(x)
+    return first + delta, cross - plain.unsqueeze(-1) * delta.unsqueeze(-2)
+
+
+def cross_sums(dy: Tensor, x: Tensor, mu: Tensor) -> Tensor:
+    """Rows ``(C, 20)``: per quaternion channel ``sum_i dy_i (x_i - mu)^T`` (16, row-major)
+    then ``sum_i dy_i`` (4), in ``mu``'s dtype, for a blocked ``mu`` ``(4C,)`` and ``dy``,
+    ``x`` ``(N, 4C, *S)``, not empty: the sums an input gradient is made of."""
+    c, x, dy = mu.shape[0] // 4, taken(x), taken(dy)
+    with _on_device_of(x):
+        part, _ = _gram(dy, x, mu.contiguous(), c, mu.dtype)
+    return part.sum(1)
+
+
+def maps(
+    whiten: bool, mu: Tensor, cov: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_stats_kernel` on given statistics (one launch): from a blocked mean ``mu``
+    ``(4C,)`` and a biased covariance ``cov`` ``(C, 4, 4)`` (handed to it as one slab of
+    centred sums over one value), ``(statistic, inverse, M, bad)`` as in
+    :func:`whiten_forward` / :func:`variance_forward` (``weight`` is ``Gamma`` or
+    ``gamma``)."""
+    c, whole = mu.shape[0] // 4, (mu.shape[0] // 4, 4, 4)
+    part = torch.cat((cov.reshape(c, 16), cov.new_zeros(c, 4)), 1)
+    stat, inv = (cov.new_empty(whole), cov.new_empty(whole)) if whiten else cov.new_empty(2, c)
+    mm, bad = cov.new_empty(whole), torch.empty(1, dtype=torch.int32, device=mu.device)
+    with _on_device_of(mu):
+        _stats_kernel[(1,)](
+            part, mu, weight.contiguous(), torch.empty_like(mu), stat, inv, mm, bad,
+            c, 1, 1, 1, eps, WHITEN=whiten, **_one_program(c),
+        )  # fmt: skip
+    return stat, inv, mm, bad
+
+
+def gradient_maps(
+    whiten: bool, means: Tensor, saved: tuple[Tensor, Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_grad_kernel` on given sums (one launch): from rows ``(C, 20)`` of
+    :func:`cross_sums` divided by the count, the matrices ``(A, B, shift blocked)`` of
+    ``dx = A dy + B (x - mu) + shift``; ``saved`` is ``(inverse, weight, M)`` of
+    :func:`maps`."""
+    c = means.shape[0]
+    new = means.new_empty
+    mat_a, mat_b, shift = new(c, 4, 4), new(c, 4, 4), new(4 * c)
+    unused = (new(c, 4, 4) if whiten else new(c), new(4 * c))  # parameter gradients
+    with _on_device_of(means):
+        _grad_kernel[(1,)](
+            means.contiguous(), *(t.contiguous() for t in saved), mat_a, mat_b, shift, *unused,
+            c, 1, 1, WHITEN=whiten, **_one_program(c),
+        )  # fmt: skip
+    return mat_a, mat_b, shift

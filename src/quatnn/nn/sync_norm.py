@@ -16,12 +16,12 @@ pass all-reduces the sums it needs); ``weight`` and ``bias`` gradients are each 
 own share, which DDP sums up (averages) with the other parameters' gradients. Two backends:
 
 * Where the single-process norms run the fused Triton kernels (CUDA;
-  :func:`quatnn.nn.norm.triton_norms`), the whiten and variance modes use their sweeps
-  (:mod:`quatnn.nn.norm_triton`): forward, one sums sweep per process gives its count,
-  mean and centred 4x4 moments, two small all-reduces combine them (the mean first, then
-  each process's moments moved to it, as in Chan et al.'s pairwise update), and one map
-  sweep writes the output; backward, one cross-sums sweep, one all-reduce, one map sweep.
-  The 4x4 algebra is PyTorch ops on ``(C, 4, 4)`` tensors.
+  :func:`quatnn.nn.norm.triton_norms`), the whiten and variance modes run them too
+  (:mod:`quatnn.nn.norm_triton`), step by step: forward, one sums sweep per process gives
+  its count, mean and centred 4x4 moments, two small all-reduces combine them (the mean
+  first, then each process's moments moved to it, as in Chan et al.'s pairwise update),
+  one program does the 4x4 algebra and one map sweep writes the output; backward, one
+  cross-sums sweep, one all-reduce, one program, one map sweep.
 * Elsewhere, in the split mode and while torch.compile traces (one graph): the sums go
   through a differentiable all-reduce and the rest is plain autograd ops (the global mean
   first, then the centred second moments in a second pass).
@@ -66,11 +66,9 @@ from quatnn.nn.norm import (
     _compute_dtype,
     _count,
     _cq_to_blocked,
-    _eye4,
     _flagged,
     _memory_format,
     _QBatchNorm,
-    _whiten_grad_maps,
     _whitening_map,
 )
 
@@ -110,15 +108,15 @@ def _sync_kernels(x: Tensor) -> ModuleType | None:
 
 
 class _SyncFused(torch.autograd.Function):
-    """Training-mode whiten/variance norm over a process group with the Triton kernels'
-    sweeps (:mod:`quatnn.nn.norm_triton`) and the 4x4 algebra in PyTorch ops.
+    """Training-mode whiten/variance norm over a process group with the Triton kernels
+    (:mod:`quatnn.nn.norm_triton`), called step by step around the all-reduces.
 
-    Forward: one sums sweep gives this process's count, mean and centred second moments;
-    two all-reduces combine them (the global mean first, then each process's moments
-    moved to it: ``sum_k M2_k + n_k (m_k - mu)(m_k - mu)^T``), and one map sweep writes
-    the output. Backward: one cross-sums sweep (``sum dy (x - mu)^T``, ``sum dy``), one
-    all-reduce of those, one map sweep for the input gradient. The parameter gradients
-    are this process's own (DDP averages them), as in ``nn.SyncBatchNorm``.
+    Forward: one sums sweep gives this process's mean and centred second moments; two
+    all-reduces combine them (the global mean first, then each process's moments moved to
+    it: ``sum_k M2_k + n_k (m_k - mu)(m_k - mu)^T``); one program does the 4x4 algebra and
+    one map sweep writes the output. Backward: one cross-sums sweep, one all-reduce, one
+    program for the gradient's matrices, one map sweep. The parameter gradients are this
+    process's own share (DDP sums them up), as in ``nn.SyncBatchNorm``.
 
     ``weight`` is ``Gamma`` ``(C, 4, 4)`` (whiten) or ``gamma`` ``(C,)``; returns
     ``(y, mean blocked (4C,), statistic (biased covariance or E|x - mu|^2), global count)``.
@@ -148,19 +146,11 @@ class _SyncFused(torch.autograd.Function):
             _check_count(count, n)
             mu = total[:-1].view(c, 4) / n
             moved = (mean - mu) * math.sqrt(count)
-            cov = _all_reduce_(m2 + moved.unsqueeze(-1) * moved.unsqueeze(-2), group) / n
-            bad = torch.isfinite(cov).all().logical_not()  # not of a sum: no overflow
-            if whiten:
-                stat = cov
-                inv, mm, info = _whitening_map(cov, weightc, eps)
-                bad = bad | info.any()
-            else:
-                stat = _trace(cov)
-                inv = torch.rsqrt(stat + eps)
-                mm = _eye4(cdt, x.device) * (weightc * inv).view(c, 1, 1)
+            cov = _all_reduce_(torch.baddbmm(m2, moved.unsqueeze(-1), moved.unsqueeze(-2)), group)
+            mu = _cq_to_blocked(mu)
+            stat, inv, mm, bad = kernels.maps(whiten, mu, cov / n, weightc, eps)
             if _flagged(bad):  # one sync per call, every process alike
                 raise NonFiniteStatistics()
-            mu = _cq_to_blocked(mu)
             y = kernels.affine(x, mm, mu, betac) if count else torch.empty_like(x)
         ctx.save_for_backward(x, weightc, mu, inv, mm, n)
         ctx.meta = (whiten, group, kernels, weight.dtype, beta.dtype)
@@ -177,24 +167,14 @@ class _SyncFused(torch.autograd.Function):
         whiten, group, kernels, weight_dtype, beta_dtype = ctx.meta
         c = mu.shape[0] // 4
         with autocast_disabled(x.device.type):
-            if _count(x):
-                p, s = kernels.cross_sums(dy, x, mu)
-            else:
-                p, s = mu.new_zeros(c, 4, 4), mu.new_zeros(c, 4)
+            sums = kernels.cross_sums(dy, x, mu) if _count(x) else mu.new_zeros(c, 20)
+            p = sums[:, :16].view(c, 4, 4)  # sum dy (x - mu)^T, then sum dy: this process's
             dweight = torch.bmm(p, inv.mT) if whiten else _trace(p) * inv
-            dbeta = _cq_to_blocked(s)
-            total = _all_reduce_(torch.cat((p.flatten(), s.flatten())), group)
-            p, s = total[: 16 * c].view(c, 4, 4), total[16 * c :].view(c, 4)
-            if whiten:
-                mat_a, mat_b, shift = _whiten_grad_maps(p, s, inv, weight, mm, n)
-            else:
-                eye, scale = _eye4(mu.dtype, x.device), weight * inv
-                mat_a = eye * scale.view(c, 1, 1)
-                mat_b = eye * (-scale * inv.square() * _trace(p) / n).view(c, 1, 1)
-                shift = _cq_to_blocked(-(scale.unsqueeze(-1) * s) / n)
+            dbeta = _cq_to_blocked(sums[:, 16:])
+            means = _all_reduce_(sums, group) / n
+            mat_a, mat_b, shift = kernels.gradient_maps(whiten, means, (inv, weight, mm))
             dx = kernels.affine(x, mat_b, mu, shift, mat_a, dy) if _count(x) else None
-        grads = dweight.to(weight_dtype), dbeta.to(beta_dtype)
-        return dx, *grads, None, None, None, None
+        return dx, dweight.to(weight_dtype), dbeta.to(beta_dtype), None, None, None, None
 
 
 def _trace(m: Tensor) -> Tensor:
