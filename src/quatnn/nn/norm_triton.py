@@ -580,7 +580,7 @@ def maps(
     centred sums over one value), ``(statistic, inverse, M, bad)`` as in
     :func:`whiten_forward` / :func:`variance_forward` (``weight`` is ``Gamma`` or
     ``gamma``)."""
-    c, whole = mu.shape[0] // 4, (mu.shape[0] // 4, 4, 4)
+    c, whole, mu = mu.shape[0] // 4, (mu.shape[0] // 4, 4, 4), mu.contiguous()
     part = torch.cat((cov.reshape(c, 16), cov.new_zeros(c, 4)), 1)
     stat, inv = (cov.new_empty(whole), cov.new_empty(whole)) if whiten else cov.new_empty(2, c)
     mm, bad = cov.new_empty(whole), torch.empty(1, dtype=torch.int32, device=mu.device)
