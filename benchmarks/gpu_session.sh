@@ -12,8 +12,9 @@
 # bounds the quaternion models on the GPU in eager mode; compiling the quaternion
 # ResNet-20 took about 100 s on an H200, hence its limit. The steps run most telling first
 # (the norms' Triton kernels, first compiled by Triton in cuda_check, are checked and
-# timed before anything else); their limits add up to 780 s, so under a 600 s limit on the
-# whole script the last steps (measured before, on code they still run) are the ones cut.
+# timed before anything else, then what their per-call NaN read-back costs ResNet-20);
+# their limits add up to 830 s, so under a 600 s limit on the whole script the last steps
+# (measured before, on code they still run) are the ones cut.
 # Conv-6 at batch 512 is bound by the GPU rather than the host: there rank8's halved
 # multiplies (forced) can show against cuDNN.
 set -u
@@ -37,6 +38,7 @@ step bench_norm_resnet20 30 python -m quatnn bench norm --device cuda --batch 12
     --channels 16 --size 32 --out "$out/norm_resnet20.csv"
 step bench_train_resnet20 60 python -m quatnn bench train --model resnet20 \
     --batch 128 --steps 100 --device cuda --out "$out/train_resnet20.csv"
+step norm_sync_cost 50 python benchmarks/norm_sync_cost.py --device cuda --steps 30
 step bench_train 50 python -m quatnn bench train --model conv6 --device cuda --out "$out/train.csv"
 step bench_train_b512 40 python -m quatnn bench train --model conv6 --batch 512 --steps 40 \
     --device cuda --out "$out/train_b512.csv"
