@@ -839,3 +839,21 @@ def test_eval_whitening_is_cached_until_statistics_or_weight_move(monkeypatch):
     bn.weight.data.mul_(0.5)  # bypasses the version counter ...
     bn.eval()  # ... so, as for fold_cache, a mode switch drops the cache
     check()
+
+
+def test_norm_sync_cost_benchmark_runs_with_and_without_the_read_back():
+    """benchmarks/norm_sync_cost.py (run on GPUs) trains with the check and with it patched
+    out; here on CPU, at a tiny size: both rows and their ratio come out."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "norm_sync_cost.py"
+    argv = ["--model", "resnet20", "--batch", "4", "--steps", "2"]
+    done = subprocess.run(
+        [sys.executable, str(script), *argv, "--rounds", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| checked (as shipped) |" in done.stdout and "| read-back skipped |" in done.stdout
+    assert "skipping the read-back:" in done.stdout
