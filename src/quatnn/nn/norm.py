@@ -438,12 +438,19 @@ def triton_norms(*devices: str) -> Iterator[None]:
         _TRITON_DEVICES = outside
 
 
-def _fused_norm(x: Tensor) -> ModuleType | None:
-    """The Triton kernels module if the norms of ``x`` run on it (a device
-    in :data:`_TRITON_DEVICES`, Triton installed, a layout the kernels take), else None."""
-    if x.device.type not in _TRITON_DEVICES:
+def _kernels_for(device: torch.device) -> ModuleType | None:
+    """The Triton kernels module if the norms on ``device`` run on it (a device type in
+    :data:`_TRITON_DEVICES`, Triton installed, a GPU it compiles for), else None."""
+    if device.type not in _TRITON_DEVICES:
         return None
     kernels = _triton_kernels()
+    return kernels if kernels is not None and kernels._capable(device) else None
+
+
+def _fused_norm(x: Tensor) -> ModuleType | None:
+    """:func:`_kernels_for` ``x``'s device, where the kernels take ``x`` as it is (not
+    empty, a layout they read), else None."""
+    kernels = _kernels_for(x.device)
     return kernels if kernels is not None and kernels.supports(x) else None
 
 

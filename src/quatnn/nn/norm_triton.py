@@ -51,6 +51,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from quatnn.nn.norm import _count
+
 # Positions per tile of the sweeps (each program walks its slab tile by tile).
 _BLOCK = 128
 # Channels per step of the single-program 4x4 algebra (at most), and partial-sum rows it
@@ -354,11 +356,6 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
     spatial = _spatial_stride(t)
     assert spatial is not None
     return t.stride(0), t.stride(1), spatial
-
-
-def _count(x: Tensor) -> int:
-    """Values per real channel."""
-    return x.numel() // x.shape[1]
 
 
 @functools.cache

@@ -96,17 +96,6 @@ def _all_reduce_(tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
     return tensor
 
 
-def _sync_kernels(x: Tensor) -> ModuleType | None:
-    """The Triton kernels module where the single-process norms of ``x``'s device run them
-    (:func:`quatnn.nn.norm.triton_norms`), else None. Decided by the device alone, never
-    by ``x``'s shape or layout, so that every process takes the same path (and makes the
-    same collective calls), an empty share of the batch included."""
-    if x.device.type not in norm._TRITON_DEVICES:
-        return None
-    kernels = norm._triton_kernels()
-    return kernels if kernels is not None and kernels._capable(x.device) else None
-
-
 class _SyncFused(torch.autograd.Function):
     """Training-mode whiten/variance norm over a process group with the Triton kernels
     (:mod:`quatnn.nn.norm_triton`), called step by step around the all-reduces.
@@ -238,9 +227,11 @@ class QSyncBatchNorm(_QBatchNorm):
             return super().forward(x)
         self._check_input(x)
         factor = self._momentum_factor()
+        # Chosen by the device alone, never by x's shape or layout, so that every process
+        # takes the same path (and makes the same collective calls), an empty share included.
         kernels = None
         if self.mode != "split" and not torch.compiler.is_compiling():
-            kernels = _sync_kernels(x)
+            kernels = norm._kernels_for(x.device)
         if kernels is None:
             y, mean, stat, n = self._synced(x, group)
         else:
