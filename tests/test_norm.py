@@ -133,6 +133,36 @@ def test_whiten_float32_on_offset_data():
     torch.testing.assert_close(mu, torch.zeros_like(mu), atol=4e-6, rtol=0)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_on_offset_data_matches_float64(mode):
+    # means of 2,000 standard deviations: sums of squares (sum x^2 - n mu^2, or of
+    # x (x - mu)) lose every digit in float32 there; centred sums lose ~1e-4
+    g = torch.Generator().manual_seed(3)
+    x64 = torch.randn(32, 16, 6, 6, generator=g, dtype=torch.float64) + 2000.0
+    dy = torch.randn(x64.shape, generator=g, dtype=torch.float64)
+    bn32 = QBatchNorm2d(16, mode=mode, momentum=1.0)
+    with torch.no_grad():
+        for p in bn32.parameters():
+            p.uniform_(0.5, 1.5, generator=g)
+    bn64 = copy.deepcopy(bn32).double()
+    x32 = x64.float().requires_grad_()
+    x64.requires_grad_()
+    y32, y64 = bn32(x32), bn64(x64)
+    y32.backward(dy.float())
+    y64.backward(dy)
+    torch.testing.assert_close(y32.detach().double(), y64.detach(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        x32.grad.double(), x64.grad, atol=1e-4 * x64.grad.abs().max(), rtol=0
+    )
+    for p32, p64 in zip(bn32.parameters(), bn64.parameters()):
+        torch.testing.assert_close(
+            p32.grad.double(), p64.grad, atol=1e-3 * p64.grad.abs().max(), rtol=0
+        )
+    for (name, b32), b64 in zip(bn32.named_buffers(), bn64.buffers()):
+        if b32.is_floating_point():
+            torch.testing.assert_close(b32.double(), b64, rtol=1e-3, atol=1e-3, msg=name)
+
+
 @pytest.mark.parametrize(
     ("cls", "shape"),
     [
