@@ -392,12 +392,21 @@ def _convolve_backward(g: _Conv, grad: Tensor, x: Tensor, w: Tensor, which: int)
     )[which]
 
 
-def _no_double_backward() -> None:
-    if torch.is_grad_enabled():  # backward(create_graph=True) records a graph
-        raise RuntimeError(
-            "quatnn: the rank8 algorithm does not support double backward "
-            "(create_graph=True); use algorithm='block' for higher-order gradients"
-        )
+def _block_grads(
+    need: Sequence[bool], x: Tensor, weight: Tensor, grad: Tensor, conv: _Conv | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """The input and weight gradients (where ``need``-ed) of the same product (a linear
+    map, or ``conv``) in block's differentiable ops for ``grad``, recorded: what a rank-8
+    backward returns when asked for a graph (``create_graph=True``: double backward,
+    gradient penalties)."""
+    inputs = [t for t, n in zip((x, weight), need, strict=True) if n]
+    with torch.enable_grad():
+        if conv is None:
+            y = F.linear(x, block_weight(weight))
+        else:
+            y = _block_conv(conv, x, block_weight(weight, conv.groups, conv.transposed))
+        grads = iter(torch.autograd.grad(y, inputs, grad, create_graph=True))
+    return next(grads) if need[0] else None, next(grads) if need[1] else None
 
 
 class _Rank8Linear(torch.autograd.Function):
@@ -425,12 +434,14 @@ class _Rank8Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        _no_double_backward()
         x, gx, gw, weight = ctx.saved_tensors
+        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if torch.is_grad_enabled():  # create_graph=True
+            return *_block_grads(ctx.needs_input_grad[:2], x, weight, grad), grad_bias
         xs, gs = _components(x), _components(grad)
         dq = torch.empty_like(gs, memory_format=torch.contiguous_format)
         _butterfly(gs, _POST, out=dq)
-        grad_x = grad_w = grad_bias = None
+        grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             du = torch.baddbmm(grad.new_zeros(()), dq, gw, beta=0, alpha=_Q_SCALE)
             grad_x = grad.new_empty(len(grad), 4 * weight.shape[2])
@@ -444,8 +455,6 @@ class _Rank8Linear(torch.autograd.Function):
             _butterfly(dv, _PRE_T, out=grad_w)
             for k in range(4):
                 grad_w[k].addmm_(gs[_R_OUT[k]].T, xs[_R_IN[k]], alpha=_R_SCALE)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(0)
         return grad_x, grad_w, grad_bias
 
 
@@ -487,7 +496,7 @@ class _Rank8Conv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, conv: _Conv) -> Tensor:
         w8 = _conv_weights(weight)
-        ctx.save_for_backward(x, w8)
+        ctx.save_for_backward(x, w8, weight)
         ctx.conv = conv
         bias4 = [None] * 4 if bias is None else bias.view(4, -1).unbind()
         y = None
@@ -506,10 +515,12 @@ class _Rank8Conv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-        _no_double_backward()
-        x, w8 = ctx.saved_tensors
+        x, w8, weight = ctx.saved_tensors
         conv: _Conv = ctx.conv
         need_x, need_w, need_bias = ctx.needs_input_grad[:3]
+        grad_bias = grad.sum([0, *range(2, grad.dim())]) if need_bias else None
+        if torch.is_grad_enabled():  # create_graph=True
+            return *_block_grads((need_x, need_w), x, weight, grad, conv), grad_bias, None
         grad_x = torch.empty_like(x) if need_x else None
         grads8 = torch.zeros_like(w8) if need_w else None  # summed over the chunks
         for rows in _chunks(x, grad):
@@ -532,7 +543,6 @@ class _Rank8Conv(torch.autograd.Function):
             grad_w = torch.empty_like(grads8[:4])
             _butterfly(grads8[:4].mul_(_Q_SCALE), _PRE_T, out=grad_w)
             grad_w.add_(grads8[4:], alpha=_R_SCALE)
-        grad_bias = grad.sum([0, *range(2, grad.dim())]) if need_bias else None
         return grad_x, grad_w, grad_bias, None
 
 
@@ -583,6 +593,13 @@ def _given(folded: _Folded, x: Tensor, weight: Tensor, on_products: bool) -> Ten
     return folded() if callable(folded) else folded
 
 
+def _plus_bias(y: Tensor, bias: Tensor | None, nd: int) -> Tensor:
+    """``y + bias`` over the channel axis (the last one when ``nd`` is 0, else 1 of
+    ``nd`` spatial dims), in ``y``'s dtype: under autocast a float32 bias must not promote
+    the 16-bit result, as it does not in torch's layers."""
+    return y if bias is None else y + bias.to(y.dtype).view(-1, *([1] * nd))
+
+
 def quaternion_linear(
     x: Tensor,
     weight: Tensor,
@@ -617,8 +634,7 @@ def quaternion_linear(
         given = _given(folded, x, weight, on_products)
         if given is None and on_products:
             z = torch.mm(x.reshape(4 * rows, -1), weight.reshape(-1, weight.shape[2]).t())
-            y = _sum_products(z, rows).view(*x.shape[:-1], -1)
-            return y if bias is None else y + bias
+            return _plus_bias(_sum_products(z, rows).view(*x.shape[:-1], -1), bias, 0)
         return F.linear(x, block_weight(weight) if given is None else given, bias)
     y = _rank8_apply(_Rank8Linear, x.reshape(rows, n_in), weight, bias)
     return y.view(*x.shape[:-1], y.shape[-1])
@@ -725,13 +741,16 @@ def quaternion_conv(
     if w is None and on_products:
         stacked = weight.transpose(0, 1).flatten(1, 2) if transposed else weight.flatten(0, 1)
         z = _convolve(conv, x.reshape(4 * x.shape[0], n_in_q, *x.shape[2:]), stacked)
-        y = _sum_products(z, x.shape[0])
-        return y if bias is None else y + bias.view(1, -1, *([1] * nd))
-    if w is None:
-        w = block_weight(weight, groups, transposed)
-    if groups == 1:
+        return _plus_bias(_sum_products(z, x.shape[0]), bias, nd)
+    return _block_conv(conv, x, block_weight(weight, groups, transposed) if w is None else w, bias)
+
+
+def _block_conv(conv: _Conv, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Block's convolution with the folded weight ``w`` (grouped: on the group-major
+    channel order the folded weight has)."""
+    if conv.groups == 1:
         return _convolve(conv, x, w, bias)
     layout = _memory_format(x)  # kept through the channel permutations, as torch does
-    xg = _to_group_major(x, groups).contiguous(memory_format=layout)
-    y = _from_group_major(_convolve(conv, xg, w), groups).contiguous(memory_format=layout)
-    return y if bias is None else y + bias.view(1, -1, *([1] * nd))
+    xg = _to_group_major(x, conv.groups).contiguous(memory_format=layout)
+    y = _from_group_major(_convolve(conv, xg, w), conv.groups).contiguous(memory_format=layout)
+    return _plus_bias(y, bias, x.dim() - 2)

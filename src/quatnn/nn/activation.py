@@ -35,8 +35,8 @@ class QModReLU(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.num_features, self.dim, self.eps = num_features, dim, eps
         units = quaternion_units("QModReLU", "num_features", num_features)
+        self.num_features, self.dim, self.eps = 4 * units, dim, eps
         self.bias = nn.Parameter(torch.zeros(units, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:

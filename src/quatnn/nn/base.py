@@ -3,23 +3,50 @@ and the keeping of values derived from a module's tensors (:class:`KeepsDerived`
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from quatnn import functional as QF
 from quatnn.nn import init
 
 
 def quaternion_units(owner: str, name: str, value: int) -> int:
-    """``value // 4``, or a ValueError naming the argument when ``value`` is no multiple of 4."""
-    if not isinstance(value, int) or value <= 0 or value % 4:
+    """``value // 4`` for an integer ``value`` (any type with ``__index__``, such as
+    numpy's), or a ValueError naming the argument when it is no positive multiple of 4."""
+    try:
+        size = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        size = None
+    if size is None or size <= 0 or size % 4:
+        kind = "" if size is not None else f" ({type(value).__name__}, not an integer)"
         raise ValueError(
             f"{owner}: {name} must be a positive multiple of 4 (4 real numbers per "
-            f"quaternion, sizes are in real units), got {value}"
+            f"quaternion, sizes are in real units), got {value!r}{kind}"
         )
-    return value // 4
+    return size // 4
+
+
+_STEPS = [0]  # optimizer steps taken in this process, once counting has started
+
+
+def _optimizer_steps() -> int:
+    """Optimizer steps taken in this process (counted from the first call on, by a global
+    step hook: one integer increment a step)."""
+    _count_optimizer_steps()
+    return _STEPS[0]
+
+
+@functools.cache
+def _count_optimizer_steps() -> None:
+    def count(*_: object) -> None:
+        _STEPS[0] += 1
+
+    register_optimizer_step_post_hook(count)
 
 
 class KeepsDerived(nn.Module):
@@ -35,12 +62,12 @@ class KeepsDerived(nn.Module):
         self, name: str, tensors: Sequence[Tensor], compute: Callable[[], Tensor], *extra: object
     ) -> Tensor | None:
         """``compute()``, kept under ``name`` and reused until one of ``tensors`` is
-        replaced or updated in place (any update autograd sees: an optimizer step,
-        ``load_state_dict``, running statistics) or ``extra`` changes; a ``train()``/
-        ``eval()`` call also catches updates that bypass the version counters (``.data``,
-        fused optimizer steps). None where nothing can be kept: while gradients are
-        recorded, under torch.func transforms or torch.compile, and for inference tensors
-        (no version counter)."""
+        replaced or updated in place (any update autograd sees: ``load_state_dict``,
+        running statistics), any optimizer steps (fused optimizers update parameters without
+        bumping their version counters), or ``extra`` changes; a ``train()``/``eval()`` call
+        also catches edits through ``.data``, which bypass the version counters. None where
+        nothing can be kept: while gradients are recorded, under torch.func transforms or
+        torch.compile, and for inference tensors (no version counter)."""
         if (
             torch.is_grad_enabled()
             or QF.transforming()
@@ -48,7 +75,8 @@ class KeepsDerived(nn.Module):
             or any(t.is_inference() for t in tensors)
         ):
             return None
-        key = (*((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors), *extra)
+        steps = _optimizer_steps()
+        key = (*((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors), steps, *extra)
         kept = self.__dict__.setdefault("_kept_values", {})
         if name not in kept or kept[name][0] != key:
             kept[name] = (key, compute())

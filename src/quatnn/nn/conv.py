@@ -70,7 +70,7 @@ class _QConvNd(QuaternionLayer):
                 f"{name}: padding must be an int, a tuple, 'same' or 'valid', got {padding!r}"
             )
         nd = self._nd
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.in_channels, self.out_channels, self.groups = 4 * q_in, 4 * q_out, groups
         self.kernel_size = QF._tuple(kernel_size, nd, "kernel_size", 1)
         self.stride = QF._tuple(stride, nd, "stride", 1)
         self.dilation = QF._tuple(dilation, nd, "dilation", 1)

@@ -46,7 +46,7 @@ class QLinear(QuaternionLayer):
         super().__init__()
         q_in = quaternion_units("QLinear", "in_features", in_features)
         q_out = quaternion_units("QLinear", "out_features", out_features)
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features = 4 * q_in, 4 * q_out
         self.algorithm, self.init_criterion, self.fold_cache = algorithm, init_criterion, fold_cache
         self._check_options()
         kw = {"device": device, "dtype": dtype}
