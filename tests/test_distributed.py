@@ -515,6 +515,8 @@ def test_convert_sync_batchnorm_keeps_parameters_buffers_and_results():
         assert torch.equal(plain(x), synced(x))
     for a, b in zip(plain.buffers(), synced.buffers(), strict=True):
         assert torch.equal(a, b)
+    bare = convert_sync_batchnorm(QBatchNorm2d(8, bias=False))
+    assert type(bare) is QSyncBatchNorm and bare.bias is None and bare.weight is not None
 
 
 # ------------------------------------------------------------------------------ sweeps

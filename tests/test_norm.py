@@ -8,6 +8,7 @@ import math
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -154,11 +155,11 @@ def test_float32_on_offset_data_matches_float64(mode):
     torch.testing.assert_close(
         x32.grad.double(), x64.grad, atol=1e-4 * x64.grad.abs().max(), rtol=0
     )
-    for p32, p64 in zip(bn32.parameters(), bn64.parameters()):
+    for p32, p64 in zip(bn32.parameters(), bn64.parameters(), strict=True):
         torch.testing.assert_close(
             p32.grad.double(), p64.grad, atol=1e-3 * p64.grad.abs().max(), rtol=0
         )
-    for (name, b32), b64 in zip(bn32.named_buffers(), bn64.buffers()):
+    for (name, b32), b64 in zip(bn32.named_buffers(), bn64.buffers(), strict=True):
         if b32.is_floating_point():
             torch.testing.assert_close(b32.double(), b64, rtol=1e-3, atol=1e-3, msg=name)
 
@@ -708,6 +709,12 @@ def test_eval_under_torch_func_transforms():
 def test_errors():
     with pytest.raises(ValueError, match="num_features.*6"):
         QBatchNorm2d(6)
+    with pytest.raises(ValueError, match=r"num_features.*8\.0 \(float, not an integer\)"):
+        QBatchNorm2d(8.0)
+    assert QBatchNorm2d(np.int64(8)).num_features == 8  # numpy's integers are integers
+    for mode in MODES:  # rather than integer statistics (and a truncated output)
+        with pytest.raises(TypeError, match="floating-point input.*torch.int64"):
+            QBatchNorm2d(8, mode=mode)(torch.randint(-5, 5, (4, 8, 3, 3)))
     with pytest.raises(ValueError, match="mode"):
         QBatchNorm2d(8, mode="zca")
     bn = QBatchNorm2d(8)
@@ -833,10 +840,34 @@ def test_convert_batchnorm():
     assert isinstance(single, QBatchNorm3d) and single.mode == "variance"
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_batchnorm_without_bias(mode):
+    """``bias=False`` (as torch.nn's batch norms): a learnable Gamma, no learnable shift,
+    and convert_batchnorm keeps it so."""
+    torch.manual_seed(2)
+    bn = QBatchNorm2d(8, mode=mode, bias=False)
+    assert bn.bias is None and "bias=False" in repr(bn)
+    assert [name for name, _ in bn.named_parameters()] == ["weight"]
+    full = QBatchNorm2d(8, mode=mode)
+    full.load_state_dict(bn.state_dict(), strict=False)  # the same Gamma, beta 0
+    x = torch.randn(6, 8, 3, 3)
+    torch.testing.assert_close(bn(x), full(x))
+    bn.eval()
+    full.eval()
+    torch.testing.assert_close(bn(x), full(x))
+    real = nn.BatchNorm2d(8, bias=False)
+    real(x * 2 + 1)  # running statistics away from the start
+    real.eval()
+    converted = convert_batchnorm(copy.deepcopy(real), mode=mode)
+    assert converted.bias is None and converted.weight is not None
+    if mode == "split":
+        assert torch.equal(converted(x), real(x))
+
+
 def test_eval_whitening_is_cached_until_statistics_or_weight_move(monkeypatch):
     """Under no_grad, eval-mode whitening factorizes the running covariance once; an
-    in-place update of it, a loaded state, an optimizer step, and a .data edit followed
-    by eval() each give the output of a fresh copy with the same state."""
+    in-place update of it, a loaded state, an optimizer step (fused too), and a .data edit
+    followed by eval() each give the output of a fresh copy with the same state."""
     torch.manual_seed(0)
     bn, x = QBatchNorm2d(8), torch.randn(6, 8, 3, 3)
     bn(torch.randn(6, 8, 3, 3) * 3 + 1)  # running statistics away from the identity
@@ -866,6 +897,10 @@ def test_eval_whitening_is_cached_until_statistics_or_weight_move(monkeypatch):
     opt = torch.optim.SGD(bn.parameters(), lr=0.5)
     bn(x).square().sum().backward()  # eval mode with grad: computed afresh, not cached
     opt.step()
+    check()
+    fused = torch.optim.Adam(bn.parameters(), lr=0.5, fused=True)  # bumps no version
+    bn(x).square().sum().backward()
+    fused.step()
     check()
     bn.weight.data.mul_(0.5)  # bypasses the version counter ...
     bn.eval()  # ... so, as for fold_cache, a mode switch drops the cache

@@ -78,7 +78,7 @@ from torch import Tensor, nn
 
 from quatnn.functional import _constant_cache, autocast_disabled, transforming
 from quatnn.nn import norm_ops
-from quatnn.nn.base import KeepsDerived
+from quatnn.nn.base import KeepsDerived, quaternion_units
 
 __all__ = [
     "NonFiniteStatistics",
@@ -770,21 +770,19 @@ class _QBatchNorm(KeepsDerived):
         track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if not isinstance(num_features, int) or num_features <= 0 or num_features % 4:
-            raise ValueError(
-                f"{name}: num_features must be a positive multiple of 4 (real units, 4 per "
-                f"quaternion), got num_features={num_features}"
-            )
+        c = quaternion_units(name, "num_features", num_features)
         if mode not in _MODES:
             raise ValueError(f"{name}: mode must be one of {_MODES}, got mode={mode!r}")
         if eps <= 0 and mode != "split":
             raise ValueError(f"{name}: eps must be > 0 for mode={mode!r}, got eps={eps}")
         kw = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.num_quaternions = c = num_features // 4
+        self.num_features = num_features = 4 * c
+        self.num_quaternions = c
         self.mode = mode
         self.eps = eps
         self.momentum = momentum
@@ -793,9 +791,11 @@ class _QBatchNorm(KeepsDerived):
         if affine:
             wshape = {"whiten": (c, 10), "variance": (c,), "split": (num_features,)}[mode]
             self.weight = nn.Parameter(torch.empty(wshape, **kw))
-            self.bias = nn.Parameter(torch.empty(num_features, **kw))
         else:
             self.register_parameter("weight", None)
+        if affine and bias:
+            self.bias = nn.Parameter(torch.empty(num_features, **kw))
+        else:
             self.register_parameter("bias", None)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **kw))
@@ -835,17 +835,21 @@ class _QBatchNorm(KeepsDerived):
                     self.weight[:, list(_TRIU_DIAG)] = 0.5
                 else:
                     self.weight.fill_(1.0)
-                self.bias.zero_()
+                if self.bias is not None:
+                    self.bias.zero_()
 
     def extra_repr(self) -> str:
+        no_bias = ", bias=False" if self.affine and self.bias is None else ""
         return (
             f"{self.num_features}, mode={self.mode!r}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
+            f"track_running_stats={self.track_running_stats}{no_bias}"
         )
 
     def _check_input(self, x: Tensor) -> None:
         name = type(self).__name__
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point input, got dtype {x.dtype}")
         if x.dim() not in self._input_dims:
             raise ValueError(
                 f"{name}: expected input of shape {self._shape_text}, got a {x.dim()}D input "
@@ -1010,8 +1014,9 @@ class QBatchNorm1d(_QBatchNorm):
     Args:
         num_features: real channels ``C`` (divisible by 4).
         mode: ``"whiten"`` (default), ``"variance"`` or ``"split"`` (see the module docs).
-        eps, momentum, affine, track_running_stats, device, dtype: as in
-            :class:`torch.nn.BatchNorm1d` (``momentum=None``: cumulative average).
+        eps, momentum, affine, track_running_stats, device, dtype, bias: as in
+            :class:`torch.nn.BatchNorm1d` (``momentum=None``: cumulative average;
+            ``bias=False``: no learnable shift).
 
     Parameters: ``weight`` is ``(C/4, 10)`` (upper triangle of the symmetric Gamma, row
     major) for whiten, ``(C/4,)`` for variance and ``(C,)`` for split; ``bias`` is ``(C,)``.
@@ -1151,10 +1156,10 @@ def convert_batchnorm(model: nn.Module, mode: str = "whiten") -> nn.Module:
     quaternion batch norm of the same rank, in place; returns the model (a new module when
     ``model`` itself is a batch norm, as :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`).
 
-    ``eps``, ``momentum``, ``affine``, ``track_running_stats``, the training flag, device and
-    dtype are copied. In ``"split"`` mode the weights, biases and running statistics are
-    copied exactly (the result computes the same function); in the other modes their shapes
-    differ, so the new layers start from their own initialization.
+    ``eps``, ``momentum``, ``affine``, ``bias`` (present or not), ``track_running_stats``, the
+    training flag, device and dtype are copied. In ``"split"`` mode the weights, biases and
+    running statistics are copied exactly (the result computes the same function); in the
+    other modes their shapes differ, so the new layers start from their own initialization.
 
     Example:
         >>> import torch
@@ -1180,14 +1185,15 @@ def convert_batchnorm(model: nn.Module, mode: str = "whiten") -> nn.Module:
             track_running_stats=model.track_running_stats,
             device=None if ref is None else ref.device,
             dtype=None if ref is None or not ref.is_floating_point() else ref.dtype,
+            bias=model.bias is not None,
         )
         if mode == "split":
             with torch.no_grad():
-                if model.affine:
-                    new.weight.copy_(model.weight)
-                    new.bias.copy_(model.bias)
-                    new.weight.requires_grad_(model.weight.requires_grad)
-                    new.bias.requires_grad_(model.bias.requires_grad)
+                for name in ("weight", "bias"):
+                    old, param = getattr(model, name), getattr(new, name)
+                    if old is not None:
+                        param.copy_(old)
+                        param.requires_grad_(old.requires_grad)
                 if model.track_running_stats:
                     new.running_mean.copy_(model.running_mean)
                     new.running_var.copy_(model.running_var)

@@ -207,9 +207,11 @@ class QSyncBatchNorm(_QBatchNorm):
         process_group: dist.ProcessGroup | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__(
-            num_features, mode, eps, momentum, affine, track_running_stats, device, dtype
+            num_features, mode, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
         self.process_group = process_group
 
@@ -308,6 +310,7 @@ def _sync_copy(module: _QBatchNorm, process_group: dist.ProcessGroup | None) -> 
         process_group=process_group,
         device=None if ref is None else ref.device,
         dtype=None if ref is None or not ref.is_floating_point() else ref.dtype,
+        bias=module.bias is not None,
     )
     for name, param in module.named_parameters(recurse=False):
         setattr(new, name, param)
