@@ -1,5 +1,6 @@
 import copy
 import functools
+import pickle
 import types
 
 import numpy as np
@@ -725,6 +726,8 @@ def test_dropout_drops_whole_quaternions():
     chan = QDropout(0.5, spatial=True)(torch.ones(8, 16, 3, 3))
     per_channel = algebra.to_explicit(chan, 1)
     assert torch.equal(per_channel.amin((2, 3, 4)), per_channel.amax((2, 3, 4)))
+    with pytest.raises(ValueError, match="spatial=True.*axis 2 is the last"):  # nothing to span
+        QDropout(0.5, dim=-1, spatial=True).eval()(torch.ones(3, 5, 8))
 
 
 def test_modrelu():
@@ -742,6 +745,24 @@ def test_modrelu():
     assert tokens.shape == (2, 3, 8)
     with pytest.raises(ValueError, match="num_features=8"):
         act(torch.randn(2, 12))
+    assert act(x.detach().bfloat16()).dtype == torch.bfloat16  # not promoted by its bias
+    act.reset_parameters()  # b = 0 again (after meta-device init and to_empty, say)
+    torch.testing.assert_close(act(x), x)
+
+
+def test_pickles_and_copies_leave_kept_values_behind():
+    """A fold kept for inference is computed again where needed, not saved with the
+    module (it is 4x the weight)."""
+    layer = QLinear(64, 64, fold_cache=True).eval()
+    with torch.no_grad():
+        y = layer(torch.ones(80, 64))  # block: the fold is kept
+        assert "_kept_values" in layer.__dict__
+    size = len(pickle.dumps(layer))
+    assert size < len(pickle.dumps(QLinear(64, 64))) + 2000
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert "_kept_values" not in copied.__dict__
+        with torch.no_grad():
+            assert torch.equal(copied(torch.ones(80, 64)), y)
 
 
 def test_split_activation_is_componentwise():

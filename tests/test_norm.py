@@ -779,6 +779,19 @@ def test_layer_norm_statistics():
     assert QLayerNorm(8, elementwise_affine=False).weight is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_16_bit_inputs(dtype):
+    """Float32 statistics and parameters, the output in the input's dtype (nn.LayerNorm)."""
+    torch.manual_seed(4)
+    ln, x = QLayerNorm(16), torch.randn(3, 5, 16) * 4 + 2
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 2)
+        ln.bias.normal_()
+    y = ln(x.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), ln(x.to(dtype).float()), atol=1e-2, rtol=1e-2)
+
+
 def test_layer_norm_equivariant_to_unit_quaternion():
     torch.manual_seed(12)
     x = torch.randn(7, 16, dtype=torch.float64)

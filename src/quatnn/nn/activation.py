@@ -37,7 +37,12 @@ class QModReLU(nn.Module):
         super().__init__()
         units = quaternion_units("QModReLU", "num_features", num_features)
         self.num_features, self.dim, self.eps = 4 * units, dim, eps
-        self.bias = nn.Parameter(torch.zeros(units, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(units, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``b = 0``: the identity on the norms."""
+        nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         dim = self.dim % x.dim()
@@ -48,7 +53,7 @@ class QModReLU(nn.Module):
             )
         q = x.unflatten(dim, (4, -1))
         modulus = torch.linalg.vector_norm(q, dim=dim, keepdim=True)
-        b = self.bias.view(-1, *([1] * (x.dim() - dim - 1)))
+        b = self.bias.to(x.dtype).view(-1, *([1] * (x.dim() - dim - 1)))
         scale = torch.relu(modulus + b) / modulus.clamp_min(self.eps)
         return (q * scale).flatten(dim, dim + 1)
 

@@ -58,6 +58,13 @@ class KeepsDerived(nn.Module):
         self.__dict__.pop("_kept_values", None)
         return super().train(mode)
 
+    def __getstate__(self) -> dict:
+        """The module's state without the kept values (pickles and copies stay the size of
+        the parameters; the values are computed again where needed)."""
+        state = dict(super().__getstate__())
+        state.pop("_kept_values", None)
+        return state
+
     def _kept(
         self, name: str, tensors: Sequence[Tensor], compute: Callable[[], Tensor], *extra: object
     ) -> Tensor | None:

@@ -26,11 +26,16 @@ class QDropout(nn.Module):
         self.p, self.dim, self.spatial = p, dim, spatial
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
-            return x
         dim = self.dim % x.dim()
         if x.shape[dim] % 4:
             raise ValueError(f"QDropout: axis {dim} has size {x.shape[dim]}, not divisible by 4")
+        if self.spatial and dim == x.dim() - 1:
+            raise ValueError(
+                f"QDropout: spatial=True drops channels over the axes after the feature axis, "
+                f"but axis {dim} is the last of a {x.dim()}-d input"
+            )
+        if not self.training or self.p == 0.0:
+            return x
         q = x.unflatten(dim, (4, -1))
         shape = list(q.shape)
         shape[dim] = 1

@@ -1131,17 +1131,18 @@ class QLayerNorm(nn.Module):
                 f"QLayerNorm: expected the last axis of size {self.normalized_shape[0]}, got "
                 f"input of shape {tuple(x.shape)}"
             )
-        c = self.num_quaternions
-        xq = x.unflatten(-1, (4, c))
+        c, cdt = self.num_quaternions, _compute_dtype(x.dtype)
+        xq = x.unflatten(-1, (4, c)).to(cdt)  # 16-bit inputs: float32 statistics
         if xq.numel():
             var, mu = torch.var_mean(xq, dim=-1, correction=0, keepdim=True)
         else:  # no tokens (var_mean would warn): the empty statistics
             var = mu = xq[..., :1]
         inv = torch.rsqrt(var.sum(-2, keepdim=True) + self.eps)
         if self.weight is None:
-            return ((xq - mu) * inv).flatten(-2)
-        y = torch.addcmul(self.bias.view(4, c), xq - mu, inv * self.weight)
-        return y.flatten(-2)
+            y = (xq - mu) * inv
+        else:
+            y = torch.addcmul(self.bias.to(cdt).view(4, c), xq - mu, inv * self.weight.to(cdt))
+        return y.flatten(-2).to(x.dtype)  # in the input's dtype, as nn.LayerNorm
 
 
 _CONVERT = {
