@@ -472,6 +472,9 @@ def test_device_dtype_kwargs_and_extra_repr():
     assert layer.weight.dtype == torch.float64 and layer.bias.dtype == torch.float64
     assert "groups=2" in repr(layer) and "algorithm='auto'" in repr(layer)
     assert "in_features=8" in repr(QLinear(8, 4))
+    assert "init_criterion" not in repr(layer) and "fold_cache" not in repr(layer)  # defaults
+    shown = repr(QLinear(8, 4, init_criterion="glorot", fold_cache=True))
+    assert shown.endswith("algorithm='auto', init_criterion='glorot', fold_cache=True)")
 
 
 def _assert_current(layer: QLinear, x: torch.Tensor) -> torch.Tensor:

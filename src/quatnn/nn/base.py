@@ -117,6 +117,13 @@ class QuaternionLayer(KeepsDerived):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    def _options_repr(self) -> str:
+        """The algorithm, and the init criterion and fold cache where not the default."""
+        s = f"algorithm={self.algorithm!r}"
+        if self.init_criterion != "he":
+            s += f", init_criterion={self.init_criterion!r}"
+        return s + (", fold_cache=True" if self.fold_cache else "")
+
     def _check_options(self) -> None:
         if self.algorithm not in QF.ALGORITHMS:
             raise ValueError(f"algorithm must be one of {QF.ALGORITHMS}, got {self.algorithm!r}")

@@ -136,7 +136,7 @@ class _QConvNd(QuaternionLayer):
             s += ", bias=False"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
-        return s + f", algorithm={self.algorithm!r}"
+        return f"{s}, {self._options_repr()}"
 
 
 class QConv1d(_QConvNd):

@@ -66,5 +66,5 @@ class QLinear(QuaternionLayer):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, algorithm={self.algorithm!r}"
+            f"bias={self.bias is not None}, {self._options_repr()}"
         )
