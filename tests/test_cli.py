@@ -425,8 +425,13 @@ def test_run_folder_errors(tmp_path, capsys, digits_run):
     assert f"nothing to resume: {tmp_path} holds no run" in run("--resume", str(tmp_path))
     (tmp_path / "notes.txt").write_text("mine")
     line = run("--out", str(tmp_path), "--overwrite")
-    assert "is not empty and holds no quatnn run" in line
+    assert "holds no quatnn run (no config.toml), not a run; choose another --out" in line
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "compare.toml").write_text("")  # a comparison (of no runs yet)
+    line = run("--resume", str(tmp_path))
+    assert "holds a comparison, not a run; --resume takes the folder of one run" in line
+    line = _error_line(capsys, ["compare", "--out", str(digits_run), *QUIET])
+    assert f"{digits_run} holds a run, not a comparison; choose another --out" in line
     line = run("--dataset", "mnist", "--data-dir", str(tmp_path / "none"), "--no-download")
     assert "dataset 'mnist' not found" in line
     bad = tmp_path / "bad.toml"
@@ -440,6 +445,7 @@ def test_run_folder_errors(tmp_path, capsys, digits_run):
         (lambda path: path.write_bytes(b"PK\x03\x04 not a zip"), "is corrupt or not a checkpoint"),
         (lambda path: torch.save({"model": {}}, path), "is not a quatnn checkpoint"),
         (lambda path: path.write_bytes(b""), "is corrupt or not a checkpoint"),
+        (lambda path: path.write_bytes(b"garbage\n"), "not a checkpoint (Unsupported operand"),
         (lambda path: path.unlink(), "no checkpoint.pt to resume from"),
     ],
 )
@@ -450,7 +456,7 @@ def test_damaged_checkpoint_is_refused_on_resume(tmp_path, capsys, damage, messa
     (out / "summary.json").unlink()  # as if it had been interrupted
     damage(out / "checkpoint.pt")
     line = _error_line(capsys, ["train", "--resume", str(out), *QUIET])
-    assert message in line
+    assert message in line and "weights_only" not in line  # not torch's unsafe advice
     assert (out / "config.toml").is_file() and len(_metrics(out)) == 1  # nothing lost
 
 

@@ -111,6 +111,8 @@ def test_individual_run_folders_unfinished_and_empty_runs(tmp_path):
     assert "| quaternion | 1 (1 unfinished) | 1 | ? | - |" in result.table
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert f"left out): {c}" in markdown
+    assert "Unfinished runs (quaternion) count with their latest epoch" in markdown
+    assert "Unfinished" not in report.write_report([a], out=tmp_path / "done").files[0].read_text()
 
 
 def test_several_models_are_labelled_and_compared_within_their_own_model(tmp_path):
@@ -229,6 +231,8 @@ def test_the_same_settings_and_seed_in_two_folders_are_kept_and_noted(comparison
         "- quaternion: seed 0 in several run folders with the same settings (copies or "
         "reruns); each counts as a run, so its spread is not over distinct seeds."
     ]
+    rows_note = (comparison / "report.md").read_text().split("- Rows:")[1].splitlines()[0]
+    assert "backend" in rows_note and "levels" not in rows_note  # no lottery bookkeeping here
 
 
 def _write_lottery(folder: Path, seeds: tuple[int, ...], rate: float, levels: int) -> None:

@@ -13,7 +13,7 @@ import torch
 from fixtures_data import write_cifar10, write_mnist
 
 from quatnn import data, models, train
-from quatnn.train import checkpoint
+from quatnn.train import checkpoint, runner
 from quatnn.train.config import dumps_toml, load_config, parse_option, tomllib
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -44,6 +44,21 @@ class StopAt(train.Callback):
             raise self.error
 
 
+def test_interrupt_between_epochs_names_the_epoch_kept(tmp_path, monkeypatch):
+    """A Ctrl-C held back while the checkpoint was written arrives once it is in place."""
+    write = runner.RunWriter.on_epoch_end
+
+    def then_interrupt(*args: object) -> None:
+        write(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.RunWriter, "on_epoch_end", then_interrupt)
+    cfg = train.TrainConfig(variant="real", epochs=3, device="cpu", max_steps=4)
+    with pytest.raises(train.Interrupted, match="interrupted after epoch 1, which .*checkpoint"):
+        train.train(cfg, tmp_path / "run", progress="off")
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
 class PoisonAt(train.Callback):
     """Set a weight of parameter ``index`` to NaN after optimizer step ``step``, so the
     next loss is NaN."""
@@ -68,6 +83,10 @@ def test_config_toml_round_trip_and_precedence(tmp_path):
     assert extra == {"seeds": [0, 1]}
     with pytest.raises(train.RunError, match="compare recipe"):
         load_config(recipe, {})
+    shipped = Path(__file__).parents[1] / "experiments" / "lottery_conv4_cifar10.toml"
+    with pytest.raises(train.RunError, match="lottery recipe.*run it with quatnn lottery"):
+        load_config(shipped, {}, compare=True)
+    assert "lottery" in load_config(shipped, {}, compare=True, keep=("lottery",))[1]
     assert parse_option("small_input=false") == ("small_input", False)
 
 
@@ -102,9 +121,13 @@ def test_resume_after_interrupt_reproduces_the_uninterrupted_run_exactly(tmp_pat
     assert torch.load(parts / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert len(_metrics(parts)) == 1 and not (parts / "summary.json").exists()
     assert (parts / "train.log").read_text().splitlines()[-1].startswith("interrupted in epoch 2")
-    # A row whose checkpoint never made it to disk (killed in between) must not survive.
+    # A row whose checkpoint never made it to disk (killed in between) must not survive,
+    # nor the temporary file of that write.
     with open(parts / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"epoch": 2, "test_acc": 0.0}) + "\n")
+    leftover = parts / ".checkpoint.pt.4242.0123abcd.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    (parts / "notes.tmp").write_text("mine")  # not of that pattern: kept
 
     with pytest.raises(train.RunError, match="unfinished; continue it with --resume"):
         train.train(cfg, parts, progress="off")
@@ -114,6 +137,7 @@ def test_resume_after_interrupt_reproduces_the_uninterrupted_run_exactly(tmp_pat
     a, b = _weights(whole / "checkpoint.pt"), _weights(parts / "checkpoint.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "resuming after epoch 1" in (parts / "train.log").read_text()
+    assert not leftover.exists() and (parts / "notes.tmp").read_text() == "mine"
 
 
 def test_loader_workers_do_not_change_results(tmp_path):

@@ -77,7 +77,7 @@ def _comma_list(kind: type, empty: bool = True) -> Callable[[str], list]:
 
     def parse(text: str) -> list:
         try:
-            items = [kind(item) for item in text.split(",") if item.strip()]
+            items = [kind(item.strip()) for item in text.split(",") if item.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from None
         if not items and not empty:
@@ -110,12 +110,14 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ())
             group.add_argument(flag, type=kind, metavar=f.type.upper(), **common)
 
 
-def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+def _add_output_flags(parser: argparse.ArgumentParser, folder: str = "run") -> None:
+    """``--config``, ``--overwrite`` (of the ``folder`` that ``--out`` names) and
+    ``--progress``."""
     parser.add_argument("--config", metavar="FILE", help="TOML config or recipe to start from")
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="delete a run already in the output folder and start again",
+        help=f"delete the {folder} in the output folder, with everything in it, and start again",
     )
     parser.add_argument(
         "--progress",
@@ -270,7 +272,7 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
     )
     _add_sweep_flags(parser, "runs/compare", "comparison folder", "real3,real4,quaternion")
     _add_jobs_flag(parser, "N runs")
-    _add_output_flags(parser)
+    _add_output_flags(parser, "comparison (every run)")
     _add_config_flags(parser, skip=("variant", "seed"))
     parser.set_defaults(handler=_compare)
 
@@ -428,7 +430,7 @@ def _add_lottery(commands: argparse._SubParsersAction) -> None:
         flag = "--" + name.replace("_", "-")
         group.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, help=text)
     _add_jobs_flag(parser, "N variant-and-seed chains of levels")
-    _add_output_flags(parser)
+    _add_output_flags(parser, "lottery (every level of every run)")
     _add_config_flags(parser, skip=("variant", "seed"))
     parser.set_defaults(handler=_lottery)
 

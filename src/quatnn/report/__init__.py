@@ -19,6 +19,7 @@ from quatnn.report.plots import plot_curves, plot_throughput
 from quatnn.report.runs import ReportError, Run, find_runs, read_run
 from quatnn.report.table import (
     IGNORED_KEYS,
+    LOTTERY_KEYS,
     Report,
     display_rows,
     group_runs,
@@ -43,9 +44,11 @@ FILES = ("report.md", "report.json", "accuracy.png", "loss.png", "throughput.png
 def _notes(runs: Sequence[Run], rows: Sequence[dict]) -> list[str]:
     devices = sorted({r.summary["device"] for r in runs if r.summary and "device" in r.summary})
     references = sorted({r["reference"] for r in rows if r["reference"]})
+    lottery = any(r["lottery"] for r in rows)
+    ignored = IGNORED_KEYS if lottery else [k for k in IGNORED_KEYS if k not in LOTTERY_KEYS]
     notes = [
         "Rows: runs that differ only in seed (and in "
-        f"{', '.join(IGNORED_KEYS)}) share a row; a label names the settings in which the "
+        f"{', '.join(ignored)}) share a row; a label names the settings in which the "
         "rows of its model and dataset differ.",
         "Accuracies: test accuracy of the last epoch (final) and of the best epoch, mean ± "
         "sample std over the runs of a row (a single run: its value).",
@@ -63,6 +66,12 @@ def _notes(runs: Sequence[Run], rows: Sequence[dict]) -> list[str]:
                 "(copies or reruns); each counts as a run, so its spread is not over distinct "
                 "seeds."
             )
+    unfinished = [r["label"] for r in rows if r["unfinished"]]
+    if unfinished:
+        notes.append(
+            f"Unfinished runs ({', '.join(unfinished)}) count with their latest epoch: the "
+            "final accuracy of such a row mixes runs at different epochs."
+        )
     empty = [str(r.path) for r in runs if not r.metrics]
     if empty:
         notes.append(f"Runs without a finished epoch (left out): {', '.join(empty)}.")

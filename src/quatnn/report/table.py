@@ -47,6 +47,7 @@ class Report:
 REFERENCES = ("real4", "real")
 """Variants that serve as the real reference of a ratio, in order of preference."""
 
+LOTTERY_KEYS = ("levels", "controls", "control_levels", "min_acc")  # of a [lottery] table
 IGNORED_KEYS = (
     "data_dir",
     "device",
@@ -55,10 +56,7 @@ IGNORED_KEYS = (
     "compile_mode",
     "channels_last",
     "backend",
-    "levels",
-    "controls",
-    "control_levels",
-    "min_acc",
+    *LOTTERY_KEYS,
 )
 """Keys that do not change what a run trains, so runs that differ only in these and in
 ``seed`` share a row: of ``config.toml``, where the data is read from and how the run

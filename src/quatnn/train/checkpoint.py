@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 import uuid
@@ -29,6 +30,7 @@ import torch
 from quatnn.train.errors import RunError
 
 FORMAT = "quatnn-checkpoint-1"
+_UNPICKLER = "WeightsUnpickler error:"  # where torch.load's refusal names its cause
 RUN_KEYS = ("model", "variant", "dataset")
 
 
@@ -70,6 +72,14 @@ def write_atomic(path: str | Path, write: Callable[[object], None], mode: str = 
             raise
 
 
+def remove_leftovers(folder: str | Path) -> None:
+    """Delete the temporary files of :func:`write_atomic` that a killed process left in
+    ``folder`` (call only where no other process writes)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        if re.fullmatch(r"\..+\.\d+\.[0-9a-f]{8}\.tmp", tmp.name):
+            tmp.unlink(missing_ok=True)
+
+
 def save(path: str | Path, run: dict, state: dict) -> None:
     """Write ``state`` with the format tag and the model, variant and dataset of ``run``
     (a mapping with those keys, such as a config as a dict)."""
@@ -85,7 +95,10 @@ def load(path: str | Path, run: dict) -> dict:
     except FileNotFoundError:
         raise RunError(f"no checkpoint at {path}") from None
     except Exception as err:  # torch.load raises many types for damaged files
-        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        reason = " ".join(str(err).split())
+        if _UNPICKLER in reason:  # not torch's advice to load it unsafely: just the cause
+            reason = reason.split(_UNPICKLER)[1].split(" Check the documentation")[0].strip()
+        reason = reason[:200] or type(err).__name__
         raise RunError(f"{path} is corrupt or not a checkpoint ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RunError(f"{path} is not a quatnn checkpoint (no {FORMAT!r} format tag)")

@@ -101,7 +101,7 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 def resume_config(run_dir: str | Path, overrides: Mapping[str, object]) -> TrainConfig:
     """The config of the run in ``run_dir`` with ``overrides`` applied (RunError if
     ``run_dir`` holds no run); :func:`train` then refuses overrides that change the run."""
-    saved = _saved_config(Path(run_dir))
+    saved = _saved_config(Path(run_dir), remedy="--resume takes the folder of one run")
     if saved is None:
         raise RunError(f"nothing to resume: {run_dir} holds no run")
     return merge(saved, overrides, "command line")
@@ -112,18 +112,25 @@ def _differences(saved: dict, wanted: dict) -> str:
     return ", ".join(f"{k} = {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in keys[:3])
 
 
-def _saved_config(out: Path, marker: str = "config.toml") -> TrainConfig | None:
-    """The config of the run in ``out`` (None if ``out`` is absent or empty); RunError if
-    ``out`` holds something else."""
+# The file that marks each kind of quatnn folder, and what to call that kind.
+_FOLDERS = {"config.toml": "a run", "compare.toml": "a comparison", "lottery.toml": "a lottery"}
+
+
+def _saved_config(
+    out: Path, marker: str = "config.toml", remedy: str = "choose another --out"
+) -> TrainConfig | None:
+    """The config of the run (or with ``marker`` ``compare.toml``, the comparison) in
+    ``out`` (None if ``out`` is absent or empty); RunError, ending in ``remedy``, if ``out``
+    holds something else."""
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} is a file, not a run folder")
     if not out.exists() or not any(out.iterdir()):
         return None
     path = out / marker
     if not path.is_file():
-        raise RunError(
-            f"{out} is not empty and holds no quatnn run (no {marker}); choose another --out"
-        )
+        held = next((kind for name, kind in _FOLDERS.items() if (out / name).is_file()), None)
+        what = f"no quatnn run (no {marker})" if held is None else held
+        raise RunError(f"{out} holds {what}, not {_FOLDERS[marker]}; {remedy}")
     values = {k: v for k, v in load_toml(path).items() if k not in COMPARE_KEYS}
     return TrainConfig.from_dict(values, source=str(path))
 
@@ -331,6 +338,7 @@ def _prepare_folder(
     if plan == "overwrite":
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_leftovers(out)  # of a process killed while writing
     if trainer.epoch == 0:
         asked = dataclasses.replace(cfg, encoding=encoding).to_dict()
         (out / "config.toml").write_text(dumps_toml(asked), encoding="utf-8")
@@ -504,10 +512,13 @@ def train(
                 lr_at=lr_schedule(cfg.schedule, cfg.lr, cfg.epochs),
             )
     except KeyboardInterrupt:
-        message = (
-            f"interrupted in epoch {trainer.epoch}; {out / 'checkpoint.pt'} holds epoch "
-            f"{_saved_epoch(trainer)}; resume with: quatnn train --resume {out}"
+        saved = _saved_epoch(trainer)
+        where = (
+            f"in epoch {trainer.epoch}; {out / 'checkpoint.pt'} holds epoch {saved}"
+            if trainer.epoch > saved
+            else f"after epoch {saved}, which {out / 'checkpoint.pt'} holds"
         )
+        message = f"interrupted {where}; resume with: quatnn train --resume {out}"
         view.log(message)  # the caller prints it
         raise Interrupted(message) from None
     except NonFiniteLoss as err:
