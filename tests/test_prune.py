@@ -497,10 +497,13 @@ def test_a_skip_that_names_no_layer_is_refused_before_training(tmp_path):
     assert not (tmp_path / "lottery").exists()
 
 
-def test_a_rewind_after_the_last_epoch_is_refused_before_training(tmp_path):
+def test_a_rewind_after_the_last_epoch_or_step_is_refused_before_training(tmp_path):
     lottery = LotteryConfig(levels=1, rewind=f"{CFG.epochs + 1}ep")
     with pytest.raises(RunError, match="after the last epoch"):
         run_lottery(CFG, tmp_path / "lottery", lottery, seeds=(0,), progress="off")
+    short = dataclasses.replace(CFG, max_steps=3)
+    with pytest.raises(RunError, match=r"rewind 4it is after the last step \(max_steps 3\)"):
+        run_lottery(short, tmp_path / "lottery", LotteryConfig(levels=1, rewind="4it"), seeds=(0,))
     assert not (tmp_path / "lottery").exists()
 
 
@@ -549,3 +552,15 @@ def test_lottery_report(lottery, tmp_path):
     assert lines[2].startswith("| real | 0 | 100.00 | 100.00 |")
     assert lines[5].startswith("| quaternion | 0 | 25.40 | 100.00 |")
     assert not is_lottery(tmp_path)
+
+
+def test_lottery_titles_name_every_pruning_setting():
+    from quatnn.report.lottery import _title
+
+    recipe = {"model": "conv4", "dataset": "cifar10", "lottery": LotteryConfig().to_dict()}
+    plain = "conv4 on cifar10: global magnitude pruning, 0.2 per level, element, rewind 0"
+    assert _title(recipe) == plain
+    rates = {"conv": 0.1, "fc": 0.2}
+    table = LotteryConfig(prune=PruneSpec(scope="layerwise", rates=rates, skip=("output",)))
+    recipe["lottery"] = table.to_dict()
+    assert _title(recipe).endswith("conv 0.1, fc 0.2 per level, element, rewind 0, output kept")

@@ -226,9 +226,9 @@ def _compare(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             **_run_options(args),
         )
-    if not ctx.is_main:
-        return 0
-    return _print_report(report.write_report([args.out]))
+        result = report.write_report([args.out]) if ctx.is_main else None
+        ctx.barrier()  # no process leaves (torchrun ends the rest) before the report is out
+    return 0 if result is None else _print_report(result)
 
 
 def _add_sweep_flags(
@@ -365,7 +365,11 @@ _LOTTERY_FLAGS = (
     ("rewind", str, "rewind survivors to 0 (initialization), <k>it or <k>ep (default: 0)"),
     ("controls", _comma_list(str), "comma-separated controls: reinit, random (default: none)"),
     ("control_levels", _comma_list(int), "levels that get the controls (default: all)"),
-    ("min_acc", float, "stop after a level whose final test accuracy is below this"),
+    (
+        "min_acc",
+        float,
+        "stop after a level whose final test accuracy is below this fraction (e.g. 0.9)",
+    ),
 )
 """The ``[lottery]`` settings as flags of ``quatnn lottery``: name, type, help."""
 
@@ -395,9 +399,9 @@ def _lottery(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             **_run_options(args),
         )
-    if not ctx.is_main:
-        return 0
-    return _print_report(lottery_report.write_lottery_report(args.out))
+        result = lottery_report.write_lottery_report(args.out) if ctx.is_main else None
+        ctx.barrier()  # no process leaves (torchrun ends the rest) before the report is out
+    return 0 if result is None else _print_report(result)
 
 
 def _add_lottery(commands: argparse._SubParsersAction) -> None:
@@ -436,6 +440,10 @@ def _add_lottery(commands: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.sparse and args.format != "safetensors":
+        raise UsageError("--sparse applies to --format safetensors only")
+    if not args.fold and args.format == "safetensors":
+        raise UsageError("--no-fold does not apply to safetensors (it stores quaternion weights)")
     try:
         result = export.export_run(
             args.run,
@@ -495,7 +503,9 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         "--format", choices=export.RUN_FORMATS, default="onnx", help="output format (default: onnx)"
     )
     parser.add_argument(
-        "--out", metavar="FILE", help="output file (default: RUN_DIR/model.onnx, .ts, .pt2, ...)"
+        "--out",
+        metavar="PATH",
+        help="output file, or a folder to write model.onnx, .ts, .pt2, ... into (default: RUN_DIR)",
     )
     parser.add_argument(
         "--fold",
@@ -523,7 +533,8 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         "--onnx-exporter",
         choices=("dynamo", "legacy"),
         default="dynamo",
-        help="torch.onnx exporter: dynamo (torch.export-based) or the legacy TorchScript one",
+        help="torch.onnx exporter: dynamo (torch.export-based) or the legacy TorchScript one "
+        "(default: dynamo)",
     )
     parser.add_argument(
         "--sparse",
@@ -564,6 +575,8 @@ class _BenchHelp(argparse.Action):
 
 def _bench(args: argparse.Namespace) -> int:
     available = _benchmarks()
+    if args.name is None:
+        raise UsageError(f"bench: name a benchmark: {', '.join(available)}")
     if args.name not in available:
         raise UsageError(f"unknown benchmark {args.name!r}; available: {', '.join(available)}")
     try:
@@ -584,7 +597,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         add_help=False,
     )
     parser.add_argument("-h", "--help", action=_BenchHelp)
-    parser.add_argument("name", metavar="NAME", help="the benchmark")
+    parser.add_argument("name", metavar="NAME", nargs="?", help="the benchmark")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     parser.set_defaults(handler=_bench)
 

@@ -1,8 +1,9 @@
 """``quatnn bench infer``: file size and CPU inference latency of a deployed quaternion model
 against the real4 model of the same widths.
 
-In one process, for one zoo model, it builds the ``real4`` and ``quaternion`` variants and
-measures, side by side (round-robin timing, eval mode, no gradients):
+In one process, for one zoo model, it builds the ``real4`` (for flat-input models such as
+Lenet-300-100: ``real``) and ``quaternion`` variants and measures, side by side
+(round-robin timing, eval mode, no gradients):
 
 * ``real4``: the real model in PyTorch, and in ONNX Runtime;
 * ``quaternion``: the model with its quaternion layers; the same model folded into plain
@@ -73,7 +74,7 @@ def run(
 
     options = dict(options or {})
     spec = models.spec(model)
-    real_variant = "real" if spec.input_kind == "flat" else "real4"
+    real_variant = spec.real_variant
     torch.manual_seed(0)
     built = {}
     for variant in (real_variant, "quaternion"):
@@ -143,13 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="quatnn bench infer",
         description="File size and CPU inference latency of a model's quaternion variant "
-        "(quaternion layers, folded, ONNX Runtime) against its real4 variant, side by side; "
-        "ratios to real4 in PyTorch (< 1 is smaller / faster).",
+        "(quaternion layers, folded, ONNX Runtime) against its real variant (real4; real "
+        "for flat-input models such as lenet_300_100), side by side; ratios to that real "
+        "variant in PyTorch (< 1 is smaller / faster).",
     )
     parser.add_argument("--model", default="conv4", help="zoo model (default: conv4)")
-    parser.add_argument("--batch", default="1,64", help="comma-separated batch sizes")
     parser.add_argument(
-        "--repeats", type=positive_int, default=20, help="timed runs per measurement"
+        "--batch", default="1,64", help="comma-separated batch sizes (default: 1,64)"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=20, help="timed runs per measurement (default: 20)"
     )
     parser.add_argument(
         "--threads", type=positive_int, default=None, help="CPU threads (torch and ORT)"

@@ -141,7 +141,8 @@ def run(
             row["real_ms"] = 1e3 * seconds["real"]
             row.update({f"{a}_x": seconds[a] / seconds["real"] for a in ALGORITHMS})
             rows.append(row)
-            print(markdown_table([row], list(row)).splitlines()[-1], flush=True)
+            lines = markdown_table([row], list(row)).splitlines()  # the header with the first
+            print("\n".join(lines if len(rows) == 1 else lines[-1:]), flush=True)
     return rows
 
 
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "(batch x real channels x image size)",
     )
     parser.add_argument(
-        "--repeats", type=positive_int, default=5, help="timed runs per measurement"
+        "--repeats", type=positive_int, default=5, help="timed runs per measurement (default: 5)"
     )
     parser.add_argument(
         "--input-grad",
@@ -189,7 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     rows = run(args.device, args.quick, args.repeats, args.linear, args.conv, args.input_grad)
-    print(markdown_table(rows, list(rows[0])))
     if args.out:
         write_rows(rows, args.out)
     return 0

@@ -116,13 +116,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Time quaternion batch norms (whiten, variance, split) against "
         "nn.BatchNorm2d on the same tensor, forward+backward; prints time ratios.",
     )
-    parser.add_argument("--batch", type=positive_int, default=128)
+    parser.add_argument("--batch", type=positive_int, default=128, help="(default: 128)")
     parser.add_argument(
-        "--channels", type=positive_int, default=256, help="real channels (4 per quaternion)"
+        "--channels",
+        type=positive_int,
+        default=256,
+        help="real channels, 4 per quaternion (default: 256)",
     )
-    parser.add_argument("--size", type=positive_int, default=16, help="height = width")
-    parser.add_argument("--repeats", type=positive_int, default=15, help="timed runs per layer")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--size", type=positive_int, default=16, help="height = width (default: 16)"
+    )
+    parser.add_argument(
+        "--repeats", type=positive_int, default=15, help="timed runs per layer (default: 15)"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument(
         "--device", type=device_name, default="cpu", help="torch device (default: cpu)"

@@ -38,7 +38,7 @@ def _peak_memory_mb(device: torch.device) -> float | None:
 
 def run(
     model: str = "conv6",
-    variants: tuple[str, ...] = ("real4", "quaternion"),
+    variants: tuple[str, ...] = (),
     batch: int = 60,
     steps: int = 200,
     chunk: int = 20,
@@ -49,12 +49,14 @@ def run(
     options: dict | None = None,
     algorithm: str = "auto",
 ) -> list[dict]:
-    """Steps/s and peak memory per variant (rows), ``speed_x`` relative to the first;
+    """Steps/s and peak memory per variant (rows), ``speed_x`` relative to the first
+    (default variants: the model's real variant, real4 or real, then quaternion);
     ``compile`` is a :data:`COMPILE_MODES` mode to ``torch.compile`` the models with;
     ``options`` are the model's own (:func:`quatnn.models.create`); ``algorithm`` is
     forced on every quaternion layer (:func:`quatnn.functional.use_algorithm`)."""
     dev = torch.device(device)
     spec = models.spec(model)
+    variants = tuple(variants) or (spec.real_variant, "quaternion")
     nets, opts, inputs = {}, {}, {}
     for variant in variants:
         torch.manual_seed(0)
@@ -125,9 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         "(Adam, cross-entropy, a fixed random batch; data loading not included).",
     )
     parser.add_argument("--model", default="conv6", help="zoo model (default: conv6)")
-    parser.add_argument("--variants", default="real4,quaternion", help="comma-separated")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated, speed relative to the first (default: real4,quaternion; "
+        "real,quaternion for flat-input models such as lenet_300_100)",
+    )
     parser.add_argument("--batch", type=positive_int, default=60, help="batch size (default: 60)")
-    parser.add_argument("--steps", type=positive_int, default=200, help="timed steps per variant")
+    parser.add_argument(
+        "--steps", type=positive_int, default=200, help="timed steps per variant (default: 200)"
+    )
     parser.add_argument(
         "--device", type=device_name, default="cpu", help="torch device (default: cpu)"
     )
@@ -159,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = tuple(v for v in args.variants.split(",") if v)
     try:
+        spec = models.spec(args.model)
+        given = args.variants or f"{spec.real_variant},quaternion"
+        variants = tuple(v.strip() for v in given.split(",") if v.strip())
         if not variants:
             raise ValueError("--variants needs at least one variant")
         options = dict(parse_option(text) for text in args.option)

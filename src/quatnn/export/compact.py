@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from quatnn.export.formats import writable
 from quatnn.train.checkpoint import write_atomic
 
 __all__ = ["FORMAT", "save_compact", "load", "load_weights", "read_metadata"]
@@ -200,6 +201,7 @@ def save_compact(
     Returns ``{"path", "bytes", "tensors", "sparse"}`` (``sparse``: names stored sparse).
     Writes atomically (temporary file, then rename).
     """
+    path = writable(path)
     spec = dict(metadata)
     if spec.get("input_size") is not None:
         spec["input_size"] = list(spec["input_size"])
@@ -237,7 +239,6 @@ def save_compact(
         "torch": torch.__version__,
     }
     data = _safetensors().save(tensors, metadata=header)
-    path = Path(path)
     write_atomic(path, lambda f: f.write(data))
     return {"path": str(path), "bytes": len(data), "tensors": len(state),
             "sparse": sorted(sparse_info)}  # fmt: skip

@@ -184,6 +184,9 @@ def export(
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    newest = _newest_onnx_opset() if format == "onnx" else None
+    if newest is not None and opset > newest:
+        raise ValueError(f"opset {opset} is newer than this onnx package knows ({newest})")
     if format == "onnx" and exporter == "dynamo" and opset < ONNX_OPSET:
         raise ValueError(
             f"the dynamo ONNX exporter writes opset {ONNX_OPSET} or newer (got {opset}); "
@@ -195,9 +198,7 @@ def export(
     tensors = [example, *model.parameters(), *model.buffers(), *reference.parameters()]
     if any(t.device.type != "cpu" for t in tensors):
         raise ValueError("export: move the model(s) and the example to the CPU first (.cpu())")
-    path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise ValueError(f"export: folder {path.parent} does not exist")
+    path = writable(path)
     suffix = ".tmp.pt2" if format == "pt2" else ".tmp"  # torch.export wants a .pt2 name
     # a fresh name beside the target (created by the exporter with the usual permissions)
     tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}"))
@@ -245,6 +246,26 @@ def export(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _newest_onnx_opset() -> int | None:
+    """The newest opset of the installed onnx package (None without it)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    return onnx.defs.onnx_opset_version()
+
+
+def writable(path: str | os.PathLike) -> Path:
+    """``path`` as a Path; ValueError if it cannot be written as a file (a folder, or in a
+    folder that does not exist)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"export: {path} is a folder; give the file to write")
+    if not path.parent.is_dir():
+        raise ValueError(f"export: folder {path.parent} does not exist")
+    return path
 
 
 def _failure(model: nn.Module, format: str, err: Exception) -> str:

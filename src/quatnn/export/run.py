@@ -118,8 +118,9 @@ def export_run(
     sparse: bool = False,
     data_dir: str | os.PathLike | None = None,
 ) -> dict:
-    """Export the model of run ``run_dir`` in ``format`` (:data:`RUN_FORMATS`) to ``out``
-    (default: ``RUN_DIR/model.onnx``, ``model.ts``, ... by :data:`SUFFIXES`).
+    """Export the model of run ``run_dir`` in ``format`` (:data:`RUN_FORMATS`) to the file
+    ``out``, or into the folder ``out`` as ``model.onnx``, ``model.ts``, ... (by
+    :data:`SUFFIXES`; default: into ``run_dir``).
 
     ``fold`` (default) exports :func:`quatnn.export.fold` of the model; outputs are
     always checked against the unfolded PyTorch model (see :func:`quatnn.export.export`)
@@ -131,7 +132,9 @@ def export_run(
     if format not in RUN_FORMATS:
         raise ValueError(f"format must be one of {', '.join(RUN_FORMATS)}, got {format!r}")
     model, spec, example = load_run(run_dir, checkpoint, data_dir)
-    out = Path(run_dir) / f"model{SUFFIXES[format]}" if out is None else out
+    out = Path(run_dir if out is None else out)
+    if out.is_dir():  # a folder (the run's by default): the file goes into it
+        out = out / f"model{SUFFIXES[format]}"
     summary = {"model": f"{spec['name']}/{spec['variant']}", "checkpoint": checkpoint,
                "finished": (Path(run_dir) / "summary.json").is_file()}  # fmt: skip
     if format == "safetensors":

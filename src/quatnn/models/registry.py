@@ -44,6 +44,12 @@ class ModelSpec:
     description: str
     options: dict[str, object] = field(hash=False)
 
+    @property
+    def real_variant(self) -> str:
+        """The real variant the quaternion one is measured against: ``real`` for flat
+        input (the same pixels, one channel), else ``real4`` (the same 4 channels)."""
+        return "real" if self.input_kind == "flat" else "real4"
+
 
 def _entry(
     name: str, kind: str, size: tuple[int, int], description: str, builder: Callable[..., nn.Module]

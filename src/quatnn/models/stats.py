@@ -94,7 +94,7 @@ def table(names: Sequence[str] | None = None, variants: Sequence[str] | None = N
     for name in registry.names() if names is None else names:
         model_spec = registry.spec(name)
         flat = model_spec.input_kind == "flat"
-        reference = "real" if flat else "real4"
+        reference = model_spec.real_variant
         chosen = variants or (("real", "quaternion") if flat else ("real3", "real4", "quaternion"))
         counts: dict[str, tuple[int, int]] = {}
         for variant in dict.fromkeys((*chosen, reference)):

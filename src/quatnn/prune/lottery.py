@@ -416,6 +416,10 @@ def run_lottery(
     count, unit = parse_rewind(lottery.rewind)
     if unit == "ep" and count > base.epochs:
         raise RunError(f"rewind {lottery.rewind} is after the last epoch ({base.epochs})")
+    if unit == "it" and base.max_steps and count > base.max_steps:
+        raise RunError(
+            f"rewind {lottery.rewind} is after the last step (max_steps {base.max_steps})"
+        )
     runs = [resolve(dataclasses.replace(base, variant=v, seed=s)) for v in variants for s in seeds]
     reference = _reference(runs[0], lottery.prune)
     replace = overwrite and (out / RECIPE).is_file()

@@ -198,10 +198,14 @@ def plot_lottery(summary: Sequence[dict], path: str | Path, title: str) -> None:
 
 def _title(recipe: dict) -> str:
     table = recipe.get("lottery", {})
+    rates = table.get("rates") or {}
+    rate = ", ".join(f"{k} {v}" for k, v in rates.items()) if rates else table.get("rate", "?")
+    skip = table.get("skip") or []
     return (
         f"{recipe.get('model', '?')} on {recipe.get('dataset', '?')}: {table.get('scope', '?')} "
-        f"{table.get('method', '?')} pruning, {table.get('rate', '?')} per level, "
+        f"{table.get('method', '?')} pruning, {rate} per level, "
         f"{table.get('granularity', '?')}, rewind {table.get('rewind', '?')}"
+        + (f", {', '.join(skip)} kept" if skip else "")
     )
 
 
