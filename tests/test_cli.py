@@ -405,6 +405,7 @@ def test_argument_errors_exit_2_before_anything_runs(capsys, argv, message):
         (["train", "--encoding", "hsv"], "unknown encoding 'hsv'"),
         (["train", "--epochs", "0"], "epochs must be at least 1"),
         (["train", "--optimizer", "rmsprop"], "optimizer must be one of adam, adamw, sgd"),
+        (["train", "--backend", "glue"], "backend must be auto or a torch.distributed backend"),
         (["train", "--device", "tpu"], "unknown device 'tpu'"),
         (["train", "--option", "width"], "must look like KEY=VALUE"),
         (["train", "--option", "depth=3"], "unknown option(s) depth"),

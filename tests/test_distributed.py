@@ -143,6 +143,14 @@ def single(tmp_path_factory) -> Path:
     return out
 
 
+def test_backend_choice():
+    cpu = torch.device("cpu")
+    assert distributed.choose_backend("auto", cpu) == "gloo"
+    assert distributed.choose_backend("gloo", cpu) == "gloo"
+    with pytest.raises(train.RunError, match="nccl needs CUDA devices.*on cpu use gloo"):
+        distributed.choose_backend("nccl", cpu)
+
+
 # ----------------------------------------------------------------------- data sharding
 
 

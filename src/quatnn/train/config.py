@@ -136,6 +136,11 @@ class TrainConfig:
                 self.compile_mode in COMPILE_MODES,
                 f"compile_mode must be one of {', '.join(COMPILE_MODES)}",
             ),
+            (
+                _known_backend(self.backend),
+                "backend must be auto or a torch.distributed backend (gloo, nccl, ..., or "
+                "per device: cpu:gloo,cuda:nccl)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -185,6 +190,14 @@ def merge(base: TrainConfig, values: Mapping[str, object], source: str = "config
     if "options" in changes:
         changes["options"] = {**base.options, **changes["options"]}
     return dataclasses.replace(base, **changes)
+
+
+def _known_backend(name: str) -> bool:
+    """``auto``, or backends torch.distributed knows (``gloo``; ``cpu:gloo,cuda:nccl``)."""
+    import torch.distributed as dist
+
+    known = set(getattr(getattr(dist, "Backend", None), "backend_list", ())) - {"undefined"}
+    return name == "auto" or all(p.split(":")[-1] in known for p in name.split(","))
 
 
 def load_toml(path: str | Path) -> dict:

@@ -188,6 +188,8 @@ def choose_backend(name: str, device: torch.device) -> str:
     checked to be available."""
     if name == "auto":
         return "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    if name == "nccl" and device.type != "cuda":
+        raise RunError(f"backend nccl needs CUDA devices (--device cuda); on {device} use gloo")
     available = getattr(dist, "is_backend_available", None)
     if available is not None and "," not in name and ":" not in name and not available(name):
         raise RunError(f"backend {name!r} is not available in this torch build; try auto or gloo")
