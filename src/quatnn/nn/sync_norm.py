@@ -257,14 +257,17 @@ class QSyncBatchNorm(_QBatchNorm):
         with autocast_disabled(x.device.type):
             # (N, parts, C, M), with M given: a process's share of the batch may be empty
             xs = x.to(cdt).reshape(x.shape[0], parts, channels, math.prod(x.shape[2:]))
-            # Pass 1: the global count and mean.
+            # Pass 1: the global count and mean, from sums shifted by this process's first
+            # values (near the mean: float32 loses no digits to a large mean).
             count = xs[:, 0, 0].numel()
-            local = torch.cat((xs.sum((0, 3)).reshape(-1), xs.new_full((1,), count)))
-            total = _all_reduce_sum(local, group)
+            shift = xs[:1, :, :, :1].detach() if count else xs.new_zeros(1, parts, channels, 1)
+            shifted = xs - shift
+            sums = shifted.sum((0, 3)) + count * shift.view(parts, channels)
+            total = _all_reduce_sum(torch.cat((sums.reshape(-1), xs.new_full((1,), count))), group)
             n = total[-1]
             _check_count(count, n)
             mean = total[:-1].view(1, parts, channels, 1) / n
-            d = xs - mean
+            d = shifted - (mean - shift)
             # Pass 2: centered second moments.
             if self.mode == "whiten":
                 second = torch.einsum("nicm,njcm->cij", d, d)  # (C, 4, 4)
