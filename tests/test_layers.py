@@ -777,17 +777,26 @@ def test_split_activation_is_componentwise():
 
 def test_module_to_channels_last():
     model = nn.Sequential(
-        QConv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), QConv2d(8, 8, 3)
+        QConv2d(4, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 1),
+        QConv2d(8, 8, 3),
+        QConv2d(8, 8, 1),
     )
     x = torch.randn(2, 4, 7, 7)
     want = model(x)
     model.to(memory_format=torch.channels_last)
     assert model[0].weight[1].is_contiguous(memory_format=torch.channels_last)
     assert model[2].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model[4].weight.stride() == torch.empty(4, 2, 2, 1, 1).stride()  # 1x1: the same
     for algorithm in ALGOS:
         with QF.use_algorithm(algorithm):
             got = model(x.contiguous(memory_format=torch.channels_last))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        got.sum().backward()
+        for layer in (model[0], model[3], model[4]):  # DDP's buckets compare these strides
+            assert layer.weight.grad.stride() == layer.weight.stride()
+        model.zero_grad(set_to_none=True)
     model.to(torch.float64)  # plain conversions still take the usual path
     assert model[0].weight.dtype == torch.float64
 

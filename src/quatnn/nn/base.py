@@ -144,7 +144,12 @@ class QuaternionLayer(KeepsDerived):
                 raise
 
         def per_component(t: Tensor) -> Tensor:
-            return fn(t.flatten(0, 1)).unflatten(0, (4, -1)) if t.dim() == 5 else fn(t)
+            if t.dim() != 5:
+                return fn(t)
+            out = fn(t.flatten(0, 1)).unflatten(0, (4, -1))
+            # The contiguous order (1x1 kernels) keeps its plain strides: the gradients get
+            # those, and DDP's buckets want the parameter's (else a warning and a copy).
+            return out.clone(memory_format=torch.contiguous_format) if out.is_contiguous() else out
 
         return super()._apply(per_component, recurse)
 
