@@ -400,6 +400,8 @@ def _block_grads(
     backward returns when asked for a graph (``create_graph=True``: double backward,
     gradient penalties)."""
     inputs = [t for t, n in zip((x, weight), need, strict=True) if n]
+    if not inputs:  # only the bias's gradient was asked for
+        return None, None
     with torch.enable_grad():
         if conv is None:
             y = F.linear(x, block_weight(weight))
