@@ -630,33 +630,44 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _centered(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(x - mu, mu)`` for the per real channel mean ``mu`` ``(4C,)``, in ``dtype``."""
-    xs = x.to(dtype)
-    mu = xs.sum(_reduce_dims(xs)) / _count(xs)
-    return xs - mu.view(-1, *([1] * (x.dim() - 2))), mu
-
-
-def _channel_sums(grad: Tensor, centered: Tensor) -> tuple[Tensor, Tensor]:
-    """Per real channel ``(sum grad * centered, sum grad)`` of a centred input (a sum of
-    products of uncentred values would cancel: the sum of ``x^2`` minus ``n mu^2`` loses
-    every digit in float32 once the mean is a few hundred standard deviations).
+def _channel_sums(grad: Tensor, inp: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
+    """Per real channel ``(sum grad * (inp - center), sum grad)``.
 
     On CPU this is one fused pass with no input-sized temporary: the reduction of the
-    eval-mode batch-norm backward (mean 0, running_var=0 and eps=1 make its inverse std
-    exactly 1). Elsewhere (that op asserts on CUDA in eval mode, and temporaries are cheap
-    there) it is written out.
+    eval-mode batch-norm backward (running_var=0 and eps=1 make its inverse std exactly 1).
+    Elsewhere (that op asserts on CUDA in eval mode, and temporaries are cheap there) it is
+    written out. The fused op sums ``grad * inp`` and subtracts ``center * sum grad``: with
+    ``grad`` of mean near 0 (an output gradient) that is as exact as the batch norm's own
+    backward, but a ``grad`` as large as ``inp`` cancels (:func:`_centered_squares`).
     """
-    if centered.device.type in _FUSED_SUM_DEVICES:
-        c = centered.shape[1]
-        ones = centered.new_ones(c)
-        zeros = centered.new_zeros(c)
+    if inp.device.type in _FUSED_SUM_DEVICES:
+        ones = torch.ones_like(center)
+        zeros = torch.zeros_like(center)
         _, dot, total = torch.ops.aten.native_batch_norm_backward(
-            grad, centered, ones, zeros, zeros, None, None, False, 1.0, [False, True, True]
+            grad, inp, ones, center, zeros, None, None, False, 1.0, [False, True, True]
         )
         return dot, total
-    dims = _reduce_dims(centered)
+    dims = _reduce_dims(inp)
+    centered = inp - center.view(-1, *([1] * (inp.dim() - 2)))
     return (grad * centered).sum(dims), grad.sum(dims)
+
+
+def _centered_squares(x: Tensor, mu: Tensor) -> Tensor:
+    """Per real channel ``sum (x - mu)^2`` (``x`` in ``mu``'s dtype), centred before
+    squaring (the sum of ``x^2`` minus ``n mu^2`` loses every digit in float32 once the
+    mean is a few hundred standard deviations), in chunks of samples through one reused
+    buffer on CPU (an input-sized temporary is page-faulted anew on every call)."""
+    zeros, shape = torch.zeros_like(mu), (-1, *([1] * (x.dim() - 2)))
+    per_sample = math.prod(x.shape[1:]) * mu.element_size()
+    target = _CPU_CHUNK_BYTES if x.device.type == "cpu" else _DEVICE_CHUNK_BYTES
+    rows = max(1, min(len(x), target // max(per_sample, 1)))
+    buf = torch.empty((rows, *x.shape[1:]), dtype=mu.dtype, device=x.device)
+    total = zeros
+    for n0 in range(0, len(x), rows):
+        part = x[n0 : n0 + rows]
+        d = torch.sub(part, mu.view(shape), out=buf[: len(part)])
+        total = total + _channel_sums(d, d, zeros)[0]
+    return total
 
 
 class _VarianceBatch(torch.autograd.Function):
@@ -681,13 +692,15 @@ class _VarianceBatch(torch.autograd.Function):
                 if _flagged(bad):  # one sync, as below
                     raise NonFiniteStatistics()
             else:
-                d, mu = _centered(x, cdt)  # centred first: sums of x^2 would cancel
-                sigma2 = _channel_sums(d, d)[0].view(4, c).sum(0) / n
+                mu = x.sum(_reduce_dims(x), dtype=cdt) / n
+                sigma2 = _centered_squares(x, mu).view(4, c).sum(0) / n
                 if _flagged(_nonfinite(sigma2.sum())):  # NaN/Inf in x reach sigma2 too
                     raise NonFiniteStatistics()
                 inv = torch.rsqrt(sigma2 + eps)
                 scale = (gammac * inv).repeat(4)
-                y = torch.addcmul(betac.view(shape), d, scale.view(shape), out=torch.empty_like(x))
+                y = torch.addcmul(
+                    (betac - mu * scale).view(shape), x, scale.view(shape), out=torch.empty_like(x)
+                )
         ctx.save_for_backward(x, mu, inv, gammac)
         ctx.kernels = kernels
         ctx.dtypes = (gamma.dtype, beta.dtype)
@@ -720,17 +733,18 @@ def _variance_chunked_grad(
     c, n, cdt = inv.shape[0], _count(x), mu.dtype
     shape = (1, 4 * c) + (1,) * (x.dim() - 2)
     dy = dy.contiguous(memory_format=_memory_format(x))
-    d = x.to(cdt) - mu.view(shape)
-    dot, dbeta = _channel_sums(dy.to(cdt), d)  # sum dy (x - mu), sum dy
+    xs = x if x.dtype == cdt else x.to(cdt)
+    dys = dy if dy.dtype == cdt else dy.to(cdt)
+    dot, dbeta = _channel_sums(dys, xs, mu)  # sum dy (x - mu), sum dy
     q = dot.view(4, c).sum(0)  # sum_i <dy_i, x_i - mu>
     dx = None
     if need_x:
         # dx = scale (dy - mean dy) - scale/(n s^2) q (x - mu)
         scale = (gamma * inv).repeat(4)
         coef = (-(scale.view(4, c)[0] * inv * inv * q) / n).repeat(4)
-        const = -(scale * dbeta) / n
+        const = -(scale * dbeta) / n - coef * mu
         dx = torch.addcmul(const.view(shape), dy, scale.view(shape), out=torch.empty_like(x))
-        dx.addcmul_(d, coef.view(shape))
+        dx.addcmul_(x, coef.view(shape))
     return dx, q * inv, dbeta
 
 
