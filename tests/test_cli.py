@@ -370,7 +370,6 @@ def test_bench_errors_are_one_line(capsys, argv, message):
     [
         (["bench", "norm", "--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
         (["bench", "train", "--steps", "-3"], "argument --steps: must be at least 1"),
-        (["bench"], "bench: name a benchmark: infer, layers, norm, train"),
         (["bench", "train", "--model", "nope"], "unknown model 'nope'; valid models: lenet"),
         (["bench", "train", "--variants", "real4,foo"], "unknown variant 'foo'; valid"),
         (["bench", "train", "--variants", ","], "--variants needs at least one variant"),
@@ -412,6 +411,7 @@ def test_argument_errors_exit_2_before_anything_runs(capsys, argv, message):
         (["train", "--resume", "X", "--overwrite"], "drop --overwrite"),
         (["train", "--resume", "X", "--config", "c.toml"], "drop --config"),
         (["export", "run", "--sparse"], "--sparse applies to --format safetensors only"),
+        (["bench"], "bench: name a benchmark: infer, layers, norm, train"),
         (["export", "run", "--format", "safetensors", "--no-fold"], "--no-fold does not apply"),
         (["train", "--config", "missing.toml"], "config file missing.toml does not exist"),
         (["compare", "--seeds", "1,1"], "no variant or seed twice"),
