@@ -217,6 +217,9 @@ def test_compare_trains_every_variant_and_seed_then_reports(tmp_path, capsys):
     assert lines[1].startswith("| real | 2 | 2 | 266,610 | 1.000 |")
     assert lines[2].startswith("| quaternion | 2 | 2 | 67,710 | 0.254 |")
     assert "| variant |" in capsys.readouterr().out
+    # each run's config.toml as asked, as quatnn train writes it: a base for other variants
+    assert 'encoding = "auto"' in (out / "real-s0" / "config.toml").read_text()
+    assert "(encoding group4)" in (out / "quaternion-s0" / "train.log").read_text()
 
     mtime = (out / "real-s0" / "checkpoint.pt").stat().st_mtime_ns
     assert cli.main(argv) == 0  # the same command again: every run is finished

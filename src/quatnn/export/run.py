@@ -132,8 +132,9 @@ def export_run(
     if format not in RUN_FORMATS:
         raise ValueError(f"format must be one of {', '.join(RUN_FORMATS)}, got {format!r}")
     model, spec, example = load_run(run_dir, checkpoint, data_dir)
+    folder = out is None or str(out).endswith(("/", os.sep))  # "exp/" names a folder
     out = Path(run_dir if out is None else out)
-    if out.is_dir():  # a folder (the run's by default): the file goes into it
+    if out.is_dir() or folder:  # a folder (the run's by default): the file goes into it
         out = out / f"model{SUFFIXES[format]}"
     summary = {"model": f"{spec['name']}/{spec['variant']}", "checkpoint": checkpoint,
                "finished": (Path(run_dir) / "summary.json").is_file()}  # fmt: skip

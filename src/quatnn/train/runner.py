@@ -582,11 +582,14 @@ def compare(
     if not seeds or len(set(seeds)) != len(seeds) or len(set(variants)) != len(variants):
         raise RunError("compare needs at least one seed, and no variant or seed twice")
     _check_jobs(jobs, ctx)
+    # The runs as asked (an auto encoding stays auto in their config.toml, as in quatnn
+    # train), each checked (resolved) before any trains.
     runs = [
-        (out / f"{v}-s{s}", resolve(dataclasses.replace(base, variant=v, seed=s)))
+        (out / f"{v}-s{s}", dataclasses.replace(base, variant=v, seed=s))
         for v in variants
         for s in seeds
     ]
+    resolved = [resolve(cfg) for _, cfg in runs]
     saved = _saved_config(out, marker="compare.toml")
     if saved is not None and not overwrite:
         differences = _differences(_compare_identity(saved), _compare_identity(base))
@@ -595,10 +598,10 @@ def compare(
                 f"{out} holds a different comparison ({differences}); use "
                 "--overwrite to replace it, or another --out"
             )
-        for path, cfg in runs:
+        for (path, _), cfg in zip(runs, resolved, strict=True):
             _plan(path, cfg, "continue")
     if saved is None or overwrite or jobs > 1:  # the data, before the folder (and the jobs)
-        distributed.in_turn(ctx, lambda: _datasets(runs[0][1], download))
+        distributed.in_turn(ctx, lambda: _datasets(resolved[0], download))
     ctx.barrier()  # every process has checked the folder before rank 0 changes it
     if ctx.is_main:
         if saved is not None and overwrite:
