@@ -645,10 +645,10 @@ def uses_gpu(cfg: TrainConfig) -> bool:
 
 
 def _compare_jobs(runs: list[tuple[Path, TrainConfig]], jobs: int, options: dict) -> None:
-    """Train ``runs`` (folder, config) in ``jobs`` processes at a time."""
+    """Train ``runs`` (folder, config as asked) in ``jobs`` processes at a time."""
     todo = []
     for i, (path, cfg) in enumerate(runs, 1):
-        if _plan(path, cfg, "continue") == "finished":
+        if _plan(path, resolve(cfg), "continue") == "finished":
             print(f"[{i}/{len(runs)}] {path} already holds this run, finished", flush=True)
         else:
             todo.append((i, path, cfg))
