@@ -31,22 +31,17 @@ def quaternion_units(owner: str, name: str, value: int) -> int:
     return size // 4
 
 
-_STEPS = [0]  # optimizer steps taken in this process, once counting has started
-
-
-def _optimizer_steps() -> int:
-    """Optimizer steps taken in this process (counted from the first call on, by a global
-    step hook: one integer increment a step)."""
-    _count_optimizer_steps()
-    return _STEPS[0]
-
-
 @functools.cache
-def _count_optimizer_steps() -> None:
+def _optimizer_steps() -> list[int]:
+    """``[optimizer steps taken in this process]``, counted from the first call on by a
+    global step hook (one integer increment a step)."""
+    steps = [0]
+
     def count(*_: object) -> None:
-        _STEPS[0] += 1
+        steps[0] += 1
 
     register_optimizer_step_post_hook(count)
+    return steps
 
 
 class KeepsDerived(nn.Module):
@@ -82,7 +77,7 @@ class KeepsDerived(nn.Module):
             or any(t.is_inference() for t in tensors)
         ):
             return None
-        steps = _optimizer_steps()
+        steps = _optimizer_steps()[0]
         key = (*((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors), steps, *extra)
         kept = self.__dict__.setdefault("_kept_values", {})
         if name not in kept or kept[name][0] != key:

@@ -657,15 +657,11 @@ def _centered_squares(x: Tensor, mu: Tensor) -> Tensor:
     squaring (the sum of ``x^2`` minus ``n mu^2`` loses every digit in float32 once the
     mean is a few hundred standard deviations), in chunks of samples through one reused
     buffer on CPU (an input-sized temporary is page-faulted anew on every call)."""
-    zeros, shape = torch.zeros_like(mu), (-1, *([1] * (x.dim() - 2)))
-    per_sample = math.prod(x.shape[1:]) * mu.element_size()
-    target = _CPU_CHUNK_BYTES if x.device.type == "cpu" else _DEVICE_CHUNK_BYTES
-    rows = max(1, min(len(x), target // max(per_sample, 1)))
-    buf = torch.empty((rows, *x.shape[1:]), dtype=mu.dtype, device=x.device)
-    total = zeros
-    for n0 in range(0, len(x), rows):
-        part = x[n0 : n0 + rows]
-        d = torch.sub(part, mu.view(shape), out=buf[: len(part)])
+    ch = _Chunks(x, mu.shape[0] // 4, mu.dtype, 1)  # the whitening sweeps' chunks
+    buf = x.new_empty((ch.rows, *x.shape[1:]), dtype=mu.dtype)
+    total = zeros = torch.zeros_like(mu)
+    for n0, n1 in ch.ranges():
+        d = torch.sub(x[n0:n1], mu.view(-1, *ch.ones), out=buf[: n1 - n0])
         total = total + _channel_sums(d, d, zeros)[0]
     return total
 

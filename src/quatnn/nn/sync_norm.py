@@ -234,23 +234,22 @@ class QSyncBatchNorm(_QBatchNorm):
         kernels = None
         if self.mode != "split" and not torch.compiler.is_compiling():
             kernels = norm._kernels_for(x.device)
+        bad = None  # while tracing: whether the statistics are unusable (no check raised)
         if kernels is None:
-            y, mean, stat, n = self._synced(x, group)
+            y, mean, stat, n, bad = self._synced(x, group)
         else:
             pdtype, whiten = self._param_dtype(x), self.mode == "whiten"
             weight = (self._gamma_matrix if whiten else self._gamma)(pdtype, x.device)
             beta = self._beta(pdtype, x.device)
             y, mean, stat, n = _SyncFused.apply(x, weight, beta, self.eps, whiten, group, kernels)
         if self.training and self.track_running_stats:  # traced: bad statistics change nothing
-            traced_bad = None
-            if torch.compiler.is_compiling():
-                traced_bad = torch.isfinite(stat).all().logical_not()
+            traced_bad = bad if torch.compiler.is_compiling() else None
             self._update_running(mean, stat, n, factor, traced_bad)
         return y
 
     def _synced(self, x: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, ...]:
-        """``(y, blocked mean, biased statistic, global count)`` in differentiable PyTorch
-        ops and collectives (traced whole by torch.compile)."""
+        """``(y, blocked mean, biased statistic, global count, unusable statistic flag)`` in
+        differentiable PyTorch ops and collectives (traced whole by torch.compile)."""
         parts = 1 if self.mode == "split" else 4  # components per channel
         channels = self.num_features // parts
         cdt = _compute_dtype(x.dtype)
@@ -282,7 +281,7 @@ class QSyncBatchNorm(_QBatchNorm):
             if self.bias is not None:
                 y = y + self.bias.to(cdt).view(1, parts, channels, 1)
         out = y.reshape(x.shape).to(x.dtype)
-        return out.contiguous(memory_format=_memory_format(x)), mean.reshape(-1), stat, n
+        return out.contiguous(memory_format=_memory_format(x)), mean.reshape(-1), stat, n, bad
 
     def _normalize(self, d: Tensor, stat: Tensor, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
         """``d`` (centered, ``(N, parts, C, M)``) normalized with the batch statistic

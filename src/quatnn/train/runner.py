@@ -613,7 +613,7 @@ def compare(
     ctx.barrier()
     options = {"progress": progress, "tensorboard": tensorboard, "download": download}
     if jobs > 1:
-        _compare_jobs(runs, jobs, {**options, "callbacks": list(callbacks)})
+        _compare_jobs(runs, resolved, jobs, {**options, "callbacks": list(callbacks)})
         return [path for path, _ in runs]
     for i, (path, cfg) in enumerate(runs, 1):
         if ctx.is_main:
@@ -644,11 +644,14 @@ def uses_gpu(cfg: TrainConfig) -> bool:
     return cfg.device in ("auto", "cuda")
 
 
-def _compare_jobs(runs: list[tuple[Path, TrainConfig]], jobs: int, options: dict) -> None:
-    """Train ``runs`` (folder, config as asked) in ``jobs`` processes at a time."""
+def _compare_jobs(
+    runs: list[tuple[Path, TrainConfig]], resolved: list[TrainConfig], jobs: int, options: dict
+) -> None:
+    """Train ``runs`` (folder, config as asked; ``resolved``: those configs resolved) in
+    ``jobs`` processes at a time."""
     todo = []
-    for i, (path, cfg) in enumerate(runs, 1):
-        if _plan(path, resolve(cfg), "continue") == "finished":
+    for i, ((path, cfg), checked) in enumerate(zip(runs, resolved, strict=True), 1):
+        if _plan(path, checked, "continue") == "finished":
             print(f"[{i}/{len(runs)}] {path} already holds this run, finished", flush=True)
         else:
             todo.append((i, path, cfg))
