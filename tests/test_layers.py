@@ -803,6 +803,38 @@ def test_module_to_channels_last():
     assert model[0].weight.dtype == torch.float64
 
 
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.channels_last_3d], ids=["2d", "3d"])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_module_memory_format_as_torch_conv(nd, transposed, fmt):
+    """``to(memory_format=...)`` gives each weight component the strides torch's
+    convolution gets, or refuses a format of the other rank as torch does."""
+    layer = (CONVT if transposed else CONV)[nd](8, 16, 3, groups=1 + transposed)
+    real = getattr(nn, f"Conv{'Transpose' * transposed}{nd}d")(8, 16, 3, groups=1 + transposed)
+    try:
+        real.to(memory_format=fmt)
+    except RuntimeError:
+        with pytest.raises(RuntimeError, match="rank"):
+            layer.to(memory_format=fmt)
+        return
+    x = torch.randn(2, 8, *(5,) * nd, dtype=torch.float64)
+    layer.double()
+    want = layer(x)
+    layer.to(memory_format=fmt)
+    if nd == 1:  # torch leaves 3-d weights alone
+        assert layer.weight.is_contiguous()
+    else:
+        strides = torch.empty(layer.weight.shape[1:]).to(memory_format=fmt).stride()
+        assert all(w.stride() == strides for w in layer.weight)
+    for algorithm in ALGOS:
+        with QF.use_algorithm(algorithm):
+            got = layer(x if nd == 1 else x.contiguous(memory_format=fmt))
+        torch.testing.assert_close(got, want)
+        got.sum().backward()
+        assert layer.weight.grad.stride() == layer.weight.stride()  # DDP's buckets want this
+        layer.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("algorithm", ALGOS)
 @pytest.mark.parametrize("groups", [1, 2])
 def test_conv_output_keeps_channels_last(algorithm, groups):

@@ -127,27 +127,6 @@ class QuaternionLayer(KeepsDerived):
                 f"init_criterion must be one of {init.CRITERIA}, got {self.init_criterion!r}"
             )
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (torch's signature)
-        """``module.to(memory_format=torch.channels_last)`` converts 4-d and 5-d tensors and
-        refuses the 5-d weight ``(4, O, I, kh, kw)`` of a 2-d convolution. Apply such a
-        conversion to the stacked components ``(4O, I, kh, kw)`` instead, so each component
-        (the weight of one real product) gets the memory format."""
-        try:
-            return super()._apply(fn, recurse)
-        except RuntimeError as err:
-            if "channels_last" not in str(err):
-                raise
-
-        def per_component(t: Tensor) -> Tensor:
-            if t.dim() != 5:
-                return fn(t)
-            out = fn(t.flatten(0, 1)).unflatten(0, (4, -1))
-            # The contiguous order (1x1 kernels) keeps its plain strides: the gradients get
-            # those, and DDP's buckets want the parameter's (else a warning and a copy).
-            return out.clone(memory_format=torch.contiguous_format) if out.is_contiguous() else out
-
-        return super()._apply(per_component, recurse)
-
     def folded_weight(self) -> Tensor | None:
         """The cached folded real weight when ``fold_cache`` is on, the layer is in eval
         mode and no gradient is being recorded; else ``None``.

@@ -87,6 +87,26 @@ class _QConvNd(QuaternionLayer):
         self.bias = nn.Parameter(torch.empty(out_channels, **kw)) if bias else None
         self.reset_parameters()
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (torch's signature)
+        """Apply conversions to the weight ``(4, O, I, *kernel)`` through its stacked
+        components ``(4O, I, *kernel)``, a real convolution's weight, so that
+        ``module.to(memory_format=...)`` treats it as ``torch.nn.Conv{N}d`` treats its weight:
+        channels_last for 2-d kernels, channels_last_3d for 3-d ones, 1-d left alone and a
+        format of the other rank refused."""
+        rank = self.weight.dim()
+
+        def per_component(t: Tensor) -> Tensor:
+            if t.dim() != rank:
+                return fn(t)
+            out = fn(t.flatten(0, 1)).unflatten(0, (4, -1))
+            # Contiguous after a format change (1x1 kernels), it keeps plain strides: the
+            # gradients get those, and DDP's buckets want the parameter's (else a warning).
+            plain = torch.empty(out.shape, device="meta").stride()
+            odd = out.is_contiguous() and out.stride() != plain
+            return out.clone(memory_format=torch.contiguous_format) if odd else out
+
+        return super()._apply(per_component, recurse)
+
     def _fans(self) -> tuple[int, int]:
         kernel = math.prod(self.kernel_size)
         q_in, q_out = self.in_channels // 4, self.out_channels // 4
