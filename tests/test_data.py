@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from fixtures_data import write_cifar10, write_mnist
 from PIL import Image
 from torchvision import transforms as T
 
@@ -328,6 +330,34 @@ def test_cifar10_reads_python_batches(tmp_path):
     _check_cifar_item(test_ds, 2, test["data"][2], 4, *CIFAR10_STATS)
     quat = data.load("cifar10", tmp_path, train=False, encoding="pure", download=False)
     assert quat[0][0].shape == (4, 32, 32) and torch.equal(quat[0][0][0], torch.zeros(32, 32))
+
+
+@pytest.mark.parametrize(
+    "name, encoding",
+    [("cifar10", "rgb_gray"), ("mnist", "gray_repeat"), ("digits-color", "pure"),
+     ("digits", "group4")],
+)  # fmt: skip
+def test_preprocessing_turns_raw_pixels_into_the_test_items(tmp_path, name, encoding):
+    """A deployed model is fed what preprocessing() says: on the raw pixels of the test
+    split, its steps give the tensors load() gave the model in training."""
+    write_cifar10(tmp_path, n_test=3)
+    write_mnist(tmp_path, n_test=3)
+    info = data.info(name, tmp_path)
+    p = data.preprocessing(name, encoding, info.image_size)
+    assert p["image_size"] == list(info.image_size) and p["encoding"] == encoding
+    if name == "cifar10":
+        raw = pickle.loads((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())["data"]
+        pixels = torch.from_numpy(raw).view(-1, 3, 32, 32)
+    elif name == "mnist":
+        pixels = torchvision.datasets.MNIST(tmp_path, train=False).data.unsqueeze(1)
+    else:
+        images = bundled.colour_images() if name == "digits-color" else bundled.gray_images()
+        pixels = images[bundled.split_indices(False)] * 255  # the bundled sets are floats
+    mean, std = (torch.tensor(p[k]).view(-1, 1, 1) for k in ("mean", "std"))
+    x = (pixels[:3] / 255 - mean) / std
+    test = data.load(name, tmp_path, train=False, encoding=encoding, download=False)
+    for i in range(3):
+        torch.testing.assert_close(data.ENCODINGS[encoding](x[i]), test[i][0])
 
 
 def test_cifar100_reads_fine_labels(tmp_path):

@@ -2,13 +2,14 @@
 checkpoints (size, exact reload, sparse storage, clear errors) and run-folder export."""
 
 import io
+import json
 import os
 
 import pytest
 import torch
 from torch import nn
 
-from quatnn import models
+from quatnn import data, models
 from quatnn import nn as qnn
 from quatnn.export import (
     FORMAT,
@@ -21,6 +22,7 @@ from quatnn.export import (
     is_quaternion_module,
     load,
     load_weights,
+    read_export_metadata,
     read_metadata,
     save_compact,
 )
@@ -240,14 +242,17 @@ def test_onnx_round_trip(tmp_path, name, options, exporter):
     torch.manual_seed(0)
     model = _randomize_norms(models.create(name, "quaternion", num_classes=10, **options)).eval()
     path = tmp_path / f"{name}.onnx"
-    report = export(
-        fold(model), _input(name, "quaternion"), path, "onnx", reference=model, exporter=exporter
-    )
+    meta = {"name": name, "options": options}
+    report = export(fold(model), _input(name, "quaternion"), path, "onnx", reference=model,
+                    exporter=exporter, metadata=meta)  # fmt: skip
     assert path.is_file() and report["batches"] == [2, 3]
     assert report["max_abs_diff"] <= report["tolerance"]
     x = _input(name, "quaternion", batch=5, seed=3)  # another batch size: dynamic axis
     with torch.no_grad():
         _assert_close(_ort_outputs(str(path), x), model(x))
+    assert read_export_metadata(path) == meta
+    session = _onnxruntime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert json.loads(session.get_modelmeta().custom_metadata_map["quatnn"]) == meta
 
 
 def test_unfolded_quaternion_layers_round_trip_through_onnx(tmp_path):
@@ -300,8 +305,14 @@ def test_torch_formats_round_trip(tmp_path, fmt):
     )
     model = _randomize_norms(model).eval()
     path = tmp_path / f"model.{fmt}"
-    report = export(fold(model), torch.randn(2, 4, 8, 8), path, fmt, reference=model)
+    meta = {"classes": ["cat", "dog"], "mean": [0.5]}
+    report = export(fold(model), torch.randn(2, 4, 8, 8), path, fmt, reference=model, metadata=meta)
     assert path.is_file() and report["max_abs_diff"] <= report["tolerance"]
+    assert read_export_metadata(path) == meta
+    export(fold(model), torch.randn(2, 4, 8, 8), path, fmt)
+    assert read_export_metadata(path) == {}
+    with pytest.raises(ValueError, match="metadata must be JSON-serializable"):
+        export(fold(model), torch.randn(2, 4, 8, 8), path, fmt, metadata={"x": torch.ones(1)})
 
 
 class _SignFlip(nn.Module):
@@ -497,12 +508,20 @@ def test_export_run_folder(tmp_path):
     checkpoint.save(run / "checkpoint.pt", tags, {"model": model.state_dict()})
     report = export_run(run, "torchscript", tmp_path / "m.ts")
     assert report["folded"] and report["max_abs_diff"] <= report["tolerance"]
+    encoding = data.default_encoding("digits", "quaternion", flat=True)
+    prepare = {**data.preprocessing("digits", encoding, (28, 28)), "shape": [784]}
+    meta = read_export_metadata(tmp_path / "m.ts")
+    assert meta["input"] == report["input"] == prepare and meta["checkpoint"] == "checkpoint.pt"
+    rebuilt = models.create(**{**meta["model"], "input_size": (28, 28)})
+    rebuilt.load_state_dict(model.state_dict())  # the metadata names the model that was saved
     report = export_run(run, "safetensors", tmp_path / "m.safetensors")
     loaded = load(tmp_path / "m.safetensors")
     x = torch.randn(3, 784)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    assert read_metadata(tmp_path / "m.safetensors")["model"]["input_size"] == [28, 28]
+    compact = read_metadata(tmp_path / "m.safetensors")
+    assert compact["model"]["input_size"] == [28, 28] and compact["extra"]["input"] == prepare
+    assert read_export_metadata(tmp_path / "m.safetensors") == {**meta, "model": compact["model"]}
     # a checkpoint of another run, a missing one, a folder that is no run
     checkpoint.save(run / "best.pt", {**tags, "variant": "real"}, {"model": {}})
     with pytest.raises(ValueError, match="belongs to another run"):
@@ -524,6 +543,9 @@ def test_cli_export(tmp_path, capsys):
     assert cli.main(["export", str(run), "--format", "torchscript"]) == 0
     said = capsys.readouterr()
     assert (run / "model.ts").is_file() and "matches PyTorch" in said.out
+    mean = data.preprocessing("digits-color", "rgb_gray", (32, 32))["mean"]
+    assert "input (N, 4, 32, 32): rgb_gray((x - mean) / std) of the 32x32 image" in said.out
+    assert f"mean {' '.join(f'{v:.4g}' for v in mean)}, std" in said.out
     assert "has not finished training" in said.err  # no summary.json: the user is told
     (run / "summary.json").write_text("{}")
     assert cli.main(["export", str(run), "--format", "torchscript"]) == 0

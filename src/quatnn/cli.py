@@ -470,6 +470,13 @@ def _export(args: argparse.Namespace) -> int:
             f"batches {', '.join(map(str, result['batches']))})"
         )
     print(line)
+    prepare = result["input"]
+    h, w = prepare["image_size"]
+    numbers = ", ".join(f"{k} {' '.join(f'{v:.4g}' for v in prepare[k])}" for k in ("mean", "std"))
+    print(
+        f"input (N, {', '.join(map(str, prepare['shape']))}): {prepare['encoding']}((x - mean) "
+        f"/ std) of the {h}x{w} image x in [0, 1], {numbers} (kept in the file's metadata)"
+    )
     if not result["finished"]:
         print(
             f"quatnn: note: {args.run} has not finished training (no summary.json); the "

@@ -14,7 +14,7 @@ Example:
     ('rgb_gray', torch.Size([4, 32, 32]), 10)
 """
 
-from quatnn.data.datasets import load
+from quatnn.data.datasets import load, preprocessing
 from quatnn.data.encodings import ENCODINGS
 from quatnn.data.registry import (
     DatasetInfo,
@@ -32,4 +32,5 @@ __all__ = [
     "info",
     "load",
     "names",
+    "preprocessing",
 ]

@@ -87,8 +87,34 @@ def _transform(
         steps.append(T.RandomCrop(image_size, padding=s.padding))
         if s.flip:
             steps.append(T.RandomHorizontalFlip())
-    mean, std = bundled.train_stats(name) if s.bundled else (s.mean, s.std)
-    return T.Compose([*steps, T.Normalize(mean, std), encode])
+    return T.Compose([*steps, T.Normalize(*_normalization(name)), encode])
+
+
+def _normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel ``(mean, std)``: published constants; the bundled sets' computed."""
+    s = spec(name)
+    return bundled.train_stats(name) if s.bundled else (s.mean, s.std)
+
+
+def preprocessing(name: str, encoding: str, image_size: tuple[int, int]) -> dict:
+    """What :func:`load` does to a test image of dataset ``name`` (``image_size`` pixels)
+    for a model reading ``encoding``, as a deployed model needs it: the ``image_size``,
+    the per-channel ``mean`` and ``std`` of ``(x - mean) / std`` on the image in [0, 1],
+    the ``encoding`` applied last, and these ``steps`` in words.
+
+    >>> p = preprocessing("mnist", "gray_repeat", (28, 28))
+    >>> p["mean"], p["std"], p["encoding"]
+    ([0.1307], [0.3081], 'gray_repeat')
+    """
+    mean, std = _normalization(name)
+    h, w = image_size
+    resize = ", resized (torchvision Resize)" if name == "imagefolder" else ""
+    steps = (
+        f"image (C, H, W) of {h}x{w} pixels{resize} scaled to [0, 1]; (x - mean) / std per "
+        f"channel; then encoding {encoding} (quatnn.data.ENCODINGS)"
+    )
+    return {"dataset": name, "image_size": [h, w], "mean": list(mean), "std": list(std),
+            "encoding": encoding, "steps": steps}  # fmt: skip
 
 
 def _open(

@@ -37,7 +37,7 @@ ONNX_OPSET = 18
 _ORIGINS = {
     **dict.fromkeys(("FORMAT", "load", "load_weights", "read_metadata", "save_compact"), "compact"),
     **dict.fromkeys(("fold", "is_quaternion_module"), "folding"),
-    **dict.fromkeys(("export", "tolerance"), "formats"),
+    **dict.fromkeys(("export", "read_export_metadata", "tolerance"), "formats"),
     **dict.fromkeys(
         ("ChannelPermute", "NormAdaptiveMaxPool", "PermutedConv", "QuaternionAffine"), "modules"
     ),

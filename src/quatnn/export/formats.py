@@ -4,7 +4,9 @@ Every export writes a temporary file beside the target, loads it back with the r
 that will serve it (ONNX Runtime, ``torch.jit.load``, ``torch.export.load``), compares its
 outputs with the PyTorch reference on the example batch and on a batch of another size
 (the batch axis is dynamic), and only then renames it onto the target: a failed export or
-check leaves no file behind.
+check leaves no file behind. ``metadata`` (JSON) travels inside the file, where each
+runtime reads it (:func:`read_export_metadata`); :func:`quatnn.export.export_run` puts the
+input preprocessing there.
 
 ONNX uses the ``torch.export``-based exporter (``dynamo=True``, the default and maintained
 one in torch 2.9+) at opset 18; ``exporter="legacy"`` selects the deprecated TorchScript
@@ -21,16 +23,20 @@ Example:
     >>> report = export(fold(model), torch.randn(2, 4, 32, 32), path, "pt2", reference=model)
     >>> report["max_abs_diff"] < 1e-4
     True
+    >>> _ = export(fold(model), torch.randn(2, 4, 32, 32), path, "pt2", metadata={"a": 1})
+    >>> read_export_metadata(path)
+    {'a': 1}
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -38,9 +44,12 @@ from torch import Tensor, nn
 
 from quatnn.export import FORMATS, ONNX_OPSET
 
-__all__ = ["export", "tolerance"]
+__all__ = ["export", "read_export_metadata", "tolerance"]
 
 EXPORTERS = ("dynamo", "legacy")
+METADATA = "quatnn"
+"""Where the metadata lives: ONNX metadata property ``quatnn``; TorchScript and pt2 extra
+file ``quatnn.json``."""
 
 
 def tolerance(reference: Tensor) -> float:
@@ -62,7 +71,9 @@ def _batch_dim() -> torch.export.Dim:
     return torch.export.Dim("batch", min=1, max=1 << 20)
 
 
-def _onnx(model: nn.Module, example: Tensor, path: str, opset: int, exporter: str) -> int:
+def _onnx(
+    model: nn.Module, example: Tensor, path: str, metadata: str, opset: int, exporter: str
+) -> int:
     """Write the ONNX file; return the opset it has (the dynamo exporter keeps its own when
     it cannot convert to ``opset``)."""
     names = {"input_names": ["input"], "output_names": ["output"], "opset_version": opset}
@@ -76,6 +87,7 @@ def _onnx(model: nn.Module, example: Tensor, path: str, opset: int, exporter: st
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
                 **names,
             )
+            _onnx_metadata(path, metadata)
             return opset
         program = torch.onnx.export(
             model,
@@ -85,8 +97,17 @@ def _onnx(model: nn.Module, example: Tensor, path: str, opset: int, exporter: st
             verbose=False,
             **names,
         )
+        program.model.metadata_props[METADATA] = metadata
         program.save(path, external_data=False)  # one file (models under 2 GB)
         return program.model.opset_imports.get("", opset)
+
+
+def _onnx_metadata(path: str, metadata: str) -> None:
+    import onnx
+
+    proto = onnx.load(path)
+    onnx.helper.set_model_props(proto, {METADATA: metadata})
+    onnx.save(proto, path)
 
 
 def onnx_session(path: str, threads: int | None = None) -> object:
@@ -121,10 +142,10 @@ def _onnx_runner(path: str) -> Callable[[Tensor], Tensor]:
     return run
 
 
-def _torchscript(model: nn.Module, example: Tensor, path: str) -> None:
+def _torchscript(model: nn.Module, example: Tensor, path: str, metadata: str) -> None:
     with _quiet():
         traced = torch.jit.trace(model, (example,), check_trace=False)
-        traced.save(path)
+        traced.save(path, _extra_files={f"{METADATA}.json": metadata})
 
 
 def _torchscript_runner(path: str) -> Callable[[Tensor], Tensor]:
@@ -133,9 +154,9 @@ def _torchscript_runner(path: str) -> Callable[[Tensor], Tensor]:
     return module
 
 
-def _pt2(model: nn.Module, example: Tensor, path: str) -> None:
+def _pt2(model: nn.Module, example: Tensor, path: str, metadata: str) -> None:
     program = torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},))
-    torch.export.save(program, path)
+    torch.export.save(program, path, extra_files={f"{METADATA}.json": metadata})
 
 
 def _pt2_runner(path: str) -> Callable[[Tensor], Tensor]:
@@ -160,6 +181,7 @@ def export(
     check: bool = True,
     opset: int = ONNX_OPSET,
     exporter: str = "dynamo",
+    metadata: Mapping | None = None,
 ) -> dict:
     """Export ``model`` (eval mode, on the CPU; dynamic batch axis) traced on ``example``
     to ``path``.
@@ -174,6 +196,8 @@ def export(
         check: load the file back and compare outputs (ONNX: with ONNX Runtime) within
             :func:`tolerance` before writing ``path``.
         opset, exporter: ONNX opset and exporter (``"dynamo"`` or ``"legacy"``).
+        metadata: JSON-serializable information stored in the file (default ``{}``);
+            :func:`read_export_metadata` reads it back.
 
     Returns ``{"format", "path", "bytes", "max_abs_diff", "tolerance", "batches"}``
     (``max_abs_diff`` None when unchecked). Raises ValueError when the export fails or
@@ -194,6 +218,10 @@ def export(
         )
     if model.training or (reference is not None and reference.training):
         raise ValueError("export: call model.eval() first (exports are for inference)")
+    try:
+        text = json.dumps(dict(metadata or {}), sort_keys=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"export: metadata must be JSON-serializable ({err})") from None
     reference = model if reference is None else reference
     tensors = [example, *model.parameters(), *model.buffers(), *reference.parameters()]
     if any(t.device.type != "cpu" for t in tensors):
@@ -206,11 +234,11 @@ def export(
         try:
             with torch.no_grad():
                 if format == "onnx":
-                    written = _onnx(model, example, tmp, opset, exporter)
+                    written = _onnx(model, example, tmp, text, opset, exporter)
                 elif format == "torchscript":
-                    _torchscript(model, example, tmp)
+                    _torchscript(model, example, tmp, text)
                 else:
-                    _pt2(model, example, tmp)
+                    _pt2(model, example, tmp, text)
         except Exception as err:
             raise ValueError(_failure(model, format, err)) from err
         if format == "onnx" and written != opset:
@@ -246,6 +274,37 @@ def export(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def read_export_metadata(path: str | os.PathLike) -> dict:
+    """The ``metadata`` that :func:`export` stored in the ONNX, TorchScript or pt2 file
+    ``path`` (by its suffix; ``{}`` for a file written without). Runtimes read it too:
+    ONNX Runtime as ``session.get_modelmeta().custom_metadata_map["quatnn"]``, TorchScript
+    as ``torch.jit.load(path, _extra_files={"quatnn.json": ""})``, pt2 as
+    ``torch.export.load(path, extra_files={"quatnn.json": ""})``. For a compact
+    ``.safetensors`` checkpoint: its ``extra`` and ``model`` (see
+    :func:`quatnn.export.read_metadata`), the keys every file of
+    :func:`quatnn.export.export_run` holds."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from quatnn.export.compact import read_metadata
+
+        compact = read_metadata(path)
+        return {**compact["extra"], "model": compact["model"]}
+    if path.endswith(".onnx"):
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+        text = props.get(METADATA, "")
+    else:
+        files = {f"{METADATA}.json": ""}
+        if path.endswith(".pt2"):
+            torch.export.load(path, extra_files=files)
+        else:
+            with _quiet():
+                torch.jit.load(path, map_location="cpu", _extra_files=files)
+        text = files[f"{METADATA}.json"]
+    return json.loads(text) if text else {}
 
 
 def _newest_onnx_opset() -> int | None:

@@ -3,12 +3,14 @@
 The model is rebuilt from the run's ``config.toml`` exactly as training built it (model,
 variant and options from the config; classes, input channels and size from the dataset
 and the encoding) and its weights are read from ``checkpoint.pt`` (the last completed
-epoch) or ``best.pt`` (the epoch with the best test accuracy).
+epoch) or ``best.pt`` (the epoch with the best test accuracy). Every file says how to
+prepare its input (:func:`quatnn.data.preprocessing`), in its metadata (``input``).
 
 Example (a run trained with ``quatnn train``)::
 
-    from quatnn.export import export_run
+    from quatnn.export import export_run, read_export_metadata
     export_run("runs/conv4-q", "onnx", "conv4.onnx")   # folded, checked with ONNX Runtime
+    read_export_metadata("conv4.onnx")["input"]         # image size, mean, std, encoding
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ def load_run(
     classes and image size). Raises ValueError with one line for a missing or foreign
     run folder or checkpoint.
     """
+    return _load_run(run_dir, checkpoint, data_dir)[:3]
+
+
+def _load_run(
+    run_dir: str | os.PathLike, checkpoint: str, data_dir: str | os.PathLike | None
+) -> tuple[nn.Module, dict, Tensor, dict]:
+    """:func:`load_run`'s values and the run's :func:`quatnn.data.preprocessing`."""
     from quatnn import data, models
     from quatnn.train import checkpoint as checkpoints
     from quatnn.train.errors import RunError
@@ -102,7 +111,8 @@ def load_run(
         raise ValueError(f"{path} does not fit {cfg.model}/{cfg.variant} ({reason})") from None
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, *sample.shape, generator=generator)
-    return model.eval(), spec, example
+    prepare = data.preprocessing(cfg.dataset, encoding, tuple(info.image_size))
+    return model.eval(), spec, example, {**prepare, "shape": list(sample.shape)}
 
 
 def export_run(
@@ -125,24 +135,27 @@ def export_run(
     ``fold`` (default) exports :func:`quatnn.export.fold` of the model; outputs are
     always checked against the unfolded PyTorch model (see :func:`quatnn.export.export`)
     unless ``check=False``. ``safetensors`` writes the compact checkpoint (quaternion
-    weights, ``sparse`` optional; ``fold`` does not apply). Returns the report of the
-    export plus ``model`` (``name/variant``), ``folded``, ``checkpoint`` and ``finished``
-    (whether the run finished training: it has ``summary.json``).
+    weights, ``sparse`` optional; ``fold`` does not apply). The file's metadata holds
+    ``model`` (the :func:`quatnn.models.create` arguments), ``checkpoint`` and ``input``
+    (the run's :func:`quatnn.data.preprocessing` and the ``shape`` of one input, after the
+    batch axis). Returns the report of the export plus ``model`` (``name/variant``),
+    ``folded``, ``checkpoint``, ``input`` and ``finished`` (whether the run finished
+    training: it has ``summary.json``).
     """
     if format not in RUN_FORMATS:
         raise ValueError(f"format must be one of {', '.join(RUN_FORMATS)}, got {format!r}")
-    model, spec, example = load_run(run_dir, checkpoint, data_dir)
+    model, spec, example, prepare = _load_run(run_dir, checkpoint, data_dir)
     folder = out is None or str(out).endswith(("/", os.sep))  # "exp/" names a folder
     out = Path(run_dir if out is None else out)
     if out.is_dir() or folder:  # a folder (the run's by default): the file goes into it
         out = out / f"model{SUFFIXES[format]}"
-    summary = {"model": f"{spec['name']}/{spec['variant']}", "checkpoint": checkpoint,
+    extra = {"checkpoint": checkpoint, "input": prepare}
+    summary = {"model": f"{spec['name']}/{spec['variant']}", **extra,
                "finished": (Path(run_dir) / "summary.json").is_file()}  # fmt: skip
     if format == "safetensors":
-        info = save_compact(model, out, spec, sparse=sparse, extra={"checkpoint": checkpoint})
+        info = save_compact(model, out, spec, sparse=sparse, extra=extra)
         return {**summary, "format": format, "folded": False, **info}
     target = fold_model(model) if fold else model
-    report = export(
-        target, example, out, format, reference=model, check=check, opset=opset, exporter=exporter
-    )
+    report = export(target, example, out, format, reference=model, check=check, opset=opset,
+                    exporter=exporter, metadata={"model": spec, **extra})  # fmt: skip
     return {**summary, "folded": fold, **report}
