@@ -189,6 +189,9 @@ def test_norm_adaptive_max_pool_matches_quaternion_pool():
         (qnn.QAdaptiveMaxPool3d((2, None, 1)), torch.randn(1, 4, 3, 4, 5)),
     ):
         assert torch.equal(fold(pool.eval())(x), pool(x))
+    pool = qnn.QAdaptiveMaxPool2d(1, return_indices=True).eval()  # indices: kept as it is
+    x = torch.randn(2, 8, 5, 5)
+    assert all(map(torch.equal, fold(pool)(x), pool(x)))
 
 
 # --------------------------------------------------------------------------- fold: errors

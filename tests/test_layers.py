@@ -707,8 +707,24 @@ def test_max_pool_picks_whole_quaternion_with_largest_norm():
     assert (x.grad != 0).sum() == y.numel()
 
 
+@pytest.mark.parametrize("pool", [QMaxPool2d(2), QAdaptiveMaxPool2d((2, 3))], ids=repr)
+def test_max_pool_indices_unpool_whole_quaternions(pool):
+    """torch's MaxUnpool, given the indices, puts each kept quaternion back where it was."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 4, 6, dtype=torch.float64)
+    pool.return_indices = True
+    y, where = pool(x)
+    pool.return_indices = False
+    assert torch.equal(y, pool(x))
+    norms = algebra.to_explicit(x, 1).norm(dim=-1)  # (N, C, H, W)
+    windows = norms.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # (N, C, 2, 3, 4)
+    best = F.one_hot(windows.argmax(-1), 4).unflatten(-1, (2, 2))  # (N, C, 2, 3, 2, 2)
+    keep = best.permute(0, 1, 2, 4, 3, 5).reshape(norms.shape).repeat(1, 4, 1, 1)  # blocked
+    assert torch.equal(nn.MaxUnpool2d(2)(y, where), x * keep)
+
+
 def test_max_pool_options_follow_torch():
-    args, kwargs = (3, 2, 1), {"dilation": 2, "ceil_mode": True}
+    args, kwargs = (3, 2, 1), {"dilation": 2, "ceil_mode": True, "return_indices": True}
     assert repr(QMaxPool2d(*args, **kwargs)) == "Q" + repr(nn.MaxPool2d(*args, **kwargs))
     with pytest.raises(RuntimeError, match="stride should not be zero"):  # not the kernel size
         QMaxPool2d(2, stride=0)(torch.randn(1, 4, 4, 4))

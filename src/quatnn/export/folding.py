@@ -16,7 +16,8 @@
   statistics (real ``nn.BatchNorm`` layers are kept);
 * :class:`~quatnn.nn.QDropout` and the ``nn.Dropout`` family become ``nn.Identity``;
 * ``QAdaptiveMaxPool{1,2,3}d`` becomes :class:`~quatnn.export.modules.NormAdaptiveMaxPool`
-  (ONNX has no adaptive max pool with indices unless the sizes divide);
+  (ONNX has no adaptive max pool with indices unless the sizes divide), except with
+  ``return_indices=True`` (kept: the indices have no other form);
 * ``QMaxPool{1,2,3}d``, :class:`~quatnn.nn.QModReLU` and
   :class:`~quatnn.nn.norm.QLayerNorm` are kept: they are plain torch operations that export
   as they are (the max pool's indices map to ONNX ``MaxPool`` + ``GatherElements``).
@@ -324,7 +325,7 @@ def _replace(module: nn.Module, name: str) -> nn.Module | None:
     if isinstance(module, _DROPOUTS):
         return nn.Identity()
     for cls, nd in _ADAPTIVE.items():
-        if isinstance(module, cls):
+        if isinstance(module, cls) and not module.return_indices:  # else kept as it is
             return NormAdaptiveMaxPool(nd, module.output_size)
     return None
 

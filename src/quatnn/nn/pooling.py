@@ -1,20 +1,33 @@
 """Quaternion max pooling: keep the whole quaternion with the largest norm in each window.
 
 (Real max pooling on a blocked tensor would pick r, i, j, k from different positions and
-build a quaternion that exists nowhere in the input.)
+build a quaternion that exists nowhere in the input.) With ``return_indices=True`` the
+pools also return where each kept quaternion was, in the form ``torch.nn.MaxUnpool{N}d``
+takes, so an unpooling puts whole quaternions back in place.
+
+Example:
+    >>> import torch
+    >>> x = torch.randn(1, 8, 4, 4)
+    >>> y, where = QMaxPool2d(2, return_indices=True)(x)
+    >>> back = torch.nn.MaxUnpool2d(2)(y, where)  # the kept quaternions, zeros elsewhere
+    >>> bool(((back == x) | (back == 0)).all())
+    True
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _pick_by_norm(x: Tensor, pool, nd: int) -> Tensor:
+def _pick_by_norm(
+    x: Tensor, pool: Callable[[Tensor], tuple[Tensor, Tensor]], nd: int, return_indices: bool
+) -> Tensor | tuple[Tensor, Tensor]:
     """Pool the squared norms with ``pool`` (returning indices) and gather every component
-    at the winning positions."""
+    at the winning positions; with ``return_indices``, also those positions for each
+    component ``(N, 4C, *out)``."""
     if x.dim() != nd + 2 or x.shape[1] % 4:
         raise ValueError(
             f"expected an (N, 4C, *{nd} spatial) input with C quaternion channels, "
@@ -23,8 +36,9 @@ def _pick_by_norm(x: Tensor, pool, nd: int) -> Tensor:
     q = x.unflatten(1, (4, -1))  # (N, 4, C, *spatial)
     _, idx = pool(q.square().sum(1))  # (N, C, *out)
     flat = q.flatten(3)  # (N, 4, C, L)
-    out = flat.gather(3, idx.flatten(2).unsqueeze(1).expand(-1, 4, -1, -1))
-    return out.view(x.shape[0], x.shape[1], *idx.shape[2:])
+    where = idx.flatten(2).unsqueeze(1).expand(-1, 4, -1, -1)
+    out = flat.gather(3, where).view(x.shape[0], x.shape[1], *idx.shape[2:])
+    return (out, where.reshape(out.shape)) if return_indices else out
 
 
 class _QMaxPoolNd(nn.Module):
@@ -36,14 +50,15 @@ class _QMaxPoolNd(nn.Module):
         stride: int | Sequence[int] | None = None,
         padding: int | Sequence[int] = 0,
         dilation: int | Sequence[int] = 1,
+        return_indices: bool = False,
         ceil_mode: bool = False,
     ) -> None:
         super().__init__()
         stride = kernel_size if stride is None else stride  # torch: None means kernel_size
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self.dilation, self.ceil_mode = dilation, ceil_mode
+        self.dilation, self.return_indices, self.ceil_mode = dilation, return_indices, ceil_mode
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         pool = getattr(F, f"max_pool{self._nd}d")
 
         def norms(n: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,7 +72,7 @@ class _QMaxPoolNd(nn.Module):
                 return_indices=True,
             )
 
-        return _pick_by_norm(x, norms, self._nd)
+        return _pick_by_norm(x, norms, self._nd, self.return_indices)
 
     def extra_repr(self) -> str:
         return (
@@ -69,13 +84,19 @@ class _QMaxPoolNd(nn.Module):
 class _QAdaptiveMaxPoolNd(nn.Module):
     _nd: int
 
-    def __init__(self, output_size: int | Sequence[int | None]) -> None:
+    def __init__(
+        self, output_size: int | Sequence[int | None], return_indices: bool = False
+    ) -> None:
         super().__init__()
-        self.output_size = output_size
+        self.output_size, self.return_indices = output_size, return_indices
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         pool = getattr(F, f"adaptive_max_pool{self._nd}d")
-        return _pick_by_norm(x, lambda n: pool(n, self.output_size, return_indices=True), self._nd)
+
+        def norms(n: Tensor) -> tuple[Tensor, Tensor]:
+            return pool(n, self.output_size, return_indices=True)
+
+        return _pick_by_norm(x, norms, self._nd, self.return_indices)
 
     def extra_repr(self) -> str:
         return f"output_size={self.output_size}"
