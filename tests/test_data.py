@@ -3,6 +3,7 @@
 import os
 import pickle
 import struct
+import sys
 import urllib.error
 import urllib.request
 
@@ -496,3 +497,73 @@ def test_missing_image_folder(tmp_path):
     _image_tree(tmp_path, "train", np.random.default_rng(6))
     with pytest.raises(data.DatasetMissingError, match="val/<class>"):
         data.load("imagefolder", tmp_path, train=False)
+
+
+def test_imagefolder_val_split_keeps_the_train_class_indices(tmp_path):
+    """A val split lacking a class still labels the others as train does."""
+    rng = np.random.default_rng(7)
+    for split, classes in (("train", ["cat", "dog", "fox"]), ("val", ["cat", "fox"])):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            pixels = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / split / name / "0.png")
+    train = data.load("imagefolder", tmp_path, train=True)
+    val = data.load("imagefolder", tmp_path, train=False)
+    assert val.classes == train.classes == ["cat", "dog", "fox"]
+    assert [(os.path.basename(os.path.dirname(p)), y) for p, y in val.samples] == [
+        ("cat", 0),
+        ("fox", 2),
+    ]
+    (tmp_path / "val" / "owl").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "val" / "owl" / "0.png")
+    with pytest.raises(ValueError, match="classes that the train split lacks: owl"):
+        data.load("imagefolder", tmp_path, train=False)
+
+
+def test_damaged_files_are_named_not_called_missing(tmp_path):
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    good = batch.read_bytes()
+    for damaged, why in (
+        (good[:100], "data_batch_3 is damaged .*truncated"),
+        (b"", "data_batch_3 is damaged .*EOFError"),
+        (pickle.dumps({"data": np.zeros((3, 1000), np.uint8), "labels": [0, 1, 2]}),
+         "data_batch_3 holds no CIFAR batch"),
+        (pickle.dumps({"data": np.zeros((3, 3072), np.uint8), "labels": [0]}),
+         "data_batch_3 holds 3 images, 1 labels"),
+    ):  # fmt: skip
+        batch.write_bytes(damaged)
+        with pytest.raises(ValueError, match=f"'cifar10' in .* cannot be read: .*{why}"):
+            data.load("cifar10", tmp_path, train=True, download=False)
+    batch.write_bytes(good)
+    assert len(data.load("cifar10", tmp_path, train=False, download=False)) == 20
+    write_mnist(tmp_path)
+    images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="'mnist' in .* cannot be read: .*invalid"):
+        data.load("mnist", tmp_path, train=True, download=False)
+    other = write_mnist(tmp_path / "other", n_test=5) / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").write_bytes(other.read_bytes())
+    with pytest.raises(ValueError, match="20 images but 5 labels"):
+        data.load("mnist", tmp_path, train=False, download=False)
+
+
+def test_svhn_reads_mat_files(tmp_path, monkeypatch):
+    scipy_io = pytest.importorskip("scipy.io")
+    rng = np.random.default_rng(8)
+    images = rng.integers(0, 256, (32, 32, 3, 5), dtype=np.uint8)
+    labels = np.array([[10], [1], [9], [10], [3]], dtype=np.uint8)  # SVHN writes 0 as 10
+    (tmp_path / "svhn").mkdir()
+    scipy_io.savemat(tmp_path / "svhn" / "test_32x32.mat", {"X": images, "y": labels})
+    # torchvision checks the published file's MD5, which a generated file cannot match
+    monkeypatch.setattr(torchvision.datasets.SVHN, "_check_integrity", lambda self: True)
+    test = data.load("svhn", tmp_path, train=False, download=False)
+    assert test.targets == [0, 1, 9, 0, 3] and test.classes == [str(d) for d in range(10)]
+    p = data.preprocessing("svhn", "identity", (32, 32))
+    mean, std = (torch.tensor(p[k]).view(3, 1, 1) for k in ("mean", "std"))
+    pixels = torch.from_numpy(images[..., 2]).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(test[2][0], (pixels - mean) / std)
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.io", None)
+    with pytest.raises(ValueError, match=r"reading SVHN needs scipy: pip install 'quatnn\[svhn\]'"):
+        data.load("svhn", tmp_path, train=False, download=False)

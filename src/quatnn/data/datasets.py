@@ -19,11 +19,19 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 from torchvision import transforms as T
+from torchvision.datasets.folder import find_classes
 from torchvision.datasets.utils import download_and_extract_archive
 
 from quatnn.data import bundled
 from quatnn.data.encodings import get_encoding
-from quatnn.data.registry import imagefolder_split, info, missing_error, new_folders, spec
+from quatnn.data.registry import (
+    files_present,
+    imagefolder_split,
+    info,
+    missing_error,
+    new_folders,
+    spec,
+)
 
 
 class CifarBatches(Dataset):
@@ -53,9 +61,16 @@ class CifarBatches(Dataset):
         arrays, self.targets = [], []
         for path in needed[:-1]:
             entry = _unpickle(path)
-            arrays.append(entry["data"])
-            self.targets += [int(t) for t in entry.get("labels", entry.get("fine_labels"))]
-        self.data = np.concatenate(arrays).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            try:
+                images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                labels = [int(t) for t in entry.get("labels", entry.get("fine_labels"))]
+            except (KeyError, TypeError, ValueError) as err:
+                raise RuntimeError(f"{path} holds no CIFAR batch ({err})") from None
+            if len(labels) != len(images):
+                raise RuntimeError(f"{path} holds {len(images)} images, {len(labels)} labels")
+            arrays.append(images)
+            self.targets += labels
+        self.data = np.concatenate(arrays).transpose(0, 2, 3, 1)
         self.classes = list(_unpickle(needed[-1])[cls.meta["key"]])
         self.transform = transform
 
@@ -68,8 +83,36 @@ class CifarBatches(Dataset):
 
 
 def _unpickle(path: str) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    """The dict pickled in ``path``; RuntimeError naming the file if it holds none."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as err:
+        raise RuntimeError(f"{path} is damaged ({type(err).__name__}: {err})") from None
+    if not isinstance(entry, dict):
+        raise RuntimeError(f"{path} holds a {type(entry).__name__}, not a CIFAR batch")
+    return entry
+
+
+class _SplitImageFolder(tvd.ImageFolder):
+    """The val/test split of an image tree, labelled with the train split's class indices
+    (its own folders may be fewer; a class that train lacks is an error)."""
+
+    def __init__(self, folder: str, classes: list[str], transform: Callable) -> None:
+        self.train_classes = classes
+        super().__init__(folder, transform=transform, allow_empty=True)
+        if not self.samples:
+            raise FileNotFoundError(f"no images in {folder}")
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        found, _ = super().find_classes(directory)
+        extra = sorted(set(found) - set(self.train_classes))
+        if extra:
+            raise ValueError(
+                f"{directory} holds classes that the train split lacks: {', '.join(extra)} "
+                f"(train's: {', '.join(self.train_classes)})"
+            )
+        return list(self.train_classes), {c: i for i, c in enumerate(self.train_classes)}
 
 
 def _transform(
@@ -122,14 +165,27 @@ def _open(
 ) -> Dataset:
     if name in ("mnist", "fashion-mnist"):
         cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
-        return cls(root, train=train, transform=transform, download=download)
+        mnist = cls(root, train=train, transform=transform, download=download)
+        if len(mnist.data) != len(mnist.targets):
+            raise RuntimeError(f"{len(mnist.data)} images but {len(mnist.targets)} labels")
+        return mnist
     if name in ("cifar10", "cifar100"):
         cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
         return CifarBatches(cls, root, train, transform, download)
     if name == "svhn":
+        try:
+            import scipy.io  # noqa: F401 (torchvision reads SVHN's .mat files with it)
+        except ImportError:
+            raise ValueError("reading SVHN needs scipy: pip install 'quatnn[svhn]'") from None
         split = "train" if train else "test"
-        return tvd.SVHN(os.path.join(root, "svhn"), split, transform=transform, download=download)
-    return tvd.ImageFolder(imagefolder_split(root, train), transform=transform)
+        folder = os.path.join(root, "svhn")
+        svhn = tvd.SVHN(folder, split, transform=transform, download=download)
+        svhn.targets, svhn.classes = svhn.labels.tolist(), [str(d) for d in range(10)]
+        return svhn
+    if train:
+        return tvd.ImageFolder(imagefolder_split(root, True), transform=transform)
+    classes, _ = find_classes(imagefolder_split(root, True))
+    return _SplitImageFolder(imagefolder_split(root, False), classes, transform)
 
 
 def load(
@@ -157,17 +213,20 @@ def load(
 
     Files live in ``root``: ``root/MNIST/raw``, ``root/FashionMNIST/raw``,
     ``root/cifar-10-batches-py``, ``root/cifar-100-python``, ``root/svhn`` (reading SVHN
-    needs scipy). ``download=True`` fetches missing files; when that fails (offline), or
-    with ``download=False`` and missing files, :class:`DatasetMissingError` says what to
-    place where. Normalization uses the published statistics (ImageNet's for
-    ``imagefolder``; the train split's own for the bundled sets).
+    needs scipy: ``pip install 'quatnn[svhn]'``). ``download=True`` fetches missing files;
+    when that fails (offline), or with ``download=False`` and missing files,
+    :class:`DatasetMissingError` says what to place where; damaged files raise ValueError.
+    Normalization uses the published statistics (ImageNet's for ``imagefolder``; the train
+    split's own for the bundled sets).
 
     ``"digits"`` and ``"digits-color"`` are bundled with quatnn (``root`` and ``download``
     are ignored). For ``"imagefolder"``, ``root`` is a tree ``root/train/<class>/...`` and
     ``root/val/<class>/...`` (or ``test``); images are read as RGB and resized to
     ``image_size`` (``(H, W)``, or one int for squares), by default the size of the first
-    training image, so a tree of equal-sized images is read at its own size. The other
-    datasets reject ``image_size``. Each returned dataset has ``targets`` and ``classes``.
+    training image, so a tree of equal-sized images is read at its own size. Val/test
+    images get the class indices of ``train/`` (a class that ``train/`` lacks is an
+    error). The other datasets reject ``image_size``. Each returned dataset has
+    ``targets`` and ``classes``.
 
     >>> test = load("digits", train=False, encoding="group4")
     >>> len(test), test[0][0].shape
@@ -191,4 +250,10 @@ def load(
         for folder in created:  # leave no empty folders behind
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
-        raise missing_error(name, root, " ".join(str(err).split())) from err
+        reason = " ".join(str(err).split())
+        if name != "imagefolder" and files_present(name, root, train):
+            raise ValueError(
+                f"dataset {name!r} in {root} cannot be read: {reason}. Extract or download "
+                "its files again."
+            ) from err
+        raise missing_error(name, root, reason) from err

@@ -99,20 +99,31 @@ def imagefolder_split(root: str | os.PathLike, train: bool) -> str:
     return next((p for p in paths if os.path.isdir(p)), paths[0])
 
 
-def _layout(name: str, root: str | os.PathLike) -> tuple[str, str, str]:
-    """(folder, files expected there, where to get them) for a downloadable dataset."""
+def _layout(name: str, root: str | os.PathLike) -> tuple[str, dict[bool, list[str]], str]:
+    """(folder, {train: files of that split expected there}, where to get them) for a
+    downloadable dataset."""
     if name in ("mnist", "fashion-mnist"):
         cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
         files = [os.path.splitext(f)[0] for f, _ in cls.resources]
-        return os.path.join(root, cls.__name__, "raw"), ", ".join(files), cls.mirrors[0]
+        split = {t: [f for f in files if f.startswith("train") == t] for t in (True, False)}
+        return os.path.join(root, cls.__name__, "raw"), split, cls.mirrors[0]
     if name in ("cifar10", "cifar100"):
         cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-        files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-        return os.path.join(root, cls.base_folder), ", ".join(files), f"{cls.url} (extracted)"
+        meta = [cls.meta["filename"]]
+        split = {t: [f for f, _ in (cls.train_list if t else cls.test_list)] + meta
+                 for t in (True, False)}  # fmt: skip
+        return os.path.join(root, cls.base_folder), split, f"{cls.url} (extracted)"
     # svhn
-    splits = [tvd.SVHN.split_list[s] for s in ("train", "test")]
-    source = splits[0][0].rsplit("/", 1)[0] + "/"
-    return os.path.join(root, "svhn"), ", ".join(s[1] for s in splits), source
+    split = {t: [tvd.SVHN.split_list["train" if t else "test"][1]] for t in (True, False)}
+    source = tvd.SVHN.split_list["train"][0].rsplit("/", 1)[0] + "/"
+    return os.path.join(root, "svhn"), split, source
+
+
+def files_present(name: str, root: str | os.PathLike, train: bool) -> bool:
+    """Whether every file the split of downloadable dataset ``name`` reads is in place (so
+    a failure to read them means they are damaged, not missing)."""
+    folder, split, _ = _layout(name, root)
+    return all(os.path.isfile(os.path.join(folder, f)) for f in split[train])
 
 
 def missing_error(name: str, root: str | os.PathLike, reason: str) -> DatasetMissingError:
@@ -124,7 +135,8 @@ def missing_error(name: str, root: str | os.PathLike, reason: str) -> DatasetMis
             f"{root}/train/<class>/<image>.png and {root}/val/<class>/<image>.png (or test/); "
             "image folders cannot be downloaded."
         )
-    folder, files, source = _layout(name, root)
+    folder, split, source = _layout(name, root)
+    files = ", ".join(dict.fromkeys(split[True] + split[False]))
     reason = reason.replace(" You can use download=True to download it", "")  # torchvision's
     return DatasetMissingError(
         f"dataset {name!r} not found in {folder} ({reason}). Place the files {files} there, "
