@@ -257,6 +257,17 @@ def test_trains_on_files_in_the_real_formats(tmp_path, dataset, model, writer, s
     assert list(test_set[0][0].shape) == shape
 
 
+def test_default_variants_need_no_dataset_files():
+    """An image folder is RGB whatever it holds: compare without --variants needs no root."""
+    from quatnn.prune.lottery import reference_variant
+    from quatnn.train.runner import default_variants
+
+    assert default_variants("imagefolder") == default_variants("cifar10")
+    assert default_variants("cifar10") == ("real3", "real4", "quaternion")
+    assert default_variants("mnist") == ("real", "quaternion")
+    assert reference_variant("imagefolder") == "real4"
+
+
 def test_a_runs_config_serves_other_variants_with_their_own_encoding(tmp_path):
     """config.toml keeps "auto" (summary.json names the encoding used), so a quaternion
     run's config re-run as ``real`` feeds plain gray images, and the run still resumes."""

@@ -21,6 +21,7 @@ from quatnn.data.registry import (
     DatasetMissingError,
     default_encoding,
     info,
+    is_color,
     names,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "DatasetMissingError",
     "default_encoding",
     "info",
+    "is_color",
     "load",
     "names",
     "preprocessing",

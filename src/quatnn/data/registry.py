@@ -89,6 +89,16 @@ def spec(name: str) -> _Spec:
     return _SPECS[name]
 
 
+def is_color(name: str) -> bool:
+    """Whether dataset ``name`` is RGB, known without reading any file (image folders
+    are read as RGB).
+
+    >>> is_color("cifar10"), is_color("imagefolder"), is_color("mnist")
+    (True, True, False)
+    """
+    return spec(name).channels == 3
+
+
 def imagefolder_split(root: str | os.PathLike, train: bool) -> str:
     """The split folder of an image tree: ``root/train``, else ``root/val`` or ``root/test``.
 
@@ -197,7 +207,7 @@ def default_encoding(name_or_info: str | DatasetInfo, variant: str, flat: bool =
     if isinstance(name_or_info, DatasetInfo):
         name, color = name_or_info.name, name_or_info.color
     else:
-        name, color = name_or_info, spec(name_or_info).channels == 3
+        name, color = name_or_info, is_color(name_or_info)
     valid = COLOR_VARIANTS if color else GRAY_VARIANTS
     if variant not in valid:
         kind = "colour (RGB)" if color else "grayscale"

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from quatnn import data, models
-from quatnn.data.registry import spec
+from quatnn.data.registry import is_color
 from quatnn.prune.masks import attach, dense_masks, enforce, load_masks, save_masks
 from quatnn.prune.sparsity import sparsity
 from quatnn.prune.strategies import PruneSpec, prune, random_like
@@ -180,7 +180,7 @@ def reference_variant(dataset: str) -> str:
     ('real4', 'real')
     """
     try:
-        color = spec(dataset).channels == 3
+        color = is_color(dataset)
     except ValueError as err:
         raise RunError(str(err)) from None
     return "real4" if color else "real"

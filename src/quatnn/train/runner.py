@@ -87,7 +87,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 def default_variants(dataset: str) -> tuple[str, ...]:
     """``real3, real4, quaternion`` for colour data, ``real, quaternion`` for grayscale."""
     try:
-        color = data.info(dataset).color
+        color = data.is_color(dataset)
     except ValueError as err:
         raise RunError(str(err)) from None
     return ("real3", "real4", "quaternion") if color else ("real", "quaternion")
