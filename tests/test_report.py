@@ -190,12 +190,18 @@ def test_encoding_tells_rows_apart_only_within_a_variant(tmp_path):
     labels = [row["label"] for row in summarize(report.find_runs([tmp_path / "old"]))]
     assert labels == ["real3", "quaternion"]
     _write_run(tmp_path / "new" / "quaternion-s1", "quaternion", 1, [0.5], encoding="auto")
-    labels = [row["label"] for row in summarize(report.find_runs([tmp_path]))]
-    assert labels == [
+    _write_run(tmp_path / "new" / "quaternion-s2", "quaternion", 2, [0.5], encoding="pure")
+    rows = summarize(report.find_runs([tmp_path]))
+    assert [row["label"] for row in rows] == [
         "real3 (encoding=identity)",
-        "quaternion (encoding=auto)",
-        "quaternion (encoding=rgb_gray)",
+        "quaternion (encoding=rgb_gray)",  # auto on colour data: rgb_gray, as trained
+        "quaternion (encoding=pure)",
     ]
+    assert [row["runs"] for row in rows] == [1, 2, 1]
+    # summary.json names the encoding a run trained on (a rule of another version)
+    (tmp_path / "new" / "quaternion-s1" / "summary.json").write_text('{"encoding": "pure"}')
+    rows = summarize(report.find_runs([tmp_path]))
+    assert {row["label"]: row["runs"] for row in rows}["quaternion (encoding=pure)"] == 2
 
 
 def test_ignored_keys_are_the_runtime_fields_and_lottery_bookkeeping():

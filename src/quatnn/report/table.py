@@ -1,8 +1,9 @@
 """Per-row statistics over seeds, and markdown tables.
 
 Runs share a row when they differ in nothing but the seed and :data:`IGNORED_KEYS`: the
-same model, dataset, variant and other settings of ``config.toml`` and, for a lottery
-level, the same level, control and pruning recipe. A row's label is its variant and the
+same model, dataset, variant and other settings of ``config.toml`` (the encoding as
+trained: ``auto`` is the encoding it stands for) and, for a lottery level, the same
+level, control and pruning recipe. A row's label is its variant and the
 settings in which the rows of its model and dataset differ, e.g. ``quaternion
 (epochs=10)``, prefixed with model and dataset when the rows span several. For each row:
 the number of runs, repeated seeds, parameters, the ratio of parameters to the real
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from quatnn import data, models
 from quatnn.models import VARIANTS
 from quatnn.report.runs import Run
 
@@ -80,11 +82,29 @@ class Group:
     label: str = ""
 
 
+def trained_encoding(run: Run) -> object:
+    """The encoding ``run`` trained on: its ``summary.json``'s, else its config's with
+    ``auto`` resolved as training resolves it (:func:`quatnn.data.default_encoding`)."""
+    if run.summary and "encoding" in run.summary:
+        return run.summary["encoding"]
+    encoding = run.config.get("encoding")
+    if encoding != "auto":
+        return encoding
+    try:
+        flat = models.spec(run.model).input_kind == "flat"
+        return data.default_encoding(run.dataset, run.variant, flat=flat)
+    except ValueError:  # a model or dataset this version does not know
+        return encoding
+
+
 def identity(run: Run) -> tuple[dict, dict | None]:
     """What defines ``run`` besides model, dataset, variant and seed, without
-    :data:`IGNORED_KEYS`: its config and, for a lottery level, :attr:`Run.lottery`."""
+    :data:`IGNORED_KEYS`: its config (with :func:`trained_encoding`) and, for a lottery
+    level, :attr:`Run.lottery`."""
     skip = {*IGNORED_KEYS, "model", "dataset", "variant", "seed"}
     config = {k: v for k, v in run.config.items() if k not in skip}
+    if "encoding" in config:
+        config["encoding"] = trained_encoding(run)
     if run.lottery is None:
         return config, None
     return config, {k: v for k, v in run.lottery.items() if k not in skip}
