@@ -135,18 +135,36 @@ def _damaged(tmp_path: Path) -> Path:
     return run
 
 
+def _lacking(tmp_path: Path) -> Path:
+    run = _write_run(tmp_path / "r", "real", 0, [0.5, 0.6])
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text(f"{rows[0]}\n{json.dumps({'epoch': 2})}\n")
+    return run
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
         (lambda p: p / "missing", "is not a folder"),
         (lambda p: p, "holds no quatnn runs"),
         (_damaged, "cannot read run folder"),
+        (_lacking, "metrics.jsonl, line 2, lacks train_acc, test_acc, train_loss"),
     ],
 )
 def test_report_errors_are_one_line(tmp_path, capsys, setup, message):
     assert cli.main(["report", str(setup(tmp_path))]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_row_being_written_is_left_out(tmp_path):
+    """A report read while a run appends to metrics.jsonl sees the rows written so far."""
+    run = _write_run(tmp_path / "r", "real", 0, [0.5, 0.6, 0.7], finished=False)
+    text = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(text[:-20])  # the last row is half written
+    assert [row["test_acc"] for row in report.read_run(run).metrics] == [0.5, 0.6]
+    (run / "metrics.jsonl").write_text(text[:-1])  # all of it, but for the newline
+    assert [row["test_acc"] for row in report.read_run(run).metrics] == [0.5, 0.6, 0.7]
 
 
 def test_several_folders_need_an_output_folder(comparison):

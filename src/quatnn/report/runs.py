@@ -10,7 +10,8 @@ Example:
     >>> from pathlib import Path
     >>> run = Path(tempfile.mkdtemp())
     >>> _ = (run / "config.toml").write_text('model = "conv2"\\nvariant = "real4"\\nseed = 1\\n')
-    >>> _ = (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": 0.5}) + "\\n")
+    >>> row = {**dict.fromkeys(METRIC_KEYS, 0.5), "epoch": 1}
+    >>> _ = (run / "metrics.jsonl").write_text(json.dumps(row) + "\\n")
     >>> r = read_run(run)
     >>> r.variant, r.seed, r.finished, r.metrics[0]["test_acc"], r.lottery
     ('real4', 1, False, 0.5, None)
@@ -32,6 +33,11 @@ else:  # pragma: no cover
 
 class ReportError(Exception):
     """A path given to the report holds no readable run; the message is one line."""
+
+
+METRIC_KEYS = ("epoch", "train_acc", "test_acc", "train_loss", "test_loss", "epoch_seconds",
+               "samples_per_second")  # fmt: skip
+"""The keys of a ``metrics.jsonl`` row that reports read."""
 
 
 @dataclass
@@ -92,14 +98,38 @@ def read_run(path: str | Path) -> Run:
     path = Path(path)
     try:
         config = tomllib.loads((path / "config.toml").read_text(encoding="utf-8"))
-        lines = (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        metrics = [json.loads(line) for line in lines if line.strip()]
+        metrics = _metrics(path / "metrics.jsonl")
         summary_path = path / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
         lottery = _lottery(path)
     except (OSError, ValueError) as err:  # TOML and JSON decode errors are ValueErrors
         raise ReportError(f"cannot read run folder {path}: {err}") from None
     return Run(path, config, metrics, summary, lottery)
+
+
+def _metrics(path: Path) -> list[dict]:
+    """The rows of ``metrics.jsonl`` at ``path``, without a last row still being written
+    (no newline yet); ValueError for any other row that is no quatnn metrics row."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{path.name}, line {number}: {err}") from None
+        missing = [k for k in METRIC_KEYS if k not in row] if isinstance(row, dict) else ["all"]
+        if missing:
+            raise ValueError(f"{path.name}, line {number}, lacks {', '.join(missing)}")
+        rows.append(row)
+    return rows
 
 
 def _run_folders(path: Path, visited: set[Path]) -> Iterator[Path]:
