@@ -272,7 +272,9 @@ def _write_lottery(folder: Path, seeds: tuple[int, ...], rate: float, levels: in
             name = f"level-{level:02d}" + (f"-{control}" if control else "")
             acc = 0.5 + 0.1 * level + (0.05 if control else 0) + 0.01 * seed
             run = _write_run(folder / f"real4-s{seed}" / name, "real4", seed, [acc])
-            sparsity = {"level": level, "control": control, "reference": "real4"}
+            left = round(PARAMS["real4"] * (1 - rate) ** level)
+            params = {"total": PARAMS["real4"], "remaining": left}
+            sparsity = {"level": level, "control": control, "reference": "real4", "params": params}
             (run / "sparsity.json").write_text(json.dumps(sparsity))
 
 
@@ -297,6 +299,11 @@ def test_lottery_levels_controls_and_recipes_are_never_pooled(tmp_path):
     assert [row["runs"] for row in result.rows] == [3, 3, 3, 1, 1, 1, 1]
     reinit = rows["real4 (level=1, control=reinit, rate=0.5)"]
     assert reinit["final_acc"] == pytest.approx(0.65 + 0.01)  # seeds 0, 1, 2
+    # a level's parameters are those left after pruning, against the unpruned real4
+    assert [(row["params"], row["ratio"]) for row in result.rows][3:] == [
+        (PARAMS["real4"], 1.0), (round(0.8 * PARAMS["real4"]), 0.8),
+        (round(0.8 * PARAMS["real4"]), 0.8), (PARAMS["real4"], 1.0)
+    ]  # fmt: skip
     chain = summarize(report.find_runs([tmp_path / "a" / "real4-s0"]))
     assert [row["label"] for row in chain] == [
         "real4 (level=0, control=ticket)",

@@ -46,13 +46,14 @@ class Run:
     ``lottery`` is None unless the run is a lottery level: then its ``level``, its
     ``control`` (``ticket`` for none) and the ``[lottery]`` table of its lottery's
     ``lottery.toml`` (where that is two folders up, as :mod:`quatnn.prune.lottery`
-    writes it)."""
+    writes it); ``params_left`` its parameters left after pruning (None for other runs)."""
 
     path: Path
     config: dict
     metrics: list[dict]
     summary: dict | None
     lottery: dict | None = None
+    params_left: int | None = None
 
     @property
     def model(self) -> str:
@@ -80,17 +81,18 @@ def is_run(path: Path) -> bool:
     return (path / "config.toml").is_file() and (path / "metrics.jsonl").is_file()
 
 
-def _lottery(path: Path) -> dict | None:
-    """:attr:`Run.lottery` of the run folder ``path``: lottery levels hold
-    ``sparsity.json``."""
+def _lottery(path: Path) -> tuple[dict | None, int | None]:
+    """:attr:`Run.lottery` and :attr:`Run.params_left` of the run folder ``path``:
+    lottery levels hold ``sparsity.json``."""
     if not (path / "sparsity.json").is_file():
-        return None
+        return None, None
     counts = json.loads((path / "sparsity.json").read_text(encoding="utf-8"))
     recipe_path = path.parent.parent / "lottery.toml"
     recipe = {}
     if recipe_path.is_file():
         recipe = tomllib.loads(recipe_path.read_text(encoding="utf-8")).get("lottery", {})
-    return {"level": counts.get("level"), "control": counts.get("control") or "ticket", **recipe}
+    level = {"level": counts.get("level"), "control": counts.get("control") or "ticket"}
+    return {**level, **recipe}, counts.get("params", {}).get("remaining")
 
 
 def read_run(path: str | Path) -> Run:
@@ -101,10 +103,10 @@ def read_run(path: str | Path) -> Run:
         metrics = _metrics(path / "metrics.jsonl")
         summary_path = path / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-        lottery = _lottery(path)
+        lottery, params_left = _lottery(path)
     except (OSError, ValueError) as err:  # TOML and JSON decode errors are ValueErrors
         raise ReportError(f"cannot read run folder {path}: {err}") from None
-    return Run(path, config, metrics, summary, lottery)
+    return Run(path, config, metrics, summary, lottery, params_left)
 
 
 def _metrics(path: Path) -> list[dict]:

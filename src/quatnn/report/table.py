@@ -3,14 +3,14 @@
 Runs share a row when they differ in nothing but the seed and :data:`IGNORED_KEYS`: the
 same model, dataset, variant and other settings of ``config.toml`` (the encoding as
 trained: ``auto`` is the encoding it stands for) and, for a lottery level, the same
-level, control and pruning recipe. A row's label is its variant and the
-settings in which the rows of its model and dataset differ, e.g. ``quaternion
-(epochs=10)``, prefixed with model and dataset when the rows span several. For each row:
-the number of runs, repeated seeds, parameters, the ratio of parameters to the real
-reference of the same model, dataset and model options (``real4``, else ``real``, else
-the first real variant), final and best test accuracy (mean and sample standard
-deviation over the runs), and the training time per epoch and samples/s (mean over the
-epochs after the first, which includes warm-up).
+level, control and pruning recipe. A row's label is its variant and the settings in
+which the rows of its model and dataset differ, e.g. ``quaternion (epochs=10)``,
+prefixed with model and dataset when the rows span several. For each row: the number of
+runs, repeated seeds, parameters (of a lottery level: those left after pruning), the
+ratio of parameters to the unpruned real reference of the same model, dataset and model
+options (``real4``, else ``real``, else the first real variant), final and best test
+accuracy (mean and sample standard deviation over the runs), and the training time per
+epoch and samples/s (mean over the epochs after the first, which includes warm-up).
 
 Example:
     >>> print(markdown_table([{"variant": "real", "params": "266,610"},
@@ -191,9 +191,15 @@ def _steady(run: Run, key: str) -> float:
     return statistics.fmean(row[key] for row in rows)
 
 
-def _params(group: Group) -> int | None:
-    counts = [r.summary["params"] for r in group.runs if r.summary and "params" in r.summary]
-    return counts[0] if counts else None
+def _params(group: Group, left: bool = False) -> int | None:
+    """The parameters of ``group``'s model (``summary.json``); with ``left``, those left
+    after pruning where the runs are lottery levels."""
+    for r in group.runs:
+        if left and r.params_left is not None:
+            return r.params_left
+        if r.summary and "params" in r.summary:
+            return r.summary["params"]
+    return None
 
 
 def _reference(group: Group, groups: Sequence[Group]) -> Group | None:
@@ -219,7 +225,7 @@ def summarize(runs: Sequence[Run]) -> list[dict]:
     rows = []
     for g in groups:
         reference = _reference(g, groups)
-        mine = _params(g)
+        mine = _params(g, left=True)  # against the unpruned reference
         theirs = _params(reference) if reference else None
         members = g.runs
         final = _mean_std([r.metrics[-1]["test_acc"] for r in members])
