@@ -167,6 +167,16 @@ def test_a_row_being_written_is_left_out(tmp_path):
     assert [row["test_acc"] for row in report.read_run(run).metrics] == [0.5, 0.6, 0.7]
 
 
+@pytest.mark.filterwarnings("error")  # matplotlib warns when its layout collapses
+def test_plots_of_many_rows_keep_their_layout(tmp_path):
+    for i in range(16):
+        variant = ("real4", "quaternion")[i % 2]
+        settings = {"lr": 0.001 * (1 + i // 2), "optimizer": "adam", "scheduler": "cosine"}
+        _write_run(tmp_path / f"{variant}-{i}", variant, i, [0.5, 0.6], **settings)
+    result = report.write_report([tmp_path], out=tmp_path / "out")
+    assert len(result.rows) == 16 and all(path.is_file() for path in result.files)
+
+
 def test_several_folders_need_an_output_folder(comparison):
     with pytest.raises(report.ReportError, match="--out"):
         report.write_report([comparison, comparison])

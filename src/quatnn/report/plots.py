@@ -51,14 +51,18 @@ def plot_curves(
     """Test ``metric`` (solid, with a mean +- std band) and train ``metric`` (dashed) per
     epoch, one colour per group of :func:`~quatnn.report.table.group_runs`; ``metric`` is
     ``acc`` or ``loss``."""
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    many = len(groups) > 4  # then the legend goes right of the axes, the figure grows
+    longest = max(len(g.label) for g in groups) if groups else 0
+    size = (7 + 0.07 * longest, max(4.5, 0.45 * len(groups) + 1)) if many else (7, 4.5)
+    fig = Figure(figsize=size, layout="constrained")
     ax = fig.subplots()
     scale = 100.0 if percent else 1.0
     for i, group in enumerate(groups):
         color = f"C{i % 10}"
         epochs, mean, std = curve(group.runs, f"test_{metric}")
         label = f"{group.label} test (n={len(group.runs)})"
-        ax.plot(epochs, scale * mean, color=color, label=label)
+        dot = "o" if len(epochs) == 1 else None  # a single epoch draws no line
+        ax.plot(epochs, scale * mean, color=color, label=label, marker=dot)
         ax.fill_between(epochs, scale * (mean - std), scale * (mean + std), color=color, alpha=0.2)
         epochs, mean, _ = curve(group.runs, f"train_{metric}")
         ax.plot(
@@ -68,6 +72,7 @@ def plot_curves(
             linestyle="--",
             linewidth=1,
             alpha=0.8,
+            marker=dot,
             label=f"{group.label} train",
         )
     name = "accuracy (%)" if metric == "acc" else metric
@@ -76,20 +81,25 @@ def plot_curves(
     if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if many:
+        fig.legend(loc="outside right upper", fontsize="small")
+    else:
+        ax.legend(fontsize="small")
     fig.savefig(path, dpi=120)
 
 
 def plot_throughput(rows: Sequence[dict], path: str | Path) -> None:
     """Bar chart of training samples/s per row of :func:`~quatnn.report.table.summarize`
     (mean +- std over seeds)."""
-    fig = Figure(figsize=(max(4.0, 1.2 * len(rows) + 2), 4), layout="constrained")
-    ax = fig.subplots()
     labels = [r["label"] for r in rows]
+    width = 4.0 + 0.07 * max(map(len, labels))  # the labels sit left of the bars
+    fig = Figure(figsize=(width, max(2.5, 1.2 + 0.35 * len(rows))), layout="constrained")
+    ax = fig.subplots()
     means = [r["samples_per_second"] for r in rows]
     errors = [r["samples_per_second_std"] for r in rows]
-    ax.bar(labels, means, yerr=errors, capsize=4, color=[f"C{i % 10}" for i in range(len(rows))])
-    ax.set(ylabel="samples/s", title="training throughput")
-    ax.tick_params(axis="x", labelrotation=20 if max(map(len, labels)) > 12 else 0)
-    ax.grid(axis="y", alpha=0.3)
+    colors = [f"C{i % 10}" for i in range(len(rows))]
+    ax.barh(labels, means, xerr=errors, capsize=4, color=colors)
+    ax.invert_yaxis()  # the table's order, top down
+    ax.set(xlabel="samples/s", title="training throughput")
+    ax.grid(axis="x", alpha=0.3)
     fig.savefig(path, dpi=120)
