@@ -194,6 +194,30 @@ def test_norm_adaptive_max_pool_matches_quaternion_pool():
     assert all(map(torch.equal, fold(pool)(x), pool(x)))
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fold_grouped_convolution_with_a_bias(transposed):
+    torch.manual_seed(0)
+    cls = qnn.QConvTranspose2d if transposed else qnn.QConv2d
+    layer = cls(8, 16, 3, groups=2).double().eval()
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fold(layer)(x), layer(x))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_fold_whitening_with_a_non_default_eps(fuse):
+    torch.manual_seed(0)
+    model = nn.Sequential(qnn.QConv2d(8, 8, 3), QBatchNorm2d(8, eps=0.1)).double()
+    x = torch.randn(16, 8, 6, 6, dtype=torch.float64) * 0.3
+    for _ in range(3):
+        model(x)  # running statistics of the order of eps
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fold(model, fuse_norms=fuse)(x), model(x))
+
+
 # --------------------------------------------------------------------------- fold: errors
 
 

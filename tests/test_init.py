@@ -63,3 +63,19 @@ def test_he_keeps_output_variance_twice_input(make, shape):
     assert sum(ratios) / len(ratios) == pytest.approx(2.0, rel=0.08)
     per_component = y.unflatten(1, (4, -1)).transpose(0, 1).flatten(1).var(dim=1)
     assert per_component.min() > 1.5 and per_component.max() < 2.5
+
+
+def test_grouped_conv_he_init_counts_fan_in_per_group():
+    """He: E|w|^2 = 4 sigma^2 = 2 / fan_in, fan_in = (in quaternions / groups) x kernel."""
+    torch.manual_seed(0)
+    layer = QConv2d(256, 256, 3, groups=16, bias=False)
+    fan_in = (256 // 4 // 16) * 9
+    mean_sq = layer.weight.detach().double().square().sum(0).mean().item()
+    assert mean_sq == pytest.approx(2 / fan_in, rel=0.08)  # ~5 standard errors
+
+
+def test_non_square_linear_he_init_uses_fan_in():
+    torch.manual_seed(0)
+    layer = QLinear(64, 1024, bias=False)  # 16 input quaternions, 256 output ones
+    mean_sq = layer.weight.detach().double().square().sum(0).mean().item()
+    assert mean_sq == pytest.approx(2 / 16, rel=0.05)

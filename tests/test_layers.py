@@ -189,6 +189,19 @@ def test_conv_padding_modes_match_real_conv(mode, padding, k, d):
         assert layer(x).shape[2:] == x.shape[2:]
 
 
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_modes_with_per_dimension_padding_match_real_conv(mode):
+    torch.manual_seed(0)
+    layer = f64(QConv2d(8, 8, (3, 5), padding=(1, 2), padding_mode=mode))
+    real = f64(nn.Conv2d(8, 8, (3, 5), padding=(1, 2), padding_mode=mode))
+    with torch.no_grad():
+        layer.bias.normal_()
+        real.weight.copy_(QF.block_weight(layer.weight))
+        real.bias.copy_(layer.bias)
+    x = torch.randn(2, 8, 9, 11, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), real(x))
+
+
 def test_block_weight_is_left_multiplication_matrix():
     w = torch.randn(4, 1, 1, dtype=torch.float64)
     torch.testing.assert_close(QF.block_weight(w), algebra.left_matrix(w[:, 0, 0]))
@@ -385,6 +398,19 @@ def test_transposed_output_size_as_in_torch():
         torch.testing.assert_close(layer(x, output_size=size), real(x, output_size=size))
     with pytest.raises(ValueError, match=r"dimension 0 must be between 9 and 10"):
         layer(x, output_size=[11, 10])
+
+
+def test_transposed_output_size_reaches_every_padding_below_the_dilation():
+    """With dilation > stride every output padding < dilation is valid for the op; each
+    reachable size gives torch's transposed convolution with that output padding."""
+    torch.manual_seed(0)
+    layer = f64(QConvTranspose1d(8, 4, 3, stride=1, dilation=3))
+    x = torch.randn(2, 8, 5, dtype=torch.float64)
+    least = (5 - 1) * 1 + 3 * (3 - 1) + 1
+    w = QF.block_weight(layer.weight, transposed=True)
+    for extra in range(3):
+        want = F.conv_transpose1d(x, w, layer.bias, output_padding=extra, dilation=3)
+        torch.testing.assert_close(layer(x, output_size=[least + extra]), want)
 
 
 def test_parameter_counts_are_a_quarter():
@@ -728,6 +754,18 @@ def test_max_pool_options_follow_torch():
     assert repr(QMaxPool2d(*args, **kwargs)) == "Q" + repr(nn.MaxPool2d(*args, **kwargs))
     with pytest.raises(RuntimeError, match="stride should not be zero"):  # not the kernel size
         QMaxPool2d(2, stride=0)(torch.randn(1, 4, 4, 4))
+
+
+def test_spatial_dropout_draws_each_channel_of_a_sample_on_its_own():
+    torch.manual_seed(0)
+    y = QDropout(0.5, spatial=True)(torch.ones(64, 4 * 32, 3, 3))
+    kept = y.unflatten(1, (4, 32)) != 0  # (N, 4, C, H, W)
+    per_channel = kept[:, 0, :, 0, 0]  # (N, C)
+    # constant over components and positions (one draw per sample and channel) ...
+    assert torch.equal(kept, per_channel[:, None, :, None, None].expand_as(kept))
+    # ... and independent across channels: about half kept, samples are never all-or-none
+    assert 0.4 < per_channel.float().mean() < 0.6
+    assert not (per_channel.all(1) | (~per_channel).all(1)).any()
 
 
 def test_dropout_drops_whole_quaternions():

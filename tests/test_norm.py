@@ -779,6 +779,17 @@ def test_layer_norm_statistics():
     assert QLayerNorm(8, elementwise_affine=False).weight is None
 
 
+def test_layer_norm_adds_eps_once_to_the_mean_squared_norm():
+    """y = (q - mu) / sqrt(mean_c |q_c - mu|^2 + eps), checked where eps matters."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 16, dtype=torch.float64) * 1e-3  # |q - mu|^2 ~ 4e-6, eps 1e-5
+    ln = QLayerNorm(16, eps=1e-5, elementwise_affine=False).double()
+    d = x.unflatten(-1, (4, 4))  # (..., 4, C)
+    d = d - d.mean(-1, keepdim=True)
+    power = d.square().sum(-2, keepdim=True).mean(-1, keepdim=True)
+    torch.testing.assert_close(ln(x), (d / torch.sqrt(power + 1e-5)).flatten(-2))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_layer_norm_16_bit_inputs(dtype):
     """Float32 statistics and parameters, the output in the input's dtype (nn.LayerNorm)."""

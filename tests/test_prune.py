@@ -142,6 +142,28 @@ def test_quaternion_granularity_on_a_mixed_model():
     assert abs(pruned - 0.3 * sum(m.numel() for m in masks.values())) < 4
 
 
+def test_quaternion_pruning_ranks_by_the_euclidean_norm():
+    layer = QLinear(4, 8, bias=False)  # two quaternions, rows of weight (4, 2, 1)
+    with torch.no_grad():  # |a| = 1.5 > |b| = 1.4, though b's components are larger in sum
+        w = torch.tensor([[1.5, 0.7], [0.0, 0.7], [0.0, 0.7], [0.0, 0.7]])
+        layer.weight.copy_(w[..., None])
+    model = nn.Sequential(layer)
+    mask = prune(model, dense_masks(model), PruneSpec(rate=0.5, granularity="quaternion"))["0"]
+    norms = layer.weight.detach().double().norm(dim=0)
+    assert norms[~mask[0]].max() <= norms[mask[0]].min()
+
+
+def test_layerwise_quaternion_granularity_removes_the_rate_of_each_layers_quaternions():
+    model = models.create("lenet_300_100", "quaternion")
+    spec = PruneSpec(scope="layerwise", rate=0.2, granularity="quaternion")
+    masks = prune(model, dense_masks(model), spec)
+    for name, layer in prunable_layers(model).items():
+        quaternion = isinstance(layer, QLinear)
+        units = layer.weight[0].numel() if quaternion else layer.weight.numel()
+        size = 4 if quaternion else 1
+        assert int(masks[name].sum()) == size * (units - round(0.2 * units)), name
+
+
 def test_random_control_keeps_each_layers_counts_with_another_mask():
     model = models.create("lenet_300_100", "quaternion")
     masks = prune(model, dense_masks(model), PruneSpec(rate=0.6, granularity="quaternion"))
@@ -416,6 +438,68 @@ def test_min_acc_stops_each_chain_and_says_so(lottery, capsys):
     assert [(r["level"], r["trained"]) for r in again] == [(0, False), (0, False)]
     said = capsys.readouterr().out
     assert said.count("below min_acc 100.00%; levels 1-2 skipped") == 2
+
+
+@pytest.fixture(scope="module")
+def quaternion_lottery(tmp_path_factory):
+    """Lenet quaternion on digits pruned by whole quaternions, rewound to epoch 1."""
+    out = tmp_path_factory.mktemp("quaternion_lottery")
+    lottery = LotteryConfig(
+        levels=1,
+        prune=PruneSpec(rate=0.5, granularity="quaternion"),
+        rewind="1ep",
+        controls=("random",),
+    )
+    run_lottery(CFG, out, lottery, variants=("quaternion",), seeds=(0,), progress="off")
+    return out
+
+
+def test_epoch_rewind_point_is_saved_after_that_epoch(quaternion_lottery):
+    level0 = level_dir(quaternion_lottery, "quaternion", 0, 0)
+    rewind = torch.load(level0 / "rewind.pt", weights_only=True)
+    rows = [json.loads(line) for line in (level0 / "metrics.jsonl").read_text().splitlines()]
+    assert (rewind["epoch"], rewind["step"]) == (1, rows[0]["step"])
+
+
+def test_level_masks_come_from_the_previous_levels_trained_weights(quaternion_lottery):
+    """Magnitude pruning judges the trained weights: within each quaternion layer every
+    pruned quaternion is no larger (in the trained level-0 checkpoint) than every kept one."""
+    trained = _model_state(level_dir(quaternion_lottery, "quaternion", 0, 0) / "checkpoint.pt")
+    masks = load_masks(level_dir(quaternion_lottery, "quaternion", 0, 1) / "masks.pt")
+    quaternion_layers = [n for n, m in masks.items() if trained[f"{n}.weight"].shape[0] == 4]
+    assert quaternion_layers
+    for name in quaternion_layers:
+        mask, norms = masks[name], trained[f"{name}.weight"].double().norm(dim=0)
+        assert (mask == mask[0]).all() and not mask.all(), name
+        assert norms[~mask[0]].max() <= norms[mask[0]].min(), name
+
+
+def test_random_control_keeps_whole_quaternions_at_quaternion_granularity(quaternion_lottery):
+    ticket = load_masks(level_dir(quaternion_lottery, "quaternion", 0, 1) / "masks.pt")
+    random = load_masks(level_dir(quaternion_lottery, "quaternion", 0, 1, "random") / "masks.pt")
+    model = models.create("lenet_300_100", "quaternion")
+    for name, layer in prunable_layers(model).items():
+        assert int(random[name].sum()) == int(ticket[name].sum())
+        if isinstance(layer, QLinear):
+            assert (random[name] == random[name][0]).all(), name
+            assert not torch.equal(random[name], ticket[name]), name
+
+
+def test_min_acc_judges_the_ticket_not_its_controls(monkeypatch, tmp_path):
+    from quatnn.prune import lottery as L
+
+    def fake_train(cfg, step, callbacks, options):
+        step.folder.mkdir(parents=True, exist_ok=True)
+        (step.folder / "rewind.pt").touch()
+        acc = 0.9 if step.control is None else 0.1
+        return {"level": step.level, "control": step.control, "final_test_acc": acc}
+
+    monkeypatch.setattr(L, "_train_level", fake_train)  # the ticket passes, the controls not
+    lottery = LotteryConfig(
+        levels=3, prune=PruneSpec(rate=0.5), controls=("reinit", "random"), min_acc=0.5
+    )
+    rows = run_lottery(CFG, tmp_path, lottery, variants=("real",), seeds=(0,), progress="off")
+    assert [r["level"] for r in rows if r["control"] is None] == [0, 1, 2, 3]
 
 
 class InterruptOnce(Callback):

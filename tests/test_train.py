@@ -305,3 +305,60 @@ def test_experiment_recipes_load_and_build(recipe):
     for variant in extra["variants"]:
         train.resolve(train.merge(cfg, {"variant": variant}))
         models.create(cfg.model, variant, num_classes=info.num_classes, **cfg.options)
+
+
+def _dropout_trainer() -> train.Trainer:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 4)
+    )
+    return train.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_resume_restores_the_global_rng_that_dropout_draws_from():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 4, (64,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    whole = _dropout_trainer()
+    whole.fit(loader, loader, epochs=2)
+    part = _dropout_trainer()
+    part.fit(loader, loader, epochs=1)
+    state = part.state_dict()
+    resumed = _dropout_trainer()  # a fresh process: its generator is elsewhere
+    torch.rand(5)
+    resumed.load_state_dict(state)
+    resumed.fit(loader, loader, epochs=2)
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_epoch_sampler_shuffles_each_epoch_anew():
+    from quatnn.train.seeding import EpochSampler
+
+    sampler = EpochSampler(200, seed=0)
+    orders = []
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        assert sorted(i for _, i in keys) == list(range(200)) and {e for e, _ in keys} == {epoch}
+        orders.append([i for _, i in keys])
+    assert orders[0] != orders[1]
+
+
+class _Draws(torch.utils.data.Dataset):
+    """An 'augmentation' that draws from torch's global generator."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(8)
+
+
+def test_seeded_dataset_augments_each_epoch_anew_and_reproducibly():
+    from quatnn.train.seeding import SeededDataset
+
+    ds = SeededDataset(_Draws(), seed=3)
+    for i in range(4):
+        assert torch.equal(ds[(1, i)], ds[(1, i)])
+        assert not torch.equal(ds[(1, i)], ds[(2, i)])
