@@ -132,6 +132,24 @@ def test_loader_workers_do_not_change_results(tmp_path):
     assert _untimed(_metrics(tmp_path / "w0")) == _untimed(_metrics(tmp_path / "w2"))
 
 
+class Deterministic(train.Callback):
+    """Records whether torch runs deterministic kernels at each step."""
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def on_step_end(self, trainer: train.Trainer) -> None:
+        self.seen.append(torch.are_deterministic_algorithms_enabled())
+
+
+def test_training_is_deterministic_and_leaves_the_callers_setting(tmp_path):
+    cfg = train.TrainConfig(variant="real", epochs=1, max_steps=2, device="cpu")
+    seen = Deterministic()
+    before = torch.are_deterministic_algorithms_enabled()
+    train.train(cfg, tmp_path / "run", progress="off", callbacks=[seen])
+    assert seen.seen == [True, True] and torch.are_deterministic_algorithms_enabled() == before
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = train.TrainConfig(variant="real", epochs=3, device="cpu")
     poison = PoisonAt(STEPS_PER_EPOCH + 4)  # the loss of step 29 (epoch 2, batch 5) is NaN

@@ -9,7 +9,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -75,8 +77,20 @@ def loader_options(device: torch.device, workers: int, bundled: bool, processes:
     }
 
 
-def make_deterministic() -> None:
-    """Ask torch for deterministic kernels (warning where none exists) and no autotuning."""
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic kernels (a warning where none exists) and no autotuning inside; the
+    caller's settings again after."""
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]

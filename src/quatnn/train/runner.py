@@ -448,100 +448,101 @@ def train(
         return json.loads((out / "summary.json").read_text(encoding="utf-8"))
     writer_class = _tensorboard_writer_class() if tensorboard and is_main else None
     device = distributed.process_device(cfg.device, ctx.local_rank, ctx.world_size)
-    devices.make_deterministic()
-    seed_everything(cfg.seed)
-    info, train_set, test_set = distributed.in_turn(ctx, lambda: _datasets(cfg, download))
-    model = _prepare_model(cfg, _model(cfg, info, test_set[0][0]), device, ctx)
-    amp = devices.amp_dtype(device) if cfg.amp else None
-    compile_mode = cfg.compile_mode if cfg.compile else None
-    trainer = Trainer(
-        model,
-        _optimizer(cfg, model),
-        device=device,
-        amp_dtype=amp,
-        compile=compile_mode,
-        callbacks=callbacks,
-        progress=view,
-        reduce=distributed.reducer(device) if ctx.enabled else None,
-        channels_last=cfg.channels_last,
-    )
-    if plan == "resume" and not (out / "checkpoint.pt").is_file():
-        metrics = out / "metrics.jsonl"
-        if metrics.is_file() and metrics.read_text(encoding="utf-8").strip():
-            raise RunError(
-                f"{out} has trained epochs in metrics.jsonl but no checkpoint.pt to resume "
-                "from; start again with --overwrite"
+    with devices.deterministic():
+        seed_everything(cfg.seed)
+        info, train_set, test_set = distributed.in_turn(ctx, lambda: _datasets(cfg, download))
+        model = _prepare_model(cfg, _model(cfg, info, test_set[0][0]), device, ctx)
+        amp = devices.amp_dtype(device) if cfg.amp else None
+        compile_mode = cfg.compile_mode if cfg.compile else None
+        trainer = Trainer(
+            model,
+            _optimizer(cfg, model),
+            device=device,
+            amp_dtype=amp,
+            compile=compile_mode,
+            callbacks=callbacks,
+            progress=view,
+            reduce=distributed.reducer(device) if ctx.enabled else None,
+            channels_last=cfg.channels_last,
+        )
+        if plan == "resume" and not (out / "checkpoint.pt").is_file():
+            metrics = out / "metrics.jsonl"
+            if metrics.is_file() and metrics.read_text(encoding="utf-8").strip():
+                raise RunError(
+                    f"{out} has trained epochs in metrics.jsonl but no checkpoint.pt to resume "
+                    "from; start again with --overwrite"
+                )
+        elif plan == "resume":
+            state = checkpoint.load(out / "checkpoint.pt", cfg.to_dict())
+            try:
+                trainer.load_state_dict(state)
+            except (RuntimeError, KeyError, ValueError, TypeError) as err:
+                reason = " ".join(str(err).split())[:200]
+                where = out / "checkpoint.pt"
+                raise RunError(f"{where} does not fit this run ({reason})") from None
+        if ctx.enabled:
+            parallel = distributed.wrap(model, device)
+            trainer.forward = (
+                parallel if compile_mode is None else torch.compile(parallel, mode=compile_mode)
             )
-    elif plan == "resume":
-        state = checkpoint.load(out / "checkpoint.pt", cfg.to_dict())
+            trainer.callbacks.append(distributed.BufferSync())
+        ctx.barrier()  # every process has read the folder before rank 0 changes it
+        tensorboard_writer = None
+        if is_main:
+            _prepare_folder(out, cfg, encoding, plan, trainer)
+            view.log_file = out / "train.log"
+            if writer_class is not None:
+                tensorboard_writer = writer_class(str(out / "tensorboard"))
+            trainer.callbacks.append(RunWriter(out, cfg, view, tensorboard_writer))
+        start = f"resuming after epoch {trainer.epoch}" if trainer.epoch else "new run"
+        where = devices.describe(device)
+        if ctx.enabled:
+            where += f" x {ctx.world_size} processes ({ctx.backend})"
+        view.write(
+            f"{cfg.model} {cfg.variant} on {cfg.dataset} (encoding {cfg.encoding}): "
+            f"{models.count_parameters(model):,} parameters, {where}, {start} -> {out}"
+        )
+        train_loader, test_loader = _loaders(cfg, info, train_set, test_set, device, ctx)
         try:
-            trainer.load_state_dict(state)
-        except (RuntimeError, KeyError, ValueError, TypeError) as err:
-            reason = " ".join(str(err).split())[:200]
-            raise RunError(f"{out / 'checkpoint.pt'} does not fit this run ({reason})") from None
-    if ctx.enabled:
-        parallel = distributed.wrap(model, device)
-        trainer.forward = (
-            parallel if compile_mode is None else torch.compile(parallel, mode=compile_mode)
-        )
-        trainer.callbacks.append(distributed.BufferSync())
-    ctx.barrier()  # every process has read the folder before rank 0 changes it
-    tensorboard_writer = None
-    if is_main:
-        _prepare_folder(out, cfg, encoding, plan, trainer)
-        view.log_file = out / "train.log"
-        if writer_class is not None:
-            tensorboard_writer = writer_class(str(out / "tensorboard"))
-        trainer.callbacks.append(RunWriter(out, cfg, view, tensorboard_writer))
-    start = f"resuming after epoch {trainer.epoch}" if trainer.epoch else "new run"
-    where = devices.describe(device)
-    if ctx.enabled:
-        where += f" x {ctx.world_size} processes ({ctx.backend})"
-    view.write(
-        f"{cfg.model} {cfg.variant} on {cfg.dataset} (encoding {cfg.encoding}): "
-        f"{models.count_parameters(model):,} parameters, {where}, {start} -> {out}"
-    )
-    train_loader, test_loader = _loaders(cfg, info, train_set, test_set, device, ctx)
-    try:
-        with _sigterm_as_interrupt():
-            trainer.fit(
-                train_loader,
-                test_loader,
-                cfg.epochs,
-                max_steps=cfg.max_steps,
-                lr_at=lr_schedule(cfg.schedule, cfg.lr, cfg.epochs),
+            with _sigterm_as_interrupt():
+                trainer.fit(
+                    train_loader,
+                    test_loader,
+                    cfg.epochs,
+                    max_steps=cfg.max_steps,
+                    lr_at=lr_schedule(cfg.schedule, cfg.lr, cfg.epochs),
+                )
+        except KeyboardInterrupt:
+            saved = _saved_epoch(trainer)
+            where = (
+                f"in epoch {trainer.epoch}; {out / 'checkpoint.pt'} holds epoch {saved}"
+                if trainer.epoch > saved
+                else f"after epoch {saved}, which {out / 'checkpoint.pt'} holds"
             )
-    except KeyboardInterrupt:
-        saved = _saved_epoch(trainer)
-        where = (
-            f"in epoch {trainer.epoch}; {out / 'checkpoint.pt'} holds epoch {saved}"
-            if trainer.epoch > saved
-            else f"after epoch {saved}, which {out / 'checkpoint.pt'} holds"
+            message = f"interrupted {where}; resume with: quatnn train --resume {out}"
+            view.log(message)  # the caller prints it
+            raise Interrupted(message) from None
+        except NonFiniteLoss as err:
+            message = (
+                f"{err}; training stopped and {out / 'checkpoint.pt'} keeps epoch "
+                f"{_saved_epoch(trainer)} (a lower --lr may help)"
+            )
+            view.log(message)
+            raise NonFiniteLoss(message) from None
+        finally:
+            if tensorboard_writer is not None:
+                tensorboard_writer.close()
+        summary = _summary(cfg, trainer, device, ctx.world_size)
+        if is_main:
+            text = json.dumps(summary, indent=2) + "\n"
+            checkpoint.write_atomic(out / "summary.json", lambda f: f.write(text), mode="w")
+        ctx.barrier()  # the folder is complete before any process moves on
+        view.write(
+            f"finished {out}: test acc {summary['final_test_acc']:.2%} (best "
+            f"{summary['best_test_acc']:.2%} at epoch {summary['best_epoch']}), "
+            f"{summary['total_seconds']:.1f} s, {summary['samples_per_second']:.0f} samples/s"
         )
-        message = f"interrupted {where}; resume with: quatnn train --resume {out}"
-        view.log(message)  # the caller prints it
-        raise Interrupted(message) from None
-    except NonFiniteLoss as err:
-        message = (
-            f"{err}; training stopped and {out / 'checkpoint.pt'} keeps epoch "
-            f"{_saved_epoch(trainer)} (a lower --lr may help)"
-        )
-        view.log(message)
-        raise NonFiniteLoss(message) from None
-    finally:
-        if tensorboard_writer is not None:
-            tensorboard_writer.close()
-    summary = _summary(cfg, trainer, device, ctx.world_size)
-    if is_main:
-        text = json.dumps(summary, indent=2) + "\n"
-        checkpoint.write_atomic(out / "summary.json", lambda f: f.write(text), mode="w")
-    ctx.barrier()  # the folder is complete before any process moves on
-    view.write(
-        f"finished {out}: test acc {summary['final_test_acc']:.2%} (best "
-        f"{summary['best_test_acc']:.2%} at epoch {summary['best_epoch']}), "
-        f"{summary['total_seconds']:.1f} s, {summary['samples_per_second']:.0f} samples/s"
-    )
-    return summary
+        return summary
 
 
 def _saved_epoch(trainer: Trainer) -> int:
