@@ -567,3 +567,38 @@ def test_svhn_reads_mat_files(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.io", None)
     with pytest.raises(ValueError, match=r"reading SVHN needs scipy: pip install 'quatnn\[svhn\]'"):
         data.load("svhn", tmp_path, train=False, download=False)
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_imagefolder_prefers_val_over_test(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from quatnn import data
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 2), ("val", 3), ("test", 5)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for k in range(count):
+                pixels = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{k}.png")
+    ds = data.load("imagefolder", tmp_path, train=False)
+    assert len(ds) == 6 and all(os.sep + "val" + os.sep in p for p, _ in ds.samples)
+
+
+def test_standard_augmentation_flips_only_the_datasets_the_docs_name():
+    """load(): svhn, digits-color: RandomCrop(32, padding=4) only (digits are not mirror
+    symmetric); cifar10, cifar100, imagefolder: plus RandomHorizontalFlip."""
+    from torchvision import transforms as T
+
+    from quatnn.data import datasets
+
+    for name, flips in (("svhn", False), ("digits-color", False), ("digits", False),
+                        ("mnist", False), ("cifar10", True), ("cifar100", True)):  # fmt: skip
+        size = (28, 28) if name in ("digits", "mnist") else (32, 32)
+        steps = datasets._transform(name, True, None, lambda x: x, size).transforms
+        assert any(isinstance(t, T.RandomHorizontalFlip) for t in steps) == flips, name
+        assert any(isinstance(t, T.RandomCrop) for t in steps), name

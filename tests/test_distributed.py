@@ -622,3 +622,47 @@ def test_channels_last_does_not_change_results(tmp_path):
     train.train(cfg, tmp_path / "nhwc", progress="off", callbacks=[seen])
     assert seen.channels_last and all(seen.channels_last)  # training and evaluation batches
     _assert_same_run(tmp_path / "nhwc", tmp_path / "plain", atol=1e-4)
+
+
+# ---------------------------------------------------------------- distributed
+
+
+@pytest.mark.parametrize("length", range(1, 30))
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_batch_sampler_len_is_the_number_of_batches_it_yields(length, world):
+    for rank in range(world):
+        sampler = distributed.ShardedBatchSampler(range(length), 6, rank, world)
+        assert len(sampler) == len(list(sampler))
+
+
+def test_in_turn_runs_rank_0_then_node_leaders_then_the_rest(monkeypatch):
+    """Rank 0 first, then the first process of every other node, then the rest: here rank
+    2, the first process of node 1 (2 processes a node), runs in the second turn."""
+    gathers = []
+    monkeypatch.setattr(distributed.dist, "all_gather_object", lambda out, obj: gathers.append(obj))
+    when = []
+    for rank, local in ((0, 0), (1, 1), (2, 0), (3, 1)):
+        ctx = distributed.Context(rank=rank, world_size=4, local_rank=local, local_world_size=2)
+        gathers.clear()
+        distributed.in_turn(ctx, lambda: when.append(len(gathers)))
+    assert when == [0, 2, 1, 2]  # turn = number of collective rounds before the call
+
+
+# ---------------------------------------------------------------- nn/sync_norm
+
+
+@pytest.mark.parametrize("mode", ["whiten", "variance", "split"])
+@pytest.mark.parametrize("training", [True, False])
+def test_convert_sync_batchnorm_keeps_eps_and_the_training_mode(mode, training):
+    from quatnn.nn import QBatchNorm2d
+    from quatnn.nn.sync_norm import convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, 3, 3, dtype=torch.float64) * 0.3
+    plain = QBatchNorm2d(8, mode=mode, eps=0.5).double()
+    plain(x)  # running statistics away from their initial values
+    plain.train(training)
+    want = plain(x)
+    converted = convert_sync_batchnorm(plain)
+    assert converted.eps == 0.5 and converted.training == training
+    torch.testing.assert_close(converted(x), want)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from quatnn import data, models
+from quatnn import data, models, train
 from quatnn import nn as qnn
 from quatnn.export import (
     FORMAT,
@@ -28,6 +28,8 @@ from quatnn.export import (
 )
 from quatnn.nn.base import QuaternionLayer
 from quatnn.nn.norm import QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, _QBatchNorm
+from quatnn.train import checkpoint
+from quatnn.train.config import TrainConfig
 
 CONVNETS = ("conv2", "conv4", "conv6")
 
@@ -517,7 +519,6 @@ def test_compact_errors(tmp_path):
 
 def _fake_run(folder, model_name="lenet_300_100", variant="quaternion", dataset="digits"):
     """A run folder as `quatnn train` writes it (config.toml + checkpoint.pt), untrained."""
-    from quatnn.train import checkpoint
     from quatnn.train.config import TrainConfig, dumps_toml
 
     cfg = TrainConfig(model=model_name, variant=variant, dataset=dataset, encoding="auto")
@@ -639,3 +640,140 @@ def test_bench_infer_times_every_contender_with_quiet_onnx_sessions(monkeypatch)
     for session in sessions:
         config = session.get_session_options().get_session_config_entry
         assert config("session.intra_op.allow_spinning") == "0"
+
+
+# ---------------------------------------------------------------- export/compact
+
+
+def _lenet_with(weight_fn):
+    from quatnn import models
+
+    meta = {"name": "lenet_300_100", "variant": "real", "num_classes": 10}
+    torch.manual_seed(0)
+    model = models.create(**meta).eval()
+    with torch.no_grad():
+        weight_fn(model.fc1.weight)
+    return model, meta
+
+
+def test_sparse_bit_masks_are_most_significant_bit_first(tmp_path):
+    """The file format: 1 bit per entry, most significant bit first (numpy.packbits)."""
+    import numpy as np
+    import safetensors.torch
+
+    from quatnn.export import save_compact
+
+    def keep_a_third(w):
+        w.mul_((torch.rand(w.shape) < 0.3).to(w.dtype))
+
+    model, meta = _lenet_with(keep_a_third)
+    path = tmp_path / "m.safetensors"
+    assert "fc1.weight" in save_compact(model, path, meta, sparse=True)["sparse"]
+    raw = safetensors.torch.load_file(path)
+    assert "fc1.weight::mask" in raw  # 30% non-zeros: a bit mask beats int32 indices
+    want = np.packbits((model.fc1.weight.reshape(-1) != 0).numpy())
+    assert np.array_equal(raw["fc1.weight::mask"].numpy(), want)
+
+
+def test_a_tensor_of_exactly_the_threshold_zeros_is_stored_sparse(tmp_path):
+    """'at least sparse_threshold zeros': half zeros at threshold 0.5 (and smaller sparse:
+    n/8 mask bytes + n/2 values < n values)."""
+    from quatnn.export import load, save_compact
+
+    def every_other(w):
+        w.view(-1)[::2] = 0.0
+
+    model, meta = _lenet_with(every_other)
+    w = model.fc1.weight
+    assert int((w == 0).sum()) * 2 == w.numel()
+    info = save_compact(model, tmp_path / "h.safetensors", meta, sparse=True, sparse_threshold=0.5)
+    assert info["sparse"] == ["fc1.weight"]
+    assert torch.equal(load(tmp_path / "h.safetensors").fc1.weight, w)
+
+
+def test_a_sparse_index_past_the_end_is_a_damaged_file(tmp_path):
+    import safetensors.torch
+
+    from quatnn.export import load, read_metadata, save_compact
+
+    def one_entry(w):
+        w.zero_()
+        w[3, 5] = 1.5
+
+    model, meta = _lenet_with(one_entry)
+    path = tmp_path / "s.safetensors"
+    save_compact(model, path, meta, sparse=True)
+    header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in read_metadata(path).items()}
+    tensors = safetensors.torch.load_file(path)
+    n = model.fc1.weight.numel()
+    assert tensors["fc1.weight::indices"].tolist() == [3 * 784 + 5]
+    tensors["fc1.weight::indices"] = torch.tensor([n], dtype=torch.int32)  # one past the end
+    damaged = tmp_path / "damaged.safetensors"
+    safetensors.torch.save_file(tensors, damaged, metadata=header)
+    with pytest.raises(ValueError, match="damaged"):
+        load(damaged)
+
+
+def test_compact_file_one_byte_short_is_called_truncated(tmp_path):
+    from quatnn.export import load, save_compact
+
+    model, meta = _lenet_with(lambda w: None)
+    path = tmp_path / "m.safetensors"
+    save_compact(model, path, meta)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(ValueError, match="truncated"):
+        load(cut)
+
+
+# ---------------------------------------------------------------- export/modules
+
+
+def _slow_norm_adaptive_max_pool_2d(x: torch.Tensor, out: tuple[int, int]) -> torch.Tensor:
+    """Per window (torch's rule: [floor(i s / o), ceil((i + 1) s / o))), the quaternion of
+    largest norm, the first in row-major order on ties."""
+    n, c4, h, w = x.shape
+    q = x.view(n, 4, c4 // 4, h, w)
+    norms = q.square().sum(1)
+    y = torch.empty(n, 4, c4 // 4, *out, dtype=x.dtype)
+    for i in range(out[0]):
+        r0, r1 = (i * h) // out[0], -(-(i + 1) * h // out[0])
+        for j in range(out[1]):
+            c0, c1 = (j * w) // out[1], -(-(j + 1) * w // out[1])
+            for b in range(n):
+                for ch in range(c4 // 4):
+                    best, where = None, None
+                    for r in range(r0, r1):
+                        for s in range(c0, c1):
+                            v = float(norms[b, ch, r, s])
+                            if best is None or v > best:
+                                best, where = v, (r, s)
+                    y[b, :, ch, i, j] = q[b, :, ch, where[0], where[1]]
+    return y.reshape(n, c4, *out)
+
+
+@pytest.mark.parametrize(("size", "out"), [((5, 6), (3, 4)), ((7, 5), (4, 2)), ((5, 5), (3, 3))])
+def test_norm_adaptive_max_pool_with_uneven_windows_and_ties(size, out):
+    """Windows of different widths (5 -> 3: widths 2, 3, 2) and tied norms (small integer
+    components): the exported pool keeps the first quaternion of largest norm."""
+    from quatnn.export.modules import NormAdaptiveMaxPool
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-1, 2, (2, 8, *size), generator=g).double()
+    torch.testing.assert_close(
+        NormAdaptiveMaxPool(2, out)(x), _slow_norm_adaptive_max_pool_2d(x, out), rtol=0, atol=0
+    )
+
+
+# ---------------------------------------------------------------- export/run
+
+
+def test_export_run_records_the_checkpoint_it_read(tmp_path):
+    from quatnn.export import export_run, read_metadata
+
+    cfg = TrainConfig(variant="real", epochs=1, max_steps=1, device="cpu")
+    train.train(cfg, tmp_path / "run", progress="off")
+    info = export_run(tmp_path / "run", "safetensors", tmp_path / "best.safetensors",
+                      checkpoint="best.pt")  # fmt: skip
+    assert info["checkpoint"] == "best.pt"
+    assert read_metadata(tmp_path / "best.safetensors")["extra"]["checkpoint"] == "best.pt"

@@ -326,3 +326,109 @@ def test_models_run_on_the_meta_device(norm):
             y = model.train()(x)
             assert y.is_meta and y.shape == (2, 10)
             assert model.eval()(x).shape == (2, 10)
+
+
+# ---------------------------------------------------------------- models
+
+
+def _copy_weights_in_order(src: nn.Module, dst: nn.Module) -> None:
+    """Same architecture, same registration order: copy every parameter and buffer."""
+    a, b = list(src.state_dict().values()), dst.state_dict()
+    assert [tuple(t.shape) for t in a] == [tuple(t.shape) for t in b.values()]
+    dst.load_state_dict(dict(zip(b, a, strict=True)))
+
+
+def _randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_imagenet_resnets_compute_what_torchvisions_compute(name):
+    """ResNet-18 (basic blocks stride in their first 3x3) and ResNet-50 (torchvision's
+    v1.5: the bottleneck strides in its 3x3): same weights, same outputs."""
+    import torchvision
+
+    from quatnn import models
+
+    torch.manual_seed(0)
+    reference = _randomized(getattr(torchvision.models, name)(num_classes=10))
+    ours = models.create(name, "real3", num_classes=10, small_input=False).eval()
+    _copy_weights_in_order(reference, ours)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("width_mult", [0.5, 1.0])
+def test_mobilenet_v2_computes_what_torchvisions_computes(width_mult):
+    """Stage strides, widths (multiples of 8) and the 1280-channel last layer, kept at 1280
+    for width_mult < 1, as torchvision's MobileNetV2 (Sandler et al. 2018)."""
+    import torchvision
+
+    from quatnn import models
+
+    torch.manual_seed(0)
+    reference = _randomized(torchvision.models.mobilenet_v2(num_classes=10, width_mult=width_mult))
+    ours = models.create("mobilenet_v2", "real3", num_classes=10, width_mult=width_mult,
+                         small_input=False).eval()  # fmt: skip
+    _copy_weights_in_order(reference, ours)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), rtol=1e-4, atol=1e-5)
+    activations = [type(m) for m in reference.modules() if isinstance(m, nn.ReLU | nn.ReLU6)]
+    assert activations == [type(m) for m in ours.modules() if isinstance(m, nn.ReLU | nn.ReLU6)]
+    assert set(activations) == {nn.ReLU6}
+
+
+def _block_sizes(model: nn.Module, blocks: list[nn.Module], x: torch.Tensor) -> list[int]:
+    sizes = []
+    handles = [b.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for b in blocks]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in handles:
+        h.remove()
+    return sizes
+
+
+def test_mobilenet_v1_strides_follow_the_paper():
+    """Howard et al. 2017, Table 1 (224 input): stem 112, then 112, 56, 56, 28, 28, 14,
+    14 x 5, 7, 7. Here 64 input: every size / 3.5."""
+    from quatnn import models
+
+    model = models.create("mobilenet_v1", "real3", width_mult=0.25, small_input=False)
+    sizes = _block_sizes(model, list(model.features), torch.randn(1, 3, 64, 64))
+    assert sizes == [32, 32, 16, 16, 8, 8, 4, 4, 4, 4, 4, 4, 2, 2]
+
+
+def test_cifar_resnet_stages_work_on_32_16_8_maps():
+    """He et al. 2016, sec. 4.2: the CIFAR ResNets' three stages on 32x32, 16x16, 8x8."""
+    from quatnn import models
+
+    for variant in ("real4", "quaternion"):
+        model = models.create("resnet20", variant, norm="variance")
+        sizes = _block_sizes(model, list(model.stages), torch.randn(2, 4, 32, 32))
+        assert sizes == [32, 16, 8]
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v1", "mobilenet_v2"])
+def test_quaternion_first_false_keeps_the_quaternion_stem_norm(name):
+    """quaternion_first=False makes the stem convolution real (3 RGB channels); the norm
+    after it stays the quaternion variant's norm."""
+    from quatnn import models
+    from quatnn.nn import QBatchNorm2d
+
+    extra = {} if name == "resnet20" else {"width_mult": 0.25}
+    model = models.create(name, "quaternion", in_channels=3, quaternion_first=False,
+                          norm="whiten", **extra)  # fmt: skip
+    stem = model.stem if name == "resnet20" else model.features[0]
+    assert type(stem[0]) is nn.Conv2d and stem[0].in_channels == 3
+    assert type(stem[1]) is QBatchNorm2d and stem[1].mode == "whiten"
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -365,3 +365,26 @@ def test_bench_norm_times_the_pytorch_ops_beside_the_kernels(fused, monkeypatch)
     assert [r["layer"] for r in rows] == [*eager, *(f"{name}, compiled" for name in eager)]
     assert all(r["ms"] > 0 for r in rows)
     assert len(calls) == 4
+
+
+# ---------------------------------------------------------------- nn/norm_ops
+
+
+@pytest.mark.parametrize("mode", ["whiten", "variance"])
+def test_compiled_kernel_norm_bias_gradient_is_the_sum_of_output_gradients(mode):
+    """Compiled training through the kernels' custom ops (Triton's interpreter on the CPU):
+    y = ... + beta, so d beta is dy summed over batch and space (blocked, as beta is)."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("no GPU and Triton's interpreter is off")
+    from quatnn.nn.norm import QBatchNorm2d, triton_norms
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    bn = QBatchNorm2d(8, mode=mode).double().to(device)
+    step = torch.compile(bn, fullgraph=True, backend="aot_eager")  # no on-disk cache
+    x = (torch.randn(4, 8, 3, 3, dtype=torch.float64) * 2 + 1).to(device)
+    dy = torch.randn_like(x)
+    with triton_norms(device):
+        step(x).backward(dy)
+    torch.testing.assert_close(bn.bias.grad, dy.sum((0, 2, 3)), rtol=1e-10, atol=1e-10)

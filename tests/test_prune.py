@@ -37,7 +37,13 @@ from quatnn.prune import (
     save_masks,
 )
 from quatnn.report.lottery import is_lottery, write_lottery_report
-from quatnn.train import Callback, Interrupted, RunError, TrainConfig, Trainer
+from quatnn.train import (
+    Callback,
+    Interrupted,
+    RunError,
+    TrainConfig,
+    Trainer,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -648,3 +654,51 @@ def test_lottery_titles_name_every_pruning_setting():
     table = LotteryConfig(prune=PruneSpec(scope="layerwise", rates=rates, skip=("output",)))
     recipe["lottery"] = table.to_dict()
     assert _title(recipe).endswith("conv 0.1, fc 0.2 per level, element, rewind 0, output kept")
+
+
+# ---------------------------------------------------------------- prune
+
+
+def test_a_replaced_weight_gets_the_gradient_mask_too():
+    """load_state_dict(assign=True) puts new weight tensors in place: their pruned
+    gradients are zero as well (the hook follows the layer's current weight)."""
+    from quatnn.nn import QLinear
+    from quatnn.prune import PruneSpec, attach, dense_masks, prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(QLinear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    masks = prune(model, dense_masks(model), PruneSpec(rate=0.5))
+    attach(model, masks)
+    model(torch.randn(2, 8)).sum().backward()  # the first weights hooked and used
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    model.zero_grad()
+    model(torch.randn(4, 8)).sum().backward()
+    for name, mask in masks.items():
+        grad = model.get_submodule(name).weight.grad
+        assert (grad[~mask] == 0).all() and (grad[mask] != 0).any(), name
+
+
+def test_layer_types_of_quaternion_models():
+    from quatnn import models
+    from quatnn.prune import layer_types
+
+    assert layer_types(models.create("lenet_300_100", "quaternion")) == {
+        "fc1": "fc", "fc2": "fc", "head": "output"}  # fmt: skip
+    types_ = layer_types(models.create("conv2", "quaternion"))
+    assert types_ == {"features.0": "conv", "features.2": "conv", "classifier.0": "fc",
+                      "classifier.2": "fc", "head": "output"}  # fmt: skip
+
+
+def test_sparsity_counts_layers_without_a_mask_as_dense():
+    from quatnn.prune import sparsity
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    masks = {"0": torch.ones(4, 4, dtype=torch.bool)}
+    masks["0"][:2] = False  # 8 of the 16 weights of layer 0 pruned; layer 2 not named
+    report = sparsity(model, masks, reference_params=60)
+    assert [layer["remaining"] for layer in report["layers"]] == [8, 8]
+    assert report["prunable"] == {"weights": 24, "remaining": 16,
+                                  "percent_remaining": pytest.approx(100 * 16 / 24)}  # fmt: skip
+    assert report["params"]["remaining"] == 30 - 8
+    assert report["real_params"]["percent_remaining"] == pytest.approx(100 * 22 / 60)

@@ -347,3 +347,95 @@ def test_lottery_table_shows_no_spread_for_a_single_seed():
     two = {**level, "level": 1, "control": None, "runs": 2, "acc": 0.8, "acc_std": 0.01}
     table = level_table([one, two])
     assert "| 90.00 (n=1) |" in table and "| 80.00 ± 1.00 (n=2) |" in table
+
+
+# ---------------------------------------------------------------- report
+
+
+def _run(folder: Path, variant: str, seed: int, accs: list[float], params: int | None,
+         model: str = "conv2", options: dict | None = None) -> Path:  # fmt: skip
+    """A run folder as quatnn train writes it (params None: unfinished)."""
+    folder.mkdir(parents=True)
+    text = f'model = "{model}"\nvariant = "{variant}"\ndataset = "cifar10"\nseed = {seed}\n'
+    if options:
+        text += "\n[options]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items())
+    (folder / "config.toml").write_text(text)
+    rows = [{"epoch": e, "train_acc": a, "test_acc": a, "train_loss": 1.0, "test_loss": 1.0,
+             "epoch_seconds": 1.0, "samples_per_second": 10.0}
+            for e, a in enumerate(accs, 1)]  # fmt: skip
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if params is not None:
+        (folder / "summary.json").write_text(json.dumps({"params": params}))
+    return folder
+
+
+def _rows(*paths: Path) -> dict:
+    from quatnn import report
+    from quatnn.report.table import summarize
+
+    return {row["label"]: row for row in summarize(report.find_runs(paths))}
+
+
+def test_ratio_refers_to_real4_before_real3(tmp_path):
+    _run(tmp_path / "real3-s0", "real3", 0, [0.5], 3000)
+    _run(tmp_path / "real4-s0", "real4", 0, [0.5], 4000)
+    _run(tmp_path / "quaternion-s0", "quaternion", 0, [0.5], 1000)
+    rows = _rows(tmp_path)
+    assert rows["quaternion"]["reference"] == "real4"
+    assert rows["quaternion"]["ratio"] == pytest.approx(1000 / 4000)
+    assert rows["real3"]["ratio"] == pytest.approx(3000 / 4000)
+
+
+def test_ratio_refers_to_the_real_model_with_the_same_options(tmp_path):
+    _run(tmp_path / "a", "real4", 0, [0.5], 4000, options={"width_mult": 1.0})
+    _run(tmp_path / "b", "real4", 0, [0.5], 1000, options={"width_mult": 0.5})
+    _run(tmp_path / "c", "quaternion", 0, [0.5], 300, options={"width_mult": 0.5})
+    rows = _rows(tmp_path)
+    (quaternion,) = [r for r in rows.values() if r["variant"] == "quaternion"]
+    assert quaternion["ratio"] == pytest.approx(300 / 1000)
+
+
+def test_ratio_refers_to_the_unpruned_real_model_even_when_only_a_pruned_level_is_there(
+    tmp_path,
+):
+    level = _run(tmp_path / "lot" / "real4-s0" / "level-01", "real4", 0, [0.5], 4000)
+    sparsity = {"level": 1, "control": None, "reference": "real4",
+                "params": {"total": 4000, "remaining": 2000}}  # fmt: skip
+    (level / "sparsity.json").write_text(json.dumps(sparsity))
+    _run(tmp_path / "quaternion-s0", "quaternion", 0, [0.5], 1000)
+    rows = {r["variant"]: r for r in _rows(level, tmp_path / "quaternion-s0").values()}
+    assert rows["real4"]["params"] == 2000
+    assert rows["real4"]["ratio"] == pytest.approx(2000 / 4000)
+    assert rows["quaternion"]["ratio"] == pytest.approx(1000 / 4000)
+
+
+def test_epochs_column_is_the_most_epochs_of_any_run_of_the_row(tmp_path):
+    _run(tmp_path / "real4-s0", "real4", 0, [0.5, 0.6, 0.7], 4000)
+    _run(tmp_path / "real4-s1", "real4", 1, [0.5], None)  # unfinished, after 1 epoch
+    row = _rows(tmp_path)["real4"]
+    assert (row["runs"], row["unfinished"], row["epochs"]) == (2, 1, 3)
+
+
+def test_lottery_level_spread_is_the_sample_std():
+    from quatnn.report.lottery import summarize_levels
+
+    base = {"variant": "real", "control": None, "level": 1, "real_percent": 50.0,
+            "params_percent": 50.0, "weights_percent": 50.0}  # fmt: skip
+    accs = [0.6, 0.7, 0.95]
+    (row,) = summarize_levels([{**base, "final_acc": a, "best_acc": a} for a in accs])
+    assert row["acc"] == pytest.approx(statistics.mean(accs))
+    assert row["acc_std"] == pytest.approx(statistics.stdev(accs))
+
+
+def test_lottery_levels_read_the_final_accuracy_for_the_final_metric(tmp_path):
+    from quatnn.report.lottery import read_levels, summarize_levels
+
+    level = _run(tmp_path / "real-s0" / "level-01", "real", 0, [0.8, 0.6], None)
+    (level / "summary.json").write_text(json.dumps({"final_test_acc": 0.6, "best_test_acc": 0.8}))
+    counts = {"real_params": {"percent_remaining": 50.0}, "params": {"percent_remaining": 50.0},
+              "prunable": {"percent_remaining": 40.0}, "reference": "real"}  # fmt: skip
+    (level / "sparsity.json").write_text(json.dumps(counts))
+    (row,) = read_levels(tmp_path)
+    assert (row["final_acc"], row["best_acc"]) == (0.6, 0.8)
+    assert summarize_levels([row], "final")[0]["acc"] == 0.6
+    assert summarize_levels([row], "best")[0]["acc"] == 0.8

@@ -5,16 +5,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from fixtures_data import write_cifar10, write_mnist
+from torch import nn
 
 from quatnn import data, models, train
-from quatnn.train import checkpoint
-from quatnn.train.config import dumps_toml, load_config, parse_option, tomllib
+from quatnn.train import checkpoint, runner
+from quatnn.train.config import TrainConfig, dumps_toml, load_config, parse_option, tomllib
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 # Lenet-300-100 on the bundled digits: 1438 training images, 24 steps of 60 per epoch.
@@ -380,3 +383,150 @@ def test_seeded_dataset_augments_each_epoch_anew_and_reproducibly():
     for i in range(4):
         assert torch.equal(ds[(1, i)], ds[(1, i)])
         assert not torch.equal(ds[(1, i)], ds[(2, i)])
+
+
+# ---------------------------------------------------------------- train/config
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"momentum": 1.0}, "momentum must be in"),  # [0, 1): 1 never decays
+        ({"eval_batch_size": 0}, "eval_batch_size must be at least 1"),
+        ({"max_steps": -1}, "max_steps must be >= 0"),
+    ],
+)
+def test_config_validation_ranges(values, message):
+    with pytest.raises(train.RunError, match=message):
+        TrainConfig.from_dict(values).validate()
+    TrainConfig.from_dict({"momentum": 0.0, "eval_batch_size": 1, "max_steps": 0}).validate()
+
+
+def test_config_bool_is_not_an_int():
+    # TOML `epochs = true` is a boolean, not a count of epochs
+    with pytest.raises(train.RunError, match="epochs must be of type int"):
+        TrainConfig.from_dict({"epochs": True})
+    with pytest.raises(train.RunError, match="seed must be of type int"):
+        TrainConfig.from_dict({"seed": False})
+
+
+def test_command_line_seeds_and_variants_win_over_the_recipe(tmp_path):
+    """Later sources win: defaults, then the file, then command-line flags."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('seeds = [0, 1]\nvariants = ["real"]\n')
+    _, extra = load_config(recipe, {"seeds": [7], "variants": ["quaternion"]}, compare=True)
+    assert extra == {"seeds": [7], "variants": ["quaternion"]}
+    _, extra = load_config(recipe, {"seeds": [7]}, compare=True)
+    assert extra == {"seeds": [7], "variants": ["real"]}
+
+
+def test_per_device_backend_is_accepted():
+    import torch.distributed as dist
+
+    assert "gloo" in dist.Backend.backend_list
+    TrainConfig(backend="cpu:gloo").validate()
+    with pytest.raises(train.RunError, match="backend must be"):
+        TrainConfig(backend="gloo:cpu").validate()
+
+
+# ---------------------------------------------------------------- train/checkpoint
+
+
+def test_a_failing_atomic_write_leaves_the_old_file_whole(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"old contents")
+
+    def half_then_fail(f):
+        f.write(b"new, half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.write_atomic(path, half_then_fail)
+    assert path.read_bytes() == b"old contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_remove_leftovers_removes_only_write_atomic_temporaries(tmp_path):
+    # a real leftover: what write_atomic names its temporary file
+    ours = tmp_path / f".checkpoint.pt.{os.getpid()}.0123abcd.tmp"
+    foreign = [tmp_path / ".notes.tmp", tmp_path / ".cache.tmp", tmp_path / ".a.b.tmp"]
+    for p in (ours, *foreign):
+        p.write_text("x")
+    checkpoint.remove_leftovers(tmp_path)
+    assert not ours.exists()
+    assert all(p.exists() for p in foreign)
+
+
+# ---------------------------------------------------------------- train/runner
+
+ROWS = [  # epoch 2 is the best; the first epoch is slow (warm-up)
+    {"epoch": 1, "train_acc": 0.50, "test_acc": 0.60, "test_loss": 1.0, "epoch_seconds": 9.0,
+     "eval_seconds": 0.5, "samples_per_second": 100.0},
+    {"epoch": 2, "train_acc": 0.70, "test_acc": 0.90, "test_loss": 0.5, "epoch_seconds": 2.0,
+     "eval_seconds": 0.25, "samples_per_second": 400.0},
+    {"epoch": 3, "train_acc": 0.80, "test_acc": 0.85, "test_loss": 0.6, "epoch_seconds": 4.0,
+     "eval_seconds": 0.25, "samples_per_second": 200.0},
+]  # fmt: skip
+
+
+def test_summary_fields_follow_the_history():
+    trainer = types.SimpleNamespace(history=ROWS, step=30, model=nn.Linear(3, 2), amp_dtype=None)
+    s = runner._summary(TrainConfig(), trainer, torch.device("cpu"), 1)
+    assert s["final_train_acc"] == 0.80 and s["final_test_acc"] == 0.85
+    assert (s["best_test_acc"], s["best_epoch"]) == (0.90, 2)
+    assert s["total_seconds"] == pytest.approx(9.5 + 2.25 + 4.25)  # training and evaluation
+    assert s["seconds_per_epoch"] == pytest.approx(3.0)  # epochs after the warm-up one
+    assert s["samples_per_second"] == pytest.approx(300.0)
+
+
+class _Quiet:
+    def write(self, line: str) -> None:
+        pass
+
+
+def test_best_pt_holds_the_first_epoch_of_the_best_accuracy(tmp_path):
+    """best.pt and summary's best_epoch name the same epoch when accuracies tie."""
+    cfg = TrainConfig()
+    writer = runner.RunWriter(tmp_path, cfg, _Quiet(), None)
+    model = nn.Linear(2, 2)
+    trainer = types.SimpleNamespace(history=[], model=model, state_dict=lambda: {"epoch": 0})
+    for epoch, acc in ((1, 0.5), (2, 0.7), (3, 0.7)):
+        row = {"epoch": epoch, "step": epoch, "train_loss": 1.0, "train_acc": 0.5,
+               "test_loss": 1.0, "test_acc": acc, "lr": 1e-3, "epoch_seconds": 1.0,
+               "eval_seconds": 0.1, "samples_per_second": 1.0}  # fmt: skip
+        trainer.history.append(row)
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        writer.on_epoch_end(trainer, row)
+    first_best = next(r["epoch"] for r in trainer.history if r["test_acc"] == 0.7)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == first_best == 2
+    assert torch.all(best["model"]["weight"] == 2)
+
+
+def test_overwrite_replaces_a_different_run(tmp_path):
+    cfg = TrainConfig(variant="real", epochs=1, max_steps=1, device="cpu")
+    train.train(cfg, tmp_path / "run", progress="off")
+    other = train.merge(cfg, {"lr": 5e-4})
+    summary = train.train(other, tmp_path / "run", if_exists="overwrite", progress="off")
+    assert summary["steps"] == 1
+    assert "lr = 0.0005" in (tmp_path / "run" / "config.toml").read_text()
+
+
+def test_a_stale_best_pt_is_removed_when_a_run_restarts_from_epoch_0(tmp_path):
+    """A run whose checkpoint holds epoch 0 starts over: no best.pt of a lost epoch stays."""
+    cfg = TrainConfig(variant="real", epochs=1, device="cpu")
+
+    class StopAt(train.Callback):
+        def on_step_end(self, trainer):
+            if trainer.step == 1:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(train.Interrupted):
+        train.train(cfg, out, progress="off", callbacks=[StopAt()])
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 0
+    checkpoint.save(out / "best.pt", cfg.to_dict(), {"epoch": 1, "test_acc": 1.0, "model": {}})
+    with pytest.raises(train.Interrupted):
+        train.train(cfg, out, if_exists="resume", progress="off", callbacks=[StopAt()])
+    assert not (out / "best.pt").exists()
