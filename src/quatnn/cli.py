@@ -37,6 +37,7 @@ from quatnn.train.progress import PROGRESS_MODES
 
 if TYPE_CHECKING:
     from quatnn.report import Report
+    from quatnn.train.distributed import Context
 
 
 class UsageError(Exception):
@@ -226,9 +227,7 @@ def _compare(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             **_run_options(args),
         )
-        result = report.write_report([args.out]) if ctx.is_main else None
-        ctx.barrier()  # no process leaves (torchrun ends the rest) before the report is out
-    return 0 if result is None else _print_report(result)
+        return _reported(ctx, lambda: report.write_report([args.out]))
 
 
 def _add_sweep_flags(
@@ -275,6 +274,14 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
     _add_output_flags(parser, "comparison (every run)")
     _add_config_flags(parser, skip=("variant", "seed"))
     parser.set_defaults(handler=_compare)
+
+
+def _reported(ctx: Context, write: Callable[[], Report]) -> int:
+    """Rank 0 writes and prints the report ``write()`` returns; every process waits for it
+    (torchrun ends the other processes once one leaves)."""
+    result = write() if ctx.is_main else None
+    ctx.barrier()
+    return 0 if result is None else _print_report(result)
 
 
 def _print_report(result: Report) -> int:
@@ -399,9 +406,7 @@ def _lottery(args: argparse.Namespace) -> int:
             jobs=args.jobs,
             **_run_options(args),
         )
-        result = lottery_report.write_lottery_report(args.out) if ctx.is_main else None
-        ctx.barrier()  # no process leaves (torchrun ends the rest) before the report is out
-    return 0 if result is None else _print_report(result)
+        return _reported(ctx, lambda: lottery_report.write_lottery_report(args.out))
 
 
 def _add_lottery(commands: argparse._SubParsersAction) -> None:
