@@ -20,7 +20,10 @@
   ``return_indices=True`` (kept: the indices have no other form);
 * ``QMaxPool{1,2,3}d``, :class:`~quatnn.nn.QModReLU` and
   :class:`~quatnn.nn.norm.QLayerNorm` are kept: they are plain torch operations that export
-  as they are (the max pool's indices map to ONNX ``MaxPool`` + ``GatherElements``).
+  as they are (the max pool's indices map to ONNX ``MaxPool`` + ``GatherElements``);
+* :class:`~quatnn.nn.QMultiheadAttention` and :class:`~quatnn.nn.QTransformerEncoderLayer`
+  are kept with their projections, feed-forward layers and dropouts folded as above (the
+  rest of them is plain torch operations).
 
 Statistics and weights are combined in float64 and cast back to the layer's dtype.
 
@@ -55,6 +58,7 @@ from quatnn.nn import (
     QMaxPool3d,
     QModReLU,
 )
+from quatnn.nn.attention import MultiheadAttention, TransformerEncoderLayer
 from quatnn.nn.base import QuaternionLayer
 from quatnn.nn.conv import _QConvNd, _QConvTransposeNd
 from quatnn.nn.norm import QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, QLayerNorm, _QBatchNorm
@@ -73,6 +77,7 @@ _DROPOUTS = (
 _REAL_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ADAPTIVE = {QAdaptiveMaxPool1d: 1, QAdaptiveMaxPool2d: 2, QAdaptiveMaxPool3d: 3}
 _KEPT = (QMaxPool1d, QMaxPool2d, QMaxPool3d, QModReLU, QLayerNorm)
+_KEPT += (MultiheadAttention, TransformerEncoderLayer)  # and their quaternion forms
 _REAL_BN_OF = {
     QBatchNorm1d: nn.BatchNorm1d,
     QBatchNorm2d: nn.BatchNorm2d,
@@ -86,7 +91,8 @@ _FUSABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_CONV_T.values(), Permu
 
 SUPPORTED = (
     "QLinear, QConv1d/2d/3d, QConvTranspose1d/2d/3d, QBatchNorm1d/2d/3d (with running "
-    "statistics), QDropout, QMaxPool1d/2d/3d, QAdaptiveMaxPool1d/2d/3d, QModReLU, QLayerNorm"
+    "statistics), QDropout, QMaxPool1d/2d/3d, QAdaptiveMaxPool1d/2d/3d, QModReLU, QLayerNorm, "
+    "QMultiheadAttention, QTransformerEncoderLayer"
 )
 """The quatnn modules :func:`fold` knows (named in its errors)."""
 

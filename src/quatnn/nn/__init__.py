@@ -2,6 +2,7 @@
 
 from quatnn.nn import init
 from quatnn.nn.activation import QModReLU
+from quatnn.nn.attention import QMultiheadAttention, QTransformerEncoderLayer
 from quatnn.nn.conv import (
     QConv1d,
     QConv2d,
@@ -46,6 +47,8 @@ __all__ = [
     "NonFiniteStatistics",
     "QModReLU",
     "QDropout",
+    "QMultiheadAttention",
+    "QTransformerEncoderLayer",
     "QMaxPool1d",
     "QMaxPool2d",
     "QMaxPool3d",
