@@ -121,7 +121,7 @@ def test_quaternion_first_false_makes_only_the_first_layer_real():
     assert type(lenet.fc1) is nn.Linear and isinstance(lenet.fc2, QLinear)
 
 
-@pytest.mark.parametrize("name", CONVNETS + RESNETS)
+@pytest.mark.parametrize("name", CONVNETS + RESNETS + ("vit",))
 def test_quaternion_has_about_a_quarter_of_real4_parameters(name):
     real4 = models.count_parameters(models.create(name, "real4"))
     quaternion = models.count_parameters(models.create(name, "quaternion"))
@@ -248,7 +248,7 @@ def test_bad_sizes_are_rejected():
 def test_defaults_per_variant_and_spec():
     assert models.names() == [
         "lenet_300_100", "conv2", "conv4", "conv6", "resnet20", "resnet56", "resnet18",
-        "resnet34", "resnet50", "mobilenet_v1", "mobilenet_v2",
+        "resnet34", "resnet50", "mobilenet_v1", "mobilenet_v2", "vit",
     ]  # fmt: skip
     assert models.VARIANTS == ("real3", "real4", "real", "quaternion")
     channels = {v: models.default_in_channels("conv2", v) for v in models.VARIANTS}
@@ -432,3 +432,71 @@ def test_quaternion_first_false_keeps_the_quaternion_stem_norm(name):
     assert type(stem[0]) is nn.Conv2d and stem[0].in_channels == 3
     assert type(stem[1]) is QBatchNorm2d and stem[1].mode == "whiten"
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+# ------------------------------------------------------------------ vision transformer
+
+
+def test_vit_is_quaternion_except_the_head_and_real_variants_are_plain():
+    from quatnn.nn import QLayerNorm, QMultiheadAttention, QTransformerEncoderLayer
+    from quatnn.nn.attention import TransformerEncoderLayer
+
+    model = models.create("vit", "quaternion")
+    assert isinstance(model.patches, QConv2d) and model.patches.stride == (4, 4)
+    assert [type(b) for b in model.blocks] == [QTransformerEncoderLayer] * 6
+    assert isinstance(model.blocks[0].self_attn, QMultiheadAttention)
+    assert model.blocks[0].self_attn.num_heads == 6 and model.blocks[0].norm_first
+    assert isinstance(model.norm, QLayerNorm)
+    assert [m for m in model.modules() if isinstance(m, nn.Linear)] == [model.head]
+    real = models.create("vit", "real4")
+    assert [type(b) for b in real.blocks] == [TransformerEncoderLayer] * 6
+    assert not {type(m) for m in real.modules()} & {QConv2d, QLinear, QLayerNorm}
+    # the position embedding is a fixed buffer, not a parameter nor state
+    assert "position" not in dict(model.named_parameters())
+    assert "position" not in model.state_dict()
+
+
+def test_vit_position_embedding_is_the_2d_sine_cosine_one():
+    from quatnn.models.vit import sincos_position_embedding
+
+    rows, cols, dim = 3, 5, 16
+    table = sincos_position_embedding(rows, cols, dim)
+    quarter = dim // 4
+    for token in range(rows * cols):
+        r, c = divmod(token, cols)
+        for k in range(quarter):
+            w = 10000 ** (-k / (quarter - 1))
+            want = [math.sin(c * w), math.cos(c * w), math.sin(r * w), math.cos(r * w)]
+            got = [table[token, block * quarter + k].item() for block in range(4)]
+            assert got == pytest.approx(want, abs=1e-6)
+    model = models.create("vit", "quaternion", input_size=(8, 12), dim=16, heads=2, mlp_dim=32)
+    assert torch.equal(model.position, sincos_position_embedding(2, 3, 16))
+
+
+def test_vit_macs_by_hand():
+    # 4 tokens of 8 features: patch conv 4 x 8 x 4 x 16 x 16; per layer q, k, v, out
+    # 4 x (4 x 8 x 8), attention scores and mixing 2 x 4 x 4 x 8, feed-forward 2 x 4 x 8 x 16;
+    # head 8 x 10.
+    want = 4 * 8 * 4 * 256 + 4 * 4 * 64 + 2 * 4 * 4 * 8 + 2 * 4 * 8 * 16 + 80
+    for variant in ("real4", "quaternion"):
+        model = models.create("vit", variant, patch_size=16, dim=8, depth=1, heads=2, mlp_dim=16)
+        assert models.count_macs(model, (4, 32, 32)) == want
+
+
+def test_vit_bad_options_are_named():
+    with pytest.raises(ValueError, match="multiple of patch_size=5"):
+        models.create("vit", input_size=(32, 32), patch_size=5)
+    with pytest.raises(ValueError, match="depth must be a positive integer"):
+        models.create("vit", depth=0)
+    with pytest.raises(ValueError, match="each head holds whole quaternions"):
+        models.create("vit", "quaternion", dim=32, heads=16)
+
+
+def test_vit_learns_the_bundled_digits(tmp_path):
+    from quatnn.train import TrainConfig, train
+
+    options = {"patch_size": 7, "dim": 64, "depth": 2, "heads": 2, "mlp_dim": 128}
+    cfg = TrainConfig(model="vit", variant="quaternion", dataset="digits", options=options,
+                      epochs=4, batch_size=30, lr=1e-3, device="cpu")  # fmt: skip
+    summary = train(cfg, tmp_path / "run", progress="off")
+    assert summary["final_test_acc"] > 0.4  # chance is 0.1

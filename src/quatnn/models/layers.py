@@ -1,7 +1,8 @@
 """One factory per variant, so every architecture is written once for all variants.
 
 :class:`Layers` hands out the real (``torch.nn``) or quaternion (:mod:`quatnn.nn`) layer
-for a role: convolution, depthwise convolution, linear map, batch norm, max pooling.
+for a role: convolution, depthwise convolution, linear map, batch norm, max pooling, layer
+norm, dropout of tokens, Transformer encoder layer.
 Channel counts are real units in both cases, so the same architecture code gives the same
 tensor shapes for every variant.
 
@@ -21,7 +22,8 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from quatnn.nn import QConv2d, QLinear, QMaxPool2d
+from quatnn.nn import QConv2d, QDropout, QLayerNorm, QLinear, QMaxPool2d
+from quatnn.nn.attention import QTransformerEncoderLayer, TransformerEncoderLayer
 
 __all__ = ["NORMS", "VARIANTS", "Layers", "round_channels", "zero_norm_"]
 
@@ -107,6 +109,23 @@ class Layers:
         whole quaternions (a real max pool would mix components from different pixels)."""
         cls = QMaxPool2d if self.quaternion else nn.MaxPool2d
         return cls(kernel_size, stride, padding)
+
+    def layer_norm(self, features: int) -> nn.Module:
+        """``nn.LayerNorm`` or :class:`~quatnn.nn.QLayerNorm` over the last axis."""
+        return (QLayerNorm if self.quaternion else nn.LayerNorm)(features)
+
+    def dropout(self, p: float) -> nn.Module:
+        """``nn.Dropout``, or :class:`~quatnn.nn.QDropout` of whole quaternions on the last
+        (token feature) axis."""
+        return QDropout(p, dim=-1) if self.quaternion else nn.Dropout(p)
+
+    def encoder_layer(self, dim: int, heads: int, mlp_dim: int, dropout: float) -> nn.Module:
+        """A pre-norm Transformer encoder layer with GELU on batch-first tokens:
+        :class:`~quatnn.nn.attention.TransformerEncoderLayer` (torch's, with
+        ``nn.Linear`` projections) or its quaternion form
+        :class:`~quatnn.nn.attention.QTransformerEncoderLayer`."""
+        cls = QTransformerEncoderLayer if self.quaternion else TransformerEncoderLayer
+        return cls(dim, heads, mlp_dim, dropout, "gelu", batch_first=True, norm_first=True)
 
     def conv_norm_act(
         self,

@@ -23,6 +23,7 @@ from quatnn.models.layers import VARIANTS
 from quatnn.models.lenet import lenet_300_100
 from quatnn.models.mobilenet import mobilenet_v1, mobilenet_v2
 from quatnn.models.resnet import resnet
+from quatnn.models.vit import vit
 
 __all__ = ["ModelSpec", "create", "default_in_channels", "names", "spec"]
 
@@ -87,6 +88,8 @@ _REGISTRY: dict[str, tuple[ModelSpec, Callable[..., nn.Module]]] = dict(
                mobilenet_v1),
         _entry("mobilenet_v2", "image", _CIFAR, "MobileNet v2, inverted residuals, ReLU6",
                mobilenet_v2),
+        _entry("vit", "image", _CIFAR, "Vision Transformer, 4x4 patches, 6 layers, 192 wide",
+               vit),
     ]
 )  # fmt: skip
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from quatnn.models import registry
+from quatnn.nn.attention import MultiheadAttention
 from quatnn.nn.base import QuaternionLayer
 
 __all__ = ["count_macs", "count_parameters", "table"]
@@ -33,8 +34,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _layer_macs(module: nn.Module, x: Tensor, y: Tensor) -> int:
+def _layer_macs(module: nn.Module, x: Tensor, y: Tensor | tuple, key: Tensor | None) -> int:
     """Multiply-accumulates of one call for one sample (dim 0 is the batch)."""
+    if isinstance(module, MultiheadAttention):  # scores and mixing; projections are linear
+        seq = 1 if module.batch_first and x.dim() == 3 else 0
+        return 2 * x.shape[seq] * key.shape[seq] * module.embed_dim
     if hasattr(module, "in_features"):  # nn.Linear, QLinear: every output reads every input
         return y[0].numel() * module.in_features
     kernel = math.prod(module.kernel_size)
@@ -46,7 +50,10 @@ def _layer_macs(module: nn.Module, x: Tensor, y: Tensor) -> int:
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     """Multiply-accumulates of the linear and convolution layers for one sample of shape
     ``input_shape`` (no batch axis), measured with forward hooks on a batch of one, in eval
-    mode and without gradients. Norms, activations, pooling and additions are not counted.
+    mode and without gradients. Norms, activations, pooling and additions are not counted;
+    attention (:class:`~quatnn.nn.attention.MultiheadAttention` and its quaternion form)
+    counts its projections as linear layers and ``2 L S E`` for the scores and the mixing
+    of the values (``L`` queries, ``S`` keys, ``E`` real features).
 
     A quaternion layer counts what its ``"block"`` algorithm computes: the real layer of
     the same real sizes, i.e. 16 real MACs per quaternion weight use (``16 * O * I/g * k``
@@ -56,14 +63,15 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     """
     macs = 0
 
-    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    def hook(module: nn.Module, args: tuple[Tensor, ...], kwargs: dict, output: Tensor) -> None:
         nonlocal macs
-        macs += _layer_macs(module, inputs[0], output)
+        key = args[1] if len(args) > 1 else kwargs.get("key")  # attention's keys
+        macs += _layer_macs(module, args[0] if args else kwargs["query"], output, key)
 
     handles = [
-        m.register_forward_hook(hook)
+        m.register_forward_hook(hook, with_kwargs=True)
         for m in model.modules()
-        if isinstance(m, _REAL_LAYERS + (QuaternionLayer,))
+        if isinstance(m, _REAL_LAYERS + (QuaternionLayer, MultiheadAttention))
     ]
     modes = {m: m.training for m in model.modules()}
     reference = next(model.parameters(), None)
