@@ -1,6 +1,7 @@
 """CUDA path of the quaternion layers against the float64 CPU reference (the whitening's
-fused Triton kernels included, also as the synchronized norm's sweeps), and compiled batch
-norms against the eager ones (run on a GPU box).
+fused Triton kernels included, also as the synchronized norm's sweeps), compiled batch
+norms against the eager ones, and the quaternion Transformer encoder layer (CUDA attention
+kernels, autocast) against float64 on the CPU (run on a GPU box).
 
     PYTHONPATH=src python benchmarks/cuda_check.py
 
@@ -14,7 +15,14 @@ import torch
 
 from quatnn import algebra
 from quatnn import functional as QF
-from quatnn.nn import QBatchNorm1d, QBatchNorm2d, QConv2d, QLinear, sync_norm
+from quatnn.nn import (
+    QBatchNorm1d,
+    QBatchNorm2d,
+    QConv2d,
+    QLinear,
+    QTransformerEncoderLayer,
+    sync_norm,
+)
 from quatnn.nn.norm import _fused_norm
 
 assert torch.cuda.is_available(), "needs a CUDA device"
@@ -186,5 +194,23 @@ for mode in ("whiten", "variance"):
         results.append((yn, *torch.autograd.grad(yn, xg, dyn)))
     for name, g, w_ in zip(("output", "grad input"), results[1], results[0], strict=True):
         check(f"torch.compile QBatchNorm2d({mode}) {name}", g, w_.double().cpu(), 1e-5)
+# the quaternion encoder layer: CUDA attention kernels (no weights returned) and autocast
+torch.manual_seed(2)
+layer = QTransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True, dtype=torch.float64)
+xt, pad = torch.randn(8, 50, 64, dtype=torch.float64), torch.zeros(8, 50, dtype=torch.bool)
+pad[::2, 40:] = True
+dy = torch.randn(8, 50, 64, dtype=torch.float64)
+xt64 = xt.clone().requires_grad_()
+want = layer(xt64, src_key_padding_mask=pad)
+(want_grad,) = torch.autograd.grad(want, xt64, dy)
+cuda_layer = copy.deepcopy(layer).float().to(dev)
+xg = xt.float().to(dev).requires_grad_()
+got = cuda_layer(xg, src_key_padding_mask=pad.to(dev))
+(got_grad,) = torch.autograd.grad(got, xg, dy.float().to(dev))
+check("QTransformerEncoderLayer float32 output", got, want.detach(), 1e-5)
+check("QTransformerEncoderLayer float32 grad input", got_grad, want_grad, 1e-5)
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    got = cuda_layer(xt.float().to(dev), src_key_padding_mask=pad.to(dev))
+check(f"QTransformerEncoderLayer autocast bf16 (dtype {got.dtype})", got, want.detach(), 3e-2)
 print("failures:", failures)
 sys.exit(1 if failures else 0)

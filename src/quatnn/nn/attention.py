@@ -156,13 +156,14 @@ class MultiheadAttention(nn.Module):
         key_padding_mask: Tensor | None,
         is_causal: bool,
         shape: tuple[int, int, int],
-        dtype: torch.dtype,
+        like: Tensor,
     ) -> Tensor | None:
-        """One additive ``(N or 1, H or 1, L, S)`` mask from torch's masks (None if none)."""
+        """One additive ``(N or 1, H or 1, L, S)`` mask from torch's masks (None if none),
+        in the dtype of ``like``."""
         n, length, source = shape
         if is_causal and attn_mask is None and key_padding_mask is not None:
-            attn_mask = torch.ones(length, source, dtype=torch.bool).triu(1)
-        mask = _additive(attn_mask, "attn_mask", dtype)
+            attn_mask = torch.ones(length, source, dtype=torch.bool, device=like.device).triu(1)
+        mask = _additive(attn_mask, "attn_mask", like.dtype)
         if mask is not None:
             if mask.shape == (length, source):
                 mask = mask.view(1, 1, length, source)
@@ -173,7 +174,7 @@ class MultiheadAttention(nn.Module):
                     f"attn_mask must have shape (L, S) = {(length, source)} or (N*num_heads, "
                     f"L, S) = {(n * self.num_heads, length, source)}, got {tuple(mask.shape)}"
                 )
-        padding = _additive(key_padding_mask, "key_padding_mask", dtype)
+        padding = _additive(key_padding_mask, "key_padding_mask", like.dtype)
         if padding is not None:
             if padding.shape != (n, source):
                 raise ValueError(
@@ -182,7 +183,7 @@ class MultiheadAttention(nn.Module):
                 )
             padding = padding.view(n, 1, 1, source)
             mask = padding if mask is None else mask + padding
-        return None if mask is None else mask.to(device=self.q_proj.weight.device)
+        return mask
 
     def forward(
         self,
@@ -211,7 +212,7 @@ class MultiheadAttention(nn.Module):
         k = self._split_heads(self.k_proj(key))
         v = self._split_heads(self.v_proj(value))
         n, _, length, _ = q.shape
-        mask = self._mask(attn_mask, key_padding_mask, is_causal, (n, length, k.shape[2]), q.dtype)
+        mask = self._mask(attn_mask, key_padding_mask, is_causal, (n, length, k.shape[2]), q)
         p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
