@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything that needs a CUDA GPU, as one run of about 10 minutes (the README's CUDA rows):
 #     OUT=gpu-results bash benchmarks/gpu_session.sh
-# The CUDA paths of every layer against the float64 reference, the layer, norm and training
-# benchmarks (eager, compiled, and compiled with CUDA graphs), a one-GPU torchrun training
-# smoke run, and a training run under CUDA graphs. Each step has its own time limit and a
+# The CUDA paths of every layer (and the quaternion Transformer encoder layer) against the
+# float64 reference, the layer, norm and training benchmarks (Conv-6, ResNet-20, the ViT;
+# eager, compiled, and compiled with CUDA graphs), a one-GPU torchrun training smoke run,
+# and a training run under CUDA graphs. Each step has its own time limit and a
 # failing step does not stop the others. $OUT gets session.log (every step's output, with
 # its exit status) and the benchmark tables as CSV. `quatnn bench layers --linear ...
 # --conv ...` maps where rank8 starts to win (quatnn.functional.RANK8_RULES has a CUDA
@@ -13,7 +14,7 @@
 # ResNet-20 took about 100 s on an H200, hence its limit. The steps run most telling first
 # (the norms' Triton kernels, first compiled by Triton in cuda_check, are checked and
 # timed before anything else, then what their per-call NaN read-back costs ResNet-20);
-# their limits add up to 830 s, so under a 600 s limit on the whole script the last steps
+# their limits add up to 870 s, so under a 600 s limit on the whole script the last steps
 # (measured before, on code they still run) are the ones cut.
 # Conv-6 at batch 512 is bound by the GPU rather than the host: there rank8's halved
 # multiplies (forced) can show against cuDNN.
@@ -40,6 +41,8 @@ step bench_train_resnet20 60 python -m quatnn bench train --model resnet20 \
     --batch 128 --steps 100 --device cuda --out "$out/train_resnet20.csv"
 step norm_sync_cost 50 python benchmarks/norm_sync_cost.py --device cuda --steps 30
 step bench_train 50 python -m quatnn bench train --model conv6 --device cuda --out "$out/train.csv"
+step bench_train_vit 40 python -m quatnn bench train --model vit --steps 50 --device cuda \
+    --out "$out/train_vit.csv"
 step bench_train_b512 40 python -m quatnn bench train --model conv6 --batch 512 --steps 40 \
     --device cuda --out "$out/train_b512.csv"
 step bench_train_b512_rank8 40 python -m quatnn bench train --model conv6 --batch 512 \
