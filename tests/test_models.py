@@ -486,6 +486,8 @@ def test_vit_macs_by_hand():
 def test_vit_bad_options_are_named():
     with pytest.raises(ValueError, match="multiple of patch_size=5"):
         models.create("vit", input_size=(32, 32), patch_size=5)
+    with pytest.raises(ValueError, match="dim must be a multiple of 4"):
+        models.create("vit", "real3", dim=30, heads=3)
     with pytest.raises(ValueError, match="depth must be a positive integer"):
         models.create("vit", depth=0)
     with pytest.raises(ValueError, match="each head holds whole quaternions"):

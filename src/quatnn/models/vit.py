@@ -5,10 +5,9 @@ quaternion one in the quaternion variant: each patch's RGB + gray pixels are qua
 the fixed 2-d sine-cosine position embedding is added, ``depth`` pre-norm encoder layers
 (multi-head self-attention, GELU feed-forward) follow, and the tokens are averaged after a
 final layer norm for the real ``head``: the "simple ViT" of Beyer, Zhai & Kolesnikov
-(2022, "Better plain ViT baselines for ImageNet-1k"), which trains well without huge data.
-With its unit amplitude, every token knows its place from the first step (a learned
-embedding initialized small, as in the original ViT, left a few hundred steps on the
-bundled digits at chance). The quaternion variant uses
+(2022, "Better plain ViT baselines for ImageNet-1k"), their choices for a ViT trained on
+ImageNet-1k alone. The position embedding has no parameters, so the quaternion model
+keeps about a quarter of the real one's. The quaternion variant uses
 :class:`~quatnn.nn.QTransformerEncoderLayer`, :class:`~quatnn.nn.QLayerNorm` and whole-
 quaternion dropout; the real ones use torch's encoder layer with ``nn.Linear``
 projections, so both prune and count the same layers. In the blocked layout the position
@@ -103,13 +102,15 @@ def vit(
     dropout: float = 0.0,
     quaternion_first: bool = True,
 ) -> VisionTransformer:
-    """The Vision Transformer of the module docstring, widths in real units (the
-    quaternion variant needs ``dim / heads`` and ``mlp_dim`` divisible by 4); the image
-    sides must be multiples of ``patch_size``."""
+    """The Vision Transformer of the module docstring, widths in real units: ``dim``
+    divisible by 4 (and by ``4 heads`` in the quaternion variant, ``mlp_dim`` too); the
+    image sides must be multiples of ``patch_size``."""
     for name, value in (("patch_size", patch_size), ("dim", dim), ("depth", depth),
                         ("heads", heads), ("mlp_dim", mlp_dim)):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"vit: {name} must be a positive integer, got {value!r}")
+    if dim % 4:
+        raise ValueError(f"vit: dim must be a multiple of 4 (4 sine-cosine blocks), got {dim}")
     if any(side % patch_size for side in input_size):
         raise ValueError(
             f"vit: input_size {tuple(input_size)} must be a multiple of patch_size={patch_size} "
