@@ -213,6 +213,36 @@ def test_attention_parameters_and_dropout():
     assert (w > 0).all() and torch.allclose(w.sum(-1), torch.ones(1, 64))
 
 
+@pytest.mark.parametrize("kdim", [None, 64])
+def test_real_attention_init_is_torch_and_reset_parameters_repeats_it(kdim):
+    """torch's init: Glorot-uniform q/k/v with the bound of its one (3E, E) in_proj_weight
+    when kdim = vdim = E (separate matrices otherwise), zero biases. Each projection's
+    reset_parameters (what the lottery's reinit control calls on every module) gives the
+    same init again, not nn.Linear's."""
+    torch.manual_seed(0)
+    e = 256
+    att = MultiheadAttention(e, 4, kdim=kdim, vdim=kdim)
+    ref = nn.MultiheadAttention(e, 4, kdim=kdim, vdim=kdim)
+    if kdim is None:
+        bounds = dict.fromkeys("qkv", (6 / (e + 3 * e)) ** 0.5)
+        assert ref.in_proj_weight.abs().max() <= bounds["q"]
+    else:
+        bounds = {"q": (6 / (2 * e)) ** 0.5, "k": (6 / (e + kdim)) ** 0.5}
+        bounds["v"] = bounds["k"]
+    for reset in (False, True):
+        if reset:
+            for module in att.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        for n, bound in bounds.items():
+            w = getattr(att, f"{n}_proj").weight.abs().max().item()
+            assert 0.97 * bound < w <= bound, (n, reset)
+        for n in ("q", "k", "v", "out"):
+            assert not getattr(att, f"{n}_proj").bias.any(), (n, reset)
+        bound = e**-0.5  # out_proj: nn.Linear's weight init, as torch's
+        assert 0.97 * bound < att.out_proj.weight.abs().max().item() <= bound
+
+
 def test_attention_bad_input_is_named():
     with pytest.raises(ValueError, match="embed_dim must be a positive multiple of 4"):
         QMultiheadAttention(18, 2)
@@ -224,6 +254,8 @@ def test_attention_bad_input_is_named():
         MultiheadAttention(16, 3)
     with pytest.raises(ValueError, match="dropout must be in"):
         MultiheadAttention(16, 2, dropout=1.5)
+    with pytest.raises(TypeError):  # torch's order: add_bias_kv, add_zero_attn, kdim, ...
+        QMultiheadAttention(16, 2, 0.0, True, False, False, 12)
     att = QMultiheadAttention(16, 2, batch_first=True)
     x = torch.randn(2, 5, 16)
     with pytest.raises(ValueError, match="query has 12 features, expected 16"):
@@ -310,6 +342,26 @@ def test_quaternion_encoder_stack_gradcheck_and_size():
     real = count(nn.TransformerEncoderLayer(64, 4, 128))
     quaternion = count(QTransformerEncoderLayer(64, 4, 128))
     assert 0.25 < quaternion / real < 0.3  # weights quartered; biases and norms are not
+
+
+@pytest.mark.parametrize("cls", [TransformerEncoderLayer, QTransformerEncoderLayer])
+def test_encoder_layer_bias_false_drops_the_norm_biases_too(cls):
+    """torch's bias=False takes the bias out of the layer norms as well as the linear maps."""
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, bias=False, dtype=torch.float64)
+    layer = cls(16, 2, 32, dropout=0.0, bias=False, dtype=torch.float64).eval()
+    assert [n for n, _ in ref.named_parameters() if n.endswith("bias")] == []
+    assert [n for n, _ in layer.named_parameters() if n.endswith("bias")] == []
+    if cls is TransformerEncoderLayer:  # and torch's state dict, projections joined, fits
+        state = {k: v for k, v in layer.state_dict().items() if "_proj" not in k}
+        attention = layer.self_attn
+        state["self_attn.in_proj_weight"] = torch.cat(
+            [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]
+        )
+        state["self_attn.out_proj.weight"] = attention.out_proj.weight
+        ref.load_state_dict(state)  # strict
+        x = torch.randn(5, 3, 16, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), ref.eval()(x))
 
 
 @pytest.mark.parametrize("need_weights", [False, True])

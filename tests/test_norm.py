@@ -814,6 +814,21 @@ def test_layer_norm_equivariant_to_unit_quaternion():
     torch.testing.assert_close(ln(rotate(x)), rotate(ln(x)))
 
 
+def test_layer_norm_without_bias():
+    """bias=False (nn.LayerNorm's argument, in its place): gamma only, no beta."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64) * 2 + 1
+    ln = QLayerNorm(16, 1e-5, True, False, dtype=torch.float64)
+    assert ln.bias is None and [n for n, _ in ln.named_parameters()] == ["weight"]
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 2)
+    plain = QLayerNorm(16, elementwise_affine=False).double()
+    torch.testing.assert_close(ln(x), (plain(x).unflatten(-1, (4, 4)) * ln.weight).flatten(-2))
+    ln.reset_parameters()
+    assert torch.equal(ln.weight, torch.ones(4, dtype=torch.float64))
+    assert "bias=False" in repr(ln)
+
+
 def test_layer_norm_empty_input_is_silent():
     for shape in ((0, 8), (2, 0, 8)):
         x = torch.randn(shape, requires_grad=True)

@@ -118,6 +118,7 @@ def _unsupported(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         known = (
             _plain(module, QLinear)
+            or _plain(module, nn.Linear)  # e.g. the real attention's projections
             or _plain_conv(module)
             or _plain(module, _QBatchNorm)
             or isinstance(module, _DROPOUTS + _KEPT + tuple(_ADAPTIVE))

@@ -63,11 +63,41 @@ def _additive(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | No
     return mask.to(dtype)
 
 
+class _InProjection(nn.Linear):
+    """A query, key or value projection with torch's init, also from ``reset_parameters``:
+    Glorot-uniform weight, counted as one of ``stack`` stacked matrices (torch holds q, k
+    and v in one ``(3E, E)`` ``in_proj_weight`` when they share the embedding size), zero
+    bias."""
+
+    def __init__(self, in_features: int, out_features: int, stack: int = 1, **kw: object):
+        self.stack = stack
+        super().__init__(in_features, out_features, **kw)
+
+    def reset_parameters(self) -> None:
+        fan_out, fan_in = self.weight.shape
+        bound = math.sqrt(6.0 / (fan_in + self.stack * fan_out))
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class _OutProjection(nn.Linear):
+    """The output projection with torch's init, also from ``reset_parameters``:
+    ``nn.Linear``'s weight, zero bias."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 class MultiheadAttention(nn.Module):
     """``torch.nn.MultiheadAttention`` with separate ``nn.Linear`` projections ``q_proj``,
     ``k_proj``, ``v_proj`` and ``out_proj``: the real counterpart of
     :class:`QMultiheadAttention` (same arguments and outputs as torch's for the same
-    weights; no ``add_bias_kv``/``add_zero_attn``).
+    weights; no ``add_bias_kv``/``add_zero_attn``, so the arguments after ``bias`` are
+    keyword-only: a positional call written for torch's order fails instead of misplacing
+    them).
 
     Example:
         >>> attention = MultiheadAttention(8, num_heads=2)
@@ -82,6 +112,7 @@ class MultiheadAttention(nn.Module):
         num_heads: int,
         dropout: float = 0.0,
         bias: bool = True,
+        *,
         batch_first: bool = False,
         kdim: int | None = None,
         vdim: int | None = None,
@@ -102,22 +133,19 @@ class MultiheadAttention(nn.Module):
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
         self.head_dim = embed_dim // num_heads
         kw = {"bias": bias, "device": device, "dtype": dtype}
-        self.q_proj = self._projection(embed_dim, embed_dim, **kw)
-        self.k_proj = self._projection(self.kdim, embed_dim, **kw)
-        self.v_proj = self._projection(self.vdim, embed_dim, **kw)
-        self.out_proj = self._projection(embed_dim, embed_dim, **kw)
-        self._reset_projections()
+        stack = 3 if self.kdim == self.vdim == embed_dim else 1  # torch's in_proj_weight
+        self.q_proj = self._projection(embed_dim, embed_dim, stack, **kw)
+        self.k_proj = self._projection(self.kdim, embed_dim, stack, **kw)
+        self.v_proj = self._projection(self.vdim, embed_dim, stack, **kw)
+        self.out_proj = self._projection(embed_dim, embed_dim, None, **kw)
 
-    def _projection(self, n_in: int, n_out: int, **kw: object) -> nn.Module:
-        return nn.Linear(n_in, n_out, **kw)
-
-    def _reset_projections(self) -> None:
-        """torch's init: Glorot-uniform input projections, zero biases."""
-        for proj in (self.q_proj, self.k_proj, self.v_proj):
-            nn.init.xavier_uniform_(proj.weight)
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+    def _projection(self, n_in: int, n_out: int, stack: int | None, **kw: object) -> nn.Module:
+        """An input projection (``stack``: how many torch stacks in one matrix) or, for
+        ``stack=None``, the output projection; each initializes as torch's (and again
+        from its ``reset_parameters``)."""
+        if stack is None:
+            return _OutProjection(n_in, n_out, **kw)
+        return _InProjection(n_in, n_out, stack, **kw)
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """``(N, L, E)`` -> ``(N, H, L, E/H)``."""
@@ -267,6 +295,7 @@ class QMultiheadAttention(MultiheadAttention):
         num_heads: int,
         dropout: float = 0.0,
         bias: bool = True,
+        *,
         batch_first: bool = False,
         kdim: int | None = None,
         vdim: int | None = None,
@@ -285,14 +314,20 @@ class QMultiheadAttention(MultiheadAttention):
             )
         self._options = {"algorithm": algorithm, "init_criterion": init_criterion}
         super().__init__(
-            embed_dim, num_heads, dropout, bias, batch_first, kdim, vdim, device, dtype
+            embed_dim,
+            num_heads,
+            dropout,
+            bias,
+            batch_first=batch_first,
+            kdim=kdim,
+            vdim=vdim,
+            device=device,
+            dtype=dtype,
         )
 
-    def _projection(self, n_in: int, n_out: int, **kw: object) -> nn.Module:
+    def _projection(self, n_in: int, n_out: int, stack: int | None, **kw: object) -> nn.Module:
+        """A :class:`QLinear`: its polar init, zero bias."""
         return QLinear(n_in, n_out, **kw, **self._options)
-
-    def _reset_projections(self) -> None:
-        """Each projection's polar init (:class:`QLinear`), zero biases."""
 
     def _split_heads(self, x: Tensor) -> Tensor:
         """Blocked ``(N, L, 4C)`` -> ``(N, H, L, 4C/H)``, each head blocked: its C/H
@@ -355,8 +390,8 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout = self._dropout(dropout)
         self.linear2 = self._linear(dim_feedforward, d_model, bias=bias, **kw)
         self.norm_first = norm_first
-        self.norm1 = self._norm(d_model, eps=layer_norm_eps, **kw)
-        self.norm2 = self._norm(d_model, eps=layer_norm_eps, **kw)
+        self.norm1 = self._norm(d_model, eps=layer_norm_eps, bias=bias, **kw)  # as torch
+        self.norm2 = self._norm(d_model, eps=layer_norm_eps, bias=bias, **kw)
         self.dropout1 = self._dropout(dropout)
         self.dropout2 = self._dropout(dropout)
         self.activation = activation

@@ -1083,7 +1083,8 @@ class QLayerNorm(nn.Module):
     For every token: ``mu`` is the mean quaternion of its ``C`` quaternions,
     ``sigma^2 = mean_c |q_c - mu|^2`` and ``y_c = gamma_c (q_c - mu)/sqrt(sigma^2 + eps) +
     beta_c`` with a real ``gamma`` (``weight``, shape ``(C,)``, init 1) and a quaternion
-    ``beta`` (``bias``, blocked ``(4C,)``, init 0).
+    ``beta`` (``bias``, blocked ``(4C,)``, init 0). As in ``nn.LayerNorm``,
+    ``elementwise_affine=False`` drops both and ``bias=False`` drops ``beta`` only.
 
     Example:
         >>> import torch
@@ -1098,6 +1099,7 @@ class QLayerNorm(nn.Module):
         normalized_shape: int | Sequence[int],
         eps: float = 1e-5,
         elementwise_affine: bool = True,
+        bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -1119,7 +1121,10 @@ class QLayerNorm(nn.Module):
         kw = {"device": device, "dtype": dtype}
         if elementwise_affine:
             self.weight = nn.Parameter(torch.ones(self.num_quaternions, **kw))
-            self.bias = nn.Parameter(torch.zeros(shape[0], **kw))
+            if bias:
+                self.bias = nn.Parameter(torch.zeros(shape[0], **kw))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -1128,12 +1133,12 @@ class QLayerNorm(nn.Module):
         if self.elementwise_affine:
             with torch.no_grad():
                 self.weight.fill_(1.0)
-                self.bias.zero_()
+                if self.bias is not None:
+                    self.bias.zero_()
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
-        )
+        s = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        return s if self.bias is not None or self.weight is None else s + ", bias=False"
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 1 or x.shape[-1] != self.normalized_shape[0]:
