@@ -444,6 +444,35 @@ def test_standard_augmentation_steps(tmp_path):
         for name in ("digits", "digits-color")
     }
     assert paddings == {"digits": 2, "digits-color": 4}
+    modes = {
+        name: next(
+            t.padding_mode
+            for t in data.load(name, tmp_path, train=True).transform.transforms
+            if isinstance(t, T.RandomCrop)
+        )
+        for name in ("digits", "digits-color")
+    }
+    assert modes == {"digits": "constant", "digits-color": "edge"}
+
+
+def test_digits_color_crops_pad_with_the_background_not_black(tmp_path):
+    """Each augmented digits-color image is a 32x32 window of the plain one padded by
+    repeating its edge (its background colour); zeros would frame it in black."""
+    plain = data.load("digits-color", tmp_path, train=True, augment=False)
+    augmented = data.load("digits-color", tmp_path, train=True, augment=True)
+    black = (0 - torch.tensor(plain.transform.transforms[-2].mean)) / torch.tensor(
+        plain.transform.transforms[-2].std
+    )
+    shifted = 0
+    for i in range(12):
+        x, a = plain[i][0], augmented[i][0]
+        padded = F.pad(x.unsqueeze(0), (4, 4, 4, 4), mode="replicate")[0]
+        windows = [(dy, dx) for dy in range(9) for dx in range(9)
+                   if torch.allclose(padded[:, dy:dy + 32, dx:dx + 32], a)]  # fmt: skip
+        assert windows, i
+        shifted += windows != [(4, 4)]
+        assert not torch.isclose(a, black.view(3, 1, 1)).all(0).any(), i  # no black pixel
+    assert shifted >= 8  # the crops do move
 
 
 # ---------------------------------------------------------------- missing data

@@ -127,7 +127,7 @@ def _transform(
     if not s.bundled:
         steps.append(T.ToTensor())
     if train if augment is None else augment:
-        steps.append(T.RandomCrop(image_size, padding=s.padding))
+        steps.append(T.RandomCrop(image_size, padding=s.padding, padding_mode=s.padding_mode))
         if s.flip:
             steps.append(T.RandomHorizontalFlip())
     return T.Compose([*steps, T.Normalize(*_normalization(name)), encode])
@@ -207,7 +207,9 @@ def load(
     Standard train augmentation (no flips for digits, whose mirror images are not digits):
 
     - mnist, fashion-mnist, digits: RandomCrop(28, padding=2)
-    - svhn, digits-color: RandomCrop(32, padding=4)
+    - svhn: RandomCrop(32, padding=4)
+    - digits-color: RandomCrop(32, padding=4, padding_mode="edge") (the edge is the
+      image's background colour; zeros would frame it in black)
     - cifar10, cifar100: RandomCrop(32, padding=4), RandomHorizontalFlip
     - imagefolder: RandomCrop(image_size, padding=4), RandomHorizontalFlip
 

@@ -46,6 +46,7 @@ class _Spec:
     mean: tuple[float, ...] = ()  # published per-channel constants; bundled: computed
     std: tuple[float, ...] = ()
     padding: int = 0  # RandomCrop padding of the standard train augmentation
+    padding_mode: str = "constant"  # its fill: zeros, or "edge" where the border is background
     flip: bool = False  # RandomHorizontalFlip in the standard train augmentation
 
 
@@ -53,7 +54,7 @@ _GRAY28 = {"channels": 1, "image_size": (28, 28), "padding": 2}
 _RGB32 = {"channels": 3, "image_size": (32, 32), "padding": 4}
 _SPECS: dict[str, _Spec] = {
     "digits": _Spec(10, bundled=True, **_GRAY28),
-    "digits-color": _Spec(10, bundled=True, **_RGB32),
+    "digits-color": _Spec(10, bundled=True, padding_mode="edge", **_RGB32),
     "mnist": _Spec(10, mean=(0.1307,), std=(0.3081,), **_GRAY28),
     "fashion-mnist": _Spec(10, mean=(0.2860,), std=(0.3530,), **_GRAY28),
     "cifar10": _Spec(
