@@ -435,24 +435,15 @@ def test_standard_augmentation_steps(tmp_path):
     digits = steps("digits", train=True)
     assert T.RandomCrop in digits and T.RandomHorizontalFlip not in digits
     assert T.RandomHorizontalFlip not in steps("digits-color", train=True)
-    paddings = {
+    crops = {
         name: next(
-            t.padding
+            (t.padding, t.padding_mode)
             for t in data.load(name, tmp_path, train=True).transform.transforms
             if isinstance(t, T.RandomCrop)
         )
         for name in ("digits", "digits-color")
     }
-    assert paddings == {"digits": 2, "digits-color": 4}
-    modes = {
-        name: next(
-            t.padding_mode
-            for t in data.load(name, tmp_path, train=True).transform.transforms
-            if isinstance(t, T.RandomCrop)
-        )
-        for name in ("digits", "digits-color")
-    }
-    assert modes == {"digits": "constant", "digits-color": "edge"}
+    assert crops == {"digits": (2, "constant"), "digits-color": (4, "edge")}
 
 
 def test_digits_color_crops_pad_with_the_background_not_black(tmp_path):
