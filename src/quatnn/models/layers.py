@@ -25,7 +25,7 @@ from torch import nn
 from quatnn.nn import QConv2d, QDropout, QLayerNorm, QLinear, QMaxPool2d
 from quatnn.nn.attention import QTransformerEncoderLayer, TransformerEncoderLayer
 
-__all__ = ["NORMS", "VARIANTS", "Layers", "round_channels", "zero_norm_"]
+__all__ = ["NORMS", "VARIANTS", "Layers", "check_positive", "round_channels", "zero_norm_"]
 
 VARIANTS = ("real3", "real4", "real", "quaternion")
 """Model variants: real layers reading 3, 4 or 1 input channels, and quaternion layers."""
@@ -146,6 +146,12 @@ class Layers:
         if activation is not None:
             layers.append(activation())
         return nn.Sequential(*layers)
+
+
+def check_positive(value: object, what: str) -> None:
+    """ValueError naming ``what`` unless ``value`` is a positive int (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
 
 
 def round_channels(channels: float, divisor: int = 8) -> int:

@@ -19,7 +19,7 @@ from functools import partial
 from torch import nn
 
 from quatnn.models.convnets import convnet
-from quatnn.models.layers import VARIANTS
+from quatnn.models.layers import VARIANTS, check_positive
 from quatnn.models.lenet import lenet_300_100
 from quatnn.models.mobilenet import mobilenet_v1, mobilenet_v2
 from quatnn.models.resnet import resnet
@@ -129,11 +129,6 @@ def _check_variant(variant: str) -> None:
         raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
 
 
-def _positive(value: object, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
-
-
 def create(
     name: str,
     variant: str = "quaternion",
@@ -161,13 +156,13 @@ def create(
     _check_variant(variant)
     if in_channels is None:
         in_channels = default_in_channels(name, variant)
-    _positive(num_classes, "num_classes")
-    _positive(in_channels, "in_channels")
+    check_positive(num_classes, "num_classes")
+    check_positive(in_channels, "in_channels")
     size = tuple(model_spec.default_input_size if input_size is None else input_size)
     if len(size) != 2:
         raise ValueError(f"input_size must be (H, W), got {input_size!r}")
     for side in size:
-        _positive(side, "input_size")
+        check_positive(side, "input_size")
     unknown = sorted(set(options) - set(model_spec.options))
     if unknown:
         raise TypeError(

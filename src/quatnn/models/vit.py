@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from quatnn.models.layers import Layers
+from quatnn.models.layers import Layers, check_positive
 
 __all__ = ["VisionTransformer", "sincos_position_embedding", "vit"]
 
@@ -107,8 +107,7 @@ def vit(
     image sides must be multiples of ``patch_size``."""
     for name, value in (("patch_size", patch_size), ("dim", dim), ("depth", depth),
                         ("heads", heads), ("mlp_dim", mlp_dim)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"vit: {name} must be a positive integer, got {value!r}")
+        check_positive(value, f"vit: {name}")
     if dim % 4:
         raise ValueError(f"vit: dim must be a multiple of 4 (4 sine-cosine blocks), got {dim}")
     if any(side % patch_size for side in input_size):

@@ -182,14 +182,14 @@ class MultiheadAttention(nn.Module):
         self,
         attn_mask: Tensor | None,
         key_padding_mask: Tensor | None,
-        is_causal: bool,
+        causal: bool,
         shape: tuple[int, int, int],
         like: Tensor,
     ) -> Tensor | None:
         """One additive ``(N or 1, H or 1, L, S)`` mask from torch's masks (None if none),
-        in the dtype of ``like``."""
+        in the dtype of ``like``; ``causal``: the causal mask where ``attn_mask`` is None."""
         n, length, source = shape
-        if is_causal and attn_mask is None and key_padding_mask is not None:
+        if causal and attn_mask is None:
             attn_mask = torch.ones(length, source, dtype=torch.bool, device=like.device).triu(1)
         mask = _additive(attn_mask, "attn_mask", like.dtype)
         if mask is not None:
@@ -240,16 +240,17 @@ class MultiheadAttention(nn.Module):
         k = self._split_heads(self.k_proj(key))
         v = self._split_heads(self.v_proj(value))
         n, _, length, _ = q.shape
-        mask = self._mask(attn_mask, key_padding_mask, is_causal, (n, length, k.shape[2]), q)
+        # the fused kernel applies a causal mask alone itself; anything else gets one mask
+        fused_causal = is_causal and attn_mask is None and key_padding_mask is None
+        fused_causal = fused_causal and not need_weights
+        causal = is_causal and not fused_causal
+        mask = self._mask(attn_mask, key_padding_mask, causal, (n, length, k.shape[2]), q)
         p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
             scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
             if mask is not None:
                 scores = scores + mask
-            elif is_causal:
-                causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device)
-                scores = scores.masked_fill(causal.triu(1), float("-inf"))
             weights = F.dropout(scores.softmax(-1), p)
             y = weights @ v
             if average_attn_weights:
@@ -257,8 +258,7 @@ class MultiheadAttention(nn.Module):
             if not batched:
                 weights = weights.squeeze(0)
         else:
-            causal = is_causal and mask is None
-            y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p=p, is_causal=causal)
+            y = F.scaled_dot_product_attention(q, k, v, mask, dropout_p=p, is_causal=fused_causal)
         out = self.out_proj(self._merge_heads(y))
         if not batched:
             out = out.squeeze(0)
