@@ -178,6 +178,37 @@ def test_digits_split_sizes_disjoint_deterministic_balanced():
     assert type(label) is int
 
 
+@pytest.mark.parametrize("fraction", [0.1, 0.25])
+def test_validation_split_holds_out_the_same_unaugmented_images_of_every_class(fraction):
+    train = data.load("digits-color", train=True)  # augmented: random crops
+    plain = data.load("digits-color", train=True, augment=False)
+    torch.manual_seed(1)
+    np.random.seed(1)
+    rest, val = data.validation_split(train, plain, fraction)
+    torch.manual_seed(2)  # the split ignores the global generators: the same for any seed
+    np.random.seed(2)
+    rest_again, val_again = data.validation_split(train, plain, fraction)
+    assert val.indices == val_again.indices and rest.indices == rest_again.indices
+    assert rest.dataset is train and val.dataset is plain
+    assert not set(rest.indices) & set(val.indices)
+    assert sorted(rest.indices + val.indices) == list(range(len(train)))
+    labels = np.array(train.targets)
+    held = np.bincount(labels[val.indices], minlength=10)
+    assert held.tolist() == [round(fraction * n) for n in np.bincount(labels, minlength=10)]
+    for i in (0, len(val) - 1):  # validation images are the test-time (uncropped) ones
+        image, label = val[i]
+        assert torch.equal(image, plain[val.indices[i]][0]) and label == labels[val.indices[i]]
+    cropped = [not torch.equal(train[j][0], plain[j][0]) for j in val.indices[:20]]
+    assert any(cropped)  # (so the comparison above could fail)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 0.003, 0.997])  # 0.003 * 146 < 0.5
+def test_validation_split_refuses_an_empty_part(fraction):
+    train = data.load("digits", train=True)
+    with pytest.raises(ValueError, match="validation fraction"):
+        data.validation_split(train, train, fraction)
+
+
 def test_digits_normalized_and_learnable():
     train_x, train_y = _stack(data.load("digits", train=True, augment=False))
     test_x, test_y = _stack(data.load("digits", train=False))

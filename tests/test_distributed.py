@@ -33,11 +33,12 @@ from quatnn.nn.sync_norm import QSyncBatchNorm, convert_sync_batchnorm
 from quatnn.train import distributed, runner
 from quatnn.train.seeding import EpochSampler
 
-# Epoch 1 is 24 steps of 60 (the last has 58 samples, 29 per process), then 6 steps of
-# epoch 2 (a new shuffle): the sampler, the epoch boundary and sharded evaluation (359
-# test images: 179 + 180) all take part.
-RUN = ["--epochs", "2", "--max-steps", "30", "--progress", "off"]
-CFG = train.TrainConfig(epochs=2, max_steps=30, device="cpu")
+# A tenth of the 1438 training images is held out for validation (143). Epoch 1 is 22
+# steps of 60 on the other 1295 (the last has 35 samples: 17 and 18 per process), then 8
+# steps of epoch 2 (a new shuffle): the sampler, the epoch boundary and sharded
+# evaluation (143 validation images: 71 + 72; 359 test images: 179 + 180) all take part.
+RUN = ["--epochs", "2", "--max-steps", "30", "--val-split", "0.1", "--progress", "off"]
+CFG = train.TrainConfig(epochs=2, max_steps=30, val_split=0.1, device="cpu")
 RUN_FILES = {
     "config.toml",
     "metrics.jsonl",
@@ -178,19 +179,20 @@ def test_shards_of_each_global_batch_are_the_single_process_batch():
 
 def test_each_process_loads_its_share_of_the_run():
     cfg = runner.resolve(CFG)
-    info, train_set, test_set = runner._datasets(cfg, download=False)
+    sets = runner._datasets(cfg, download=False)
     cpu = torch.device("cpu")
-    whole = runner._loaders(cfg, info, train_set, test_set, cpu, distributed.Context())
-    share = runner._loaders(cfg, info, train_set, test_set, cpu, distributed.Context(1, 2))
+    whole = runner._loaders(cfg, *sets, cpu, distributed.Context())
+    share = runner._loaders(cfg, *sets, cpu, distributed.Context(1, 2))
     for loader in (*whole, *share):
         for sampler in (loader.sampler, loader.batch_sampler):
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(1)
     (x, y), (xr, yr) = next(iter(whole[0])), next(iter(share[0]))
-    assert len(share[0]) == len(whole[0]) == 24 and len(yr) == 30
+    assert len(share[0]) == len(whole[0]) == 22 and len(yr) == 30
     assert torch.equal(xr, x[30:]) and torch.equal(yr, y[30:])  # augmentation included
-    test_y = torch.cat([y for _, y in whole[1]])
-    assert torch.equal(torch.cat([y for _, y in share[1]]), test_y[179:])
+    for evaluation, first in ((1, 179), (2, 71)):  # the test and validation sets
+        labels = torch.cat([y for _, y in whole[evaluation]])
+        assert torch.equal(torch.cat([y for _, y in share[evaluation]]), labels[first:])
 
 
 def test_loss_weights_make_the_mean_of_process_gradients_the_global_gradient():

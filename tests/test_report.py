@@ -13,7 +13,8 @@ import pytest
 
 from quatnn import cli, report
 from quatnn.report.lottery import level_table
-from quatnn.report.table import IGNORED_KEYS, summarize
+from quatnn.report.plots import plot_curves
+from quatnn.report.table import IGNORED_KEYS, group_runs, summarize
 
 # variant -> seed -> test accuracy per epoch; samples/s is 1000 * (epoch + seed) for real.
 ACCURACY = {
@@ -30,6 +31,7 @@ def _write_run(
     accuracies: list[float],
     finished: bool = True,
     model: str = "conv2",
+    val_accuracies: list[float] | None = None,
     **config: object,
 ) -> Path:
     folder.mkdir(parents=True)
@@ -49,6 +51,8 @@ def _write_run(
         }
         for e, a in enumerate(accuracies, 1)
     ]
+    for row, val in zip(rows, val_accuracies, strict=True) if val_accuracies else ():
+        row |= {"val_loss": 1.0, "val_acc": val}
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if finished:
         summary = {"params": PARAMS.get(variant, 2_000), "device": "cpu (2 threads)"}
@@ -81,6 +85,24 @@ def test_table_numbers_come_from_the_metrics(comparison):
         assert (row["runs"], row["epochs"], row["params"]) == (2, 3, PARAMS[variant])
     assert rows["quaternion"]["ratio"] == pytest.approx(0.25)
     assert rows["real4"]["reference"] == "real4"
+
+
+def test_the_best_epoch_of_runs_with_a_validation_set_is_chosen_on_it(tmp_path):
+    # seed 0: best validation at epoch 3 (test 0.70), seed 1: at epoch 1 (test 0.60)
+    for seed, val in ((0, [0.5, 0.6, 0.9]), (1, [0.8, 0.8, 0.7])):
+        _write_run(tmp_path / f"real4-s{seed}", "real4", seed, ACCURACY["real4"][seed],
+                   val_accuracies=val, val_split=0.1)  # fmt: skip
+    (row,) = summarize(report.find_runs([tmp_path]))
+    assert row["best_acc"] == pytest.approx(statistics.mean([0.70, 0.60]))
+    assert row["final_acc"] == pytest.approx(statistics.mean([0.70, 0.85]))
+    report.write_report([tmp_path])
+    assert "highest validation accuracy" in (tmp_path / "report.md").read_text()
+    groups = group_runs(report.find_runs([tmp_path]))
+    figure = plot_curves(groups, "acc", tmp_path / "acc.png", percent=True)
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    validation = lines["real4 validation"].get_ydata()  # the mean over seeds, per epoch
+    assert validation == pytest.approx([65.0, 70.0, 80.0])
+    assert lines["real4 test (n=2)"].get_ydata() == pytest.approx([55.0, 85.0, 77.5])
 
 
 def test_report_files_and_table(comparison, capsys):

@@ -394,6 +394,8 @@ def test_seeded_dataset_augments_each_epoch_anew_and_reproducibly():
         ({"momentum": 1.0}, "momentum must be in"),  # [0, 1): 1 never decays
         ({"eval_batch_size": 0}, "eval_batch_size must be at least 1"),
         ({"max_steps": -1}, "max_steps must be >= 0"),
+        ({"val_split": 1.0}, "val_split must be in"),  # nothing left to train on
+        ({"val_split": -0.1}, "val_split must be in"),
     ],
 )
 def test_config_validation_ranges(values, message):
@@ -474,9 +476,21 @@ def test_summary_fields_follow_the_history():
     s = runner._summary(TrainConfig(), trainer, torch.device("cpu"), 1)
     assert s["final_train_acc"] == 0.80 and s["final_test_acc"] == 0.85
     assert (s["best_test_acc"], s["best_epoch"]) == (0.90, 2)
+    assert "best_val_acc" not in s  # no validation set
     assert s["total_seconds"] == pytest.approx(9.5 + 2.25 + 4.25)  # training and evaluation
     assert s["seconds_per_epoch"] == pytest.approx(3.0)  # epochs after the warm-up one
     assert s["samples_per_second"] == pytest.approx(300.0)
+
+
+def test_with_a_validation_set_the_best_epoch_is_that_of_the_best_validation_accuracy():
+    rows = [
+        {**row, "val_loss": 1.0, "val_acc": val}
+        for row, val in zip(ROWS, (0.5, 0.7, 0.8), strict=True)
+    ]
+    trainer = types.SimpleNamespace(history=rows, step=30, model=nn.Linear(3, 2), amp_dtype=None)
+    s = runner._summary(TrainConfig(), trainer, torch.device("cpu"), 1)
+    assert (s["best_epoch"], s["best_val_acc"], s["best_test_acc"]) == (3, 0.8, 0.85)
+    assert s["final_test_acc"] == 0.85
 
 
 class _Quiet:
@@ -484,24 +498,84 @@ class _Quiet:
         pass
 
 
-def test_best_pt_holds_the_first_epoch_of_the_best_accuracy(tmp_path):
-    """best.pt and summary's best_epoch name the same epoch when accuracies tie."""
+@pytest.mark.parametrize(
+    ("test_accs", "val_accs", "best_epoch"),
+    [
+        ((0.5, 0.7, 0.7), None, 2),  # ties: the first
+        ((0.5, 0.7, 0.6), (0.5, 0.6, 0.6), 2),  # validation ties: the first
+        ((0.5, 0.9, 0.6), (0.5, 0.6, 0.7), 3),  # the validation accuracy decides
+    ],
+)
+def test_best_pt_holds_the_first_epoch_of_the_best_accuracy(
+    tmp_path, test_accs, val_accs, best_epoch
+):
+    """best.pt and summary's best_epoch name the same epoch, chosen by validation
+    accuracy where the run has it, the first of equals."""
     cfg = TrainConfig()
     writer = runner.RunWriter(tmp_path, cfg, _Quiet(), None)
     model = nn.Linear(2, 2)
     trainer = types.SimpleNamespace(history=[], model=model, state_dict=lambda: {"epoch": 0})
-    for epoch, acc in ((1, 0.5), (2, 0.7), (3, 0.7)):
+    for epoch, acc in enumerate(test_accs, 1):
         row = {"epoch": epoch, "step": epoch, "train_loss": 1.0, "train_acc": 0.5,
                "test_loss": 1.0, "test_acc": acc, "lr": 1e-3, "epoch_seconds": 1.0,
                "eval_seconds": 0.1, "samples_per_second": 1.0}  # fmt: skip
+        if val_accs:
+            row |= {"val_loss": 1.0, "val_acc": val_accs[epoch - 1]}
         trainer.history.append(row)
         with torch.no_grad():
             model.weight.fill_(epoch)
         writer.on_epoch_end(trainer, row)
-    first_best = next(r["epoch"] for r in trainer.history if r["test_acc"] == 0.7)
+    summary = runner._summary(
+        cfg, types.SimpleNamespace(**vars(trainer), step=3, amp_dtype=None), torch.device("cpu"), 1
+    )
     best = torch.load(tmp_path / "best.pt", weights_only=True)
-    assert best["epoch"] == first_best == 2
-    assert torch.all(best["model"]["weight"] == 2)
+    assert best["epoch"] == summary["best_epoch"] == best_epoch
+    assert best["test_acc"] == test_accs[best_epoch - 1]
+    assert torch.all(best["model"]["weight"] == best_epoch)
+    if val_accs:
+        assert best["val_acc"] == summary["best_val_acc"] == val_accs[best_epoch - 1]
+
+
+def test_a_validation_split_is_held_out_of_training_and_chooses_best_pt(tmp_path):
+    """With --val-split, the run trains on the rest of the training set, evaluates on the
+    held-out images (recomputed here from best.pt) and keeps the epoch they score best."""
+    cfg = TrainConfig(variant="real", epochs=3, val_split=0.2, device="cpu")
+    summary = train.train(cfg, tmp_path / "run", progress="off")
+    rows = _metrics(tmp_path / "run")
+    plain = data.load("digits", train=True, augment=False)
+    held = data.validation_split(plain, plain, 0.2)[1].indices
+    assert summary["steps"] == 3 * math.ceil((len(plain) - len(held)) / cfg.batch_size)
+    best = max(rows, key=lambda row: (row["val_acc"], -row["epoch"]))
+    assert summary["best_epoch"] == best["epoch"]
+    assert summary["best_val_acc"] == best["val_acc"]
+    assert summary["best_test_acc"] == best["test_acc"]
+    model = models.create(
+        "lenet_300_100", "real", num_classes=10, in_channels=1, input_size=(28, 28)
+    )
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    model.load_state_dict(state["model"])
+    model.eval()
+
+    def accuracy(images: list[int], dataset) -> float:
+        x = torch.stack([dataset[i][0] for i in images])
+        y = torch.tensor([dataset[i][1] for i in images])
+        with torch.no_grad():
+            return (model(x).argmax(1) == y).float().mean().item()
+
+    test = data.load("digits", train=False)
+    assert state["epoch"] == best["epoch"]
+    assert accuracy(held, plain) == pytest.approx(best["val_acc"], abs=1e-6)
+    assert accuracy(range(len(test)), test) == pytest.approx(best["test_acc"], abs=1e-6)
+    assert best["val_acc"] > 0.8  # it learned
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"val acc {best['val_acc']:.2%}" in log
+
+
+def test_a_run_with_another_validation_split_is_a_different_run(tmp_path):
+    cfg = TrainConfig(variant="real", epochs=1, max_steps=1, device="cpu")
+    train.train(cfg, tmp_path / "run", progress="off")
+    with pytest.raises(train.RunError, match="val_split"):
+        train.train(train.merge(cfg, {"val_split": 0.1}), tmp_path / "run", if_exists="resume")
 
 
 def test_overwrite_replaces_a_different_run(tmp_path):

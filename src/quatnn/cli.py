@@ -189,7 +189,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "train one model variant on one dataset into a run folder",
         "Train one model variant on one dataset. The run folder gets config.toml (every "
         "setting; an auto encoding stays auto), metrics.jsonl (one row per epoch), "
-        "checkpoint.pt (after every epoch), best.pt, train.log and, at the end, "
+        "checkpoint.pt (after every epoch), best.pt (the best epoch: by validation accuracy "
+        "with --val-split, else by test accuracy), train.log and, at the end, "
         "summary.json. Ctrl-C or SIGTERM keeps the checkpoint of the last completed epoch; "
         "--resume continues from it.",
         [
@@ -526,7 +527,10 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         help="fold quaternion layers and batch norms into plain real layers (default: on)",
     )
     parser.add_argument(
-        "--best", action="store_true", help="export best.pt (best test accuracy), not the last"
+        "--best",
+        action="store_true",
+        help="export best.pt, not the last epoch (the best epoch: by validation accuracy in "
+        "a run with --val-split, else by test accuracy)",
     )
     parser.add_argument(
         "--check",

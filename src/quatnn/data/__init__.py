@@ -4,7 +4,8 @@ Datasets: the bundled offline ``digits`` (UCI handwritten digits, Alpaydin & Kay
 CC BY 4.0; 8x8 images upsampled to 28x28) and ``digits-color`` (the same digits painted
 in random colours on 32x32 RGB), and through torchvision ``mnist``, ``fashion-mnist``,
 ``cifar10``, ``cifar100``, ``svhn`` and any ``imagefolder`` tree. Encodings turn an image
-into the tensor a model variant reads (see :mod:`quatnn.data.encodings`).
+into the tensor a model variant reads (see :mod:`quatnn.data.encodings`);
+:func:`validation_split` holds out a stratified part of a training set.
 
 Example:
     >>> from quatnn import data
@@ -24,6 +25,7 @@ from quatnn.data.registry import (
     is_color,
     names,
 )
+from quatnn.data.splits import validation_split
 
 __all__ = [
     "ENCODINGS",
@@ -35,4 +37,5 @@ __all__ = [
     "load",
     "names",
     "preprocessing",
+    "validation_split",
 ]

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from quatnn.data.splits import stratified_split
+
 SPLIT_SEED = 5
 """Seed of the fixed per-class train/test permutation."""
 COLOUR_SEED = 1998
@@ -84,14 +86,8 @@ def colour_images() -> Tensor:
 @lru_cache(maxsize=2)
 def split_indices(train: bool) -> np.ndarray:
     """Sorted indices (into the 1797 images) of the fixed stratified train or test split."""
-    _, labels = _raw()
-    rng = np.random.default_rng(SPLIT_SEED)
-    chosen = []
-    for c in range(10):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        n_train = round(TRAIN_FRACTION * len(members))
-        chosen.append(members[:n_train] if train else members[n_train:])
-    return np.sort(np.concatenate(chosen))
+    train_indices, test_indices = stratified_split(_raw()[1], TRAIN_FRACTION, SPLIT_SEED)
+    return train_indices if train else test_indices
 
 
 _IMAGES = {"digits": gray_images, "digits-color": colour_images}

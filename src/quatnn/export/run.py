@@ -3,7 +3,8 @@
 The model is rebuilt from the run's ``config.toml`` exactly as training built it (model,
 variant and options from the config; classes, input channels and size from the dataset
 and the encoding) and its weights are read from ``checkpoint.pt`` (the last completed
-epoch) or ``best.pt`` (the epoch with the best test accuracy). Every file says how to
+epoch) or ``best.pt`` (the best epoch: by validation accuracy in a run that holds out a
+validation set, else by test accuracy). Every file says how to
 prepare its input (:func:`quatnn.data.preprocessing`), in its metadata (``input``).
 
 Example (a run trained with ``quatnn train``)::

@@ -51,7 +51,9 @@ def _notes(runs: Sequence[Run], rows: Sequence[dict]) -> list[str]:
         f"{', '.join(ignored)}) share a row; a label names the settings in which the "
         "rows of its model and dataset differ.",
         "Accuracies: test accuracy of the last epoch (final) and of the best epoch, mean ± "
-        "sample std over the runs of a row (a single run: its value).",
+        "sample std over the runs of a row (a single run: its value). A run's best epoch "
+        "has its highest validation accuracy where it holds out a validation set "
+        "(--val-split), else its highest test accuracy.",
         "Time per epoch and samples/s: training only (evaluation excluded), mean over the "
         "epochs after the first (warm-up; a run of one epoch: that epoch, warm-up included)"
         + (f"; measured on {', '.join(devices)}." if devices else "."),

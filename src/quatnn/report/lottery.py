@@ -213,7 +213,8 @@ def write_lottery_report(
     path: str | Path, out: str | Path | None = None, metric: str = "final"
 ) -> Report:
     """Read the lottery folder ``path`` and write :data:`FILES` into ``out`` (default:
-    ``path``); ``metric`` is the ``final`` or ``best`` test accuracy of each level."""
+    ``path``); ``metric`` is the test accuracy of each level's ``final`` or ``best`` epoch
+    (the best by validation accuracy where runs hold out a validation set)."""
     path = Path(path)
     if not is_lottery(path):
         raise ReportError(f"{path} is not a lottery folder (no {RECIPE})")
@@ -231,8 +232,9 @@ def write_lottery_report(
     plot_lottery(summary, out / "lottery.png", title)
     table = level_table(summary)
     references = sorted({r["reference"] for r in rows})
+    epoch = {"final": "final", "best": "best (by validation accuracy, if held out)"}[metric]
     notes = [
-        f"Accuracy: {metric} test accuracy of each level, mean ± sample std over seeds "
+        f"Accuracy: test accuracy of each level's {epoch} epoch, mean ± sample std over seeds "
         "(n=1: the one value).",
         f"Real params left: parameters left (biases kept) over those of the {', '.join(references)}"
         " model; weights left: the model's own prunable weights.",

@@ -47,10 +47,11 @@ def plot_curves(
     *,
     percent: bool = False,
     log: bool = False,
-) -> None:
-    """Test ``metric`` (solid, with a mean +- std band) and train ``metric`` (dashed) per
-    epoch, one colour per group of :func:`~quatnn.report.table.group_runs`; ``metric`` is
-    ``acc`` or ``loss``."""
+) -> Figure:
+    """Test ``metric`` (solid, with a mean +- std band), train ``metric`` (dashed) and,
+    for runs with a validation set, validation ``metric`` (dotted) per epoch, one colour
+    per group of :func:`~quatnn.report.table.group_runs`; ``metric`` is ``acc`` or
+    ``loss``. Saves the figure to ``path`` and returns it."""
     many = len(groups) > 4  # then the legend goes right of the axes, the figure grows
     longest = max(len(g.label) for g in groups) if groups else 0
     size = (7 + 0.07 * longest, max(4.5, 0.45 * len(groups) + 1)) if many else (7, 4.5)
@@ -75,6 +76,10 @@ def plot_curves(
             marker=dot,
             label=f"{group.label} train",
         )
+        if all(f"val_{metric}" in row for run in group.runs for row in run.metrics):
+            epochs, mean, _ = curve(group.runs, f"val_{metric}")
+            ax.plot(epochs, scale * mean, color=color, linestyle=":", marker=dot,
+                    label=f"{group.label} validation")  # fmt: skip
     name = "accuracy (%)" if metric == "acc" else metric
     ax.set(xlabel="epoch", ylabel=name, title=f"{name} per epoch, mean ± std over seeds")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
@@ -86,6 +91,7 @@ def plot_curves(
     else:
         ax.legend(fontsize="small")
     fig.savefig(path, dpi=120)
+    return fig
 
 
 def plot_throughput(rows: Sequence[dict], path: str | Path) -> None:

@@ -8,9 +8,11 @@ which the rows of its model and dataset differ, e.g. ``quaternion (epochs=10)``,
 prefixed with model and dataset when the rows span several. For each row: the number of
 runs, repeated seeds, parameters (of a lottery level: those left after pruning), the
 ratio of parameters to the unpruned real reference of the same model, dataset and model
-options (``real4``, else ``real``, else the first real variant), final and best test
-accuracy (mean and sample standard deviation over the runs), and the training time per
-epoch and samples/s (mean over the epochs after the first, which includes warm-up).
+options (``real4``, else ``real``, else the first real variant), the test accuracy of
+the last and of the best epoch (:func:`~quatnn.report.runs.best_row`: chosen by
+validation accuracy where runs hold out a validation set; mean and sample standard
+deviation over the runs), and the training time per epoch and samples/s (mean over the
+epochs after the first, which includes warm-up).
 
 Example:
     >>> print(markdown_table([{"variant": "real", "params": "266,610"},
@@ -33,7 +35,7 @@ from pathlib import Path
 
 from quatnn import data, models
 from quatnn.models import VARIANTS
-from quatnn.report.runs import Run
+from quatnn.report.runs import Run, best_row
 
 
 @dataclass
@@ -229,7 +231,7 @@ def summarize(runs: Sequence[Run]) -> list[dict]:
         theirs = _params(reference) if reference else None
         members = g.runs
         final = _mean_std([r.metrics[-1]["test_acc"] for r in members])
-        best = _mean_std([max(row["test_acc"] for row in r.metrics) for r in members])
+        best = _mean_std([best_row(r.metrics)["test_acc"] for r in members])
         speed = _mean_std([_steady(r, "samples_per_second") for r in members])
         seeds = Counter(r.seed for r in members)
         rows.append(

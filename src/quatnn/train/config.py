@@ -65,6 +65,12 @@ class TrainConfig:
     data_dir: str = _field("data", "folder holding (or receiving) downloaded datasets", True)
     encoding: str = _field("auto", "input encoding; auto: the variant's default")
     augment: bool = _field(True, "the dataset's standard train augmentation (crop, flip)")
+    val_split: float = _field(
+        0.0,
+        "fraction of the training set held out (per class, the same images for every seed) "
+        "to validate on: the best epoch and best.pt are then chosen by validation accuracy, "
+        "not test accuracy; 0: none",
+    )
     options: dict = _field({}, "model options, e.g. norm=whiten for ResNets")
     epochs: int = _field(15, "number of epochs")
     batch_size: int = _field(60, "training batch size")
@@ -126,6 +132,7 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
             (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
+            (0 <= self.val_split < 1, "val_split must be in [0, 1)"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.max_steps >= 0, "max_steps must be >= 0 (0: no limit)"),

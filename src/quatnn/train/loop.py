@@ -151,13 +151,15 @@ class Trainer:
         test_loader: DataLoader,
         epochs: int,
         *,
+        val_loader: DataLoader | None = None,
         max_steps: int = 0,
         lr_at: Callable[[int], float] | None = None,
     ) -> None:
         """Train from epoch ``self.epoch + 1`` to ``epochs`` (or until ``max_steps``
-        optimizer steps in all, if not 0), evaluating after each epoch. ``lr_at(epoch)``
-        sets the learning rate of each epoch. A sampler or batch sampler with ``set_epoch``
-        is told the epoch before it is iterated."""
+        optimizer steps in all, if not 0), evaluating on ``test_loader`` (and
+        ``val_loader``, if given: ``val_loss`` and ``val_acc``) after each epoch.
+        ``lr_at(epoch)`` sets the learning rate of each epoch. A sampler or batch sampler
+        with ``set_epoch`` is told the epoch before it is iterated."""
         for callback in self.callbacks:
             callback.on_train_start(self)
         self.progress.start_epochs(epochs, self.epoch)
@@ -175,10 +177,15 @@ class Trainer:
                 self._check_weights()
                 for callback in self.callbacks:
                     callback.on_evaluate(self)
-                test = self.evaluate(test_loader)
-                row = {"epoch": self.epoch, "step": self.step, "lr": lr, **train, **test}
+                scores = self.evaluate(test_loader)
+                if val_loader is not None:
+                    val = self.evaluate(val_loader, "val")
+                    scores["eval_seconds"] += val.pop("eval_seconds")
+                    scores |= val
+                row = {"epoch": self.epoch, "step": self.step, "lr": lr, **train, **scores}
                 self.history.append(row)
-                self.progress.end_epoch(test_acc=f"{test['test_acc']:.2%}")
+                shown = [k for k in ("val_acc", "test_acc") if k in row]
+                self.progress.end_epoch(**{k: f"{row[k]:.2%}" for k in shown})
                 for callback in self.callbacks:
                     callback.on_epoch_end(self, row)
         finally:
@@ -281,10 +288,10 @@ class Trainer:
         return values.sum(0)
 
     @torch.no_grad()
-    def evaluate(self, loader: DataLoader) -> dict:
-        """Mean loss and accuracy over ``loader`` in eval mode: ``test_loss``,
-        ``test_acc`` and ``eval_seconds`` (with a ``reduce`` hook: over the loaders of all
-        processes, and the mean seconds)."""
+    def evaluate(self, loader: DataLoader, split: str = "test") -> dict:
+        """Mean loss and accuracy over ``loader`` in eval mode: ``<split>_loss``,
+        ``<split>_acc`` and ``eval_seconds`` (with a ``reduce`` hook: over the loaders of
+        all processes, and the mean seconds)."""
         self.model.eval()
         start = time.perf_counter()
         rows = []
@@ -303,8 +310,8 @@ class Trainer:
         totals = torch.cat((sums, torch.tensor([samples, seconds, 1.0], dtype=torch.float64)))
         loss_sum, correct, samples, seconds, processes = self.reduce(totals).tolist()
         return {
-            "test_loss": loss_sum / samples,
-            "test_acc": correct / samples,
+            f"{split}_loss": loss_sum / samples,
+            f"{split}_acc": correct / samples,
             "eval_seconds": seconds / processes,
         }
 

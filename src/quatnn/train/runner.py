@@ -4,8 +4,9 @@ A run folder holds ``config.toml`` (the config as asked for, checked: an ``auto`
 encoding stays ``auto``, so that the file serves other variants too; ``quatnn train
 --config`` runs it again; ``summary.json`` and ``train.log`` name the encoding used),
 ``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (the state after the
-last completed epoch, written atomically), ``best.pt`` (the weights of the epoch with the
-best test accuracy), ``train.log`` (the log lines) and, once finished,
+last completed epoch, written atomically), ``best.pt`` (the weights of the best epoch:
+that of the highest validation accuracy with ``val_split``, else of the highest test
+accuracy), ``train.log`` (the log lines) and, once finished,
 ``summary.json``. A compare folder holds ``compare.toml`` and one run folder per variant
 and seed, named ``<variant>-s<seed>``.
 
@@ -38,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 import quatnn
 from quatnn import data, models
 from quatnn.nn.sync_norm import convert_sync_batchnorm
+from quatnn.report.runs import best_row
 from quatnn.train import checkpoint, distributed
 from quatnn.train import device as devices
 from quatnn.train.config import (
@@ -172,15 +174,23 @@ def _plan(out: Path, cfg: TrainConfig, if_exists: str) -> str:
     return "finished" if finished else "resume"
 
 
-def _datasets(cfg: TrainConfig, download: bool) -> tuple[data.DatasetInfo, Dataset, Dataset]:
+def _datasets(
+    cfg: TrainConfig, download: bool
+) -> tuple[data.DatasetInfo, Dataset, Dataset, Dataset | None]:
+    """The dataset's info and its train, test and validation sets (None without
+    ``val_split``)."""
     try:
         info = data.info(cfg.dataset, cfg.data_dir)
         common = {"encoding": cfg.encoding, "download": download}
         train_set = data.load(cfg.dataset, cfg.data_dir, train=True, augment=cfg.augment, **common)
         test_set = data.load(cfg.dataset, cfg.data_dir, train=False, augment=False, **common)
+        val_set = None
+        if cfg.val_split:
+            plain = data.load(cfg.dataset, cfg.data_dir, train=True, augment=False, **common)
+            train_set, val_set = data.validation_split(train_set, plain, cfg.val_split)
     except (ValueError, data.DatasetMissingError) as err:
         raise RunError(str(err)) from None
-    return info, train_set, test_set
+    return info, train_set, test_set, val_set
 
 
 def _model(cfg: TrainConfig, info: data.DatasetInfo, sample: torch.Tensor) -> torch.nn.Module:
@@ -225,7 +235,7 @@ def _tensorboard_writer_class() -> type:
 
 
 def epoch_line(row: dict, epochs: int) -> str:
-    """The log line of one metrics row.
+    """The log line of one metrics row (with ``val_loss`` and ``val_acc`` where it has them).
 
     >>> row = {"epoch": 2, "train_loss": 0.5, "train_acc": 0.9, "test_loss": 0.4,
     ...        "test_acc": 0.91, "lr": 1e-3, "epoch_seconds": 1.5, "samples_per_second": 900.0}
@@ -238,9 +248,10 @@ def epoch_line(row: dict, epochs: int) -> str:
     1.5 s
     900 samples/s
     """
+    val = f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  " if "val_acc" in row else ""
     return (
         f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} "
-        f"acc {row['train_acc']:.2%}  test loss {row['test_loss']:.4f} "
+        f"acc {row['train_acc']:.2%}  {val}test loss {row['test_loss']:.4f} "
         f"acc {row['test_acc']:.2%}  lr {row['lr']:.1e}  {row['epoch_seconds']:.1f} s  "
         f"{row['samples_per_second']:.0f} samples/s"
     )
@@ -248,8 +259,8 @@ def epoch_line(row: dict, epochs: int) -> str:
 
 class RunWriter(Callback):
     """Writes each epoch to the run folder: a metrics row, a log line, TensorBoard
-    scalars, ``best.pt`` on a new best test accuracy, then ``checkpoint.pt``; a Ctrl-C or
-    SIGTERM meanwhile waits until all of them are written."""
+    scalars, ``best.pt`` on a new best epoch (``best_row``), then ``checkpoint.pt``; a
+    Ctrl-C or SIGTERM meanwhile waits until all of them are written."""
 
     def __init__(self, out: Path, cfg: TrainConfig, progress: Progress, tensorboard: object):
         self.out, self.cfg, self.progress, self.tensorboard = out, cfg, progress, tensorboard
@@ -271,12 +282,9 @@ class RunWriter(Callback):
                 if key not in ("epoch", "step"):
                     self.tensorboard.add_scalar(key, value, row["epoch"])
             self.tensorboard.flush()
-        if row["test_acc"] > max((r["test_acc"] for r in trainer.history[:-1]), default=-1.0):
-            state = {
-                "epoch": row["epoch"],
-                "test_acc": row["test_acc"],
-                "model": trainer.model.state_dict(),
-            }
+        if best_row(trainer.history) is row:
+            scores = {k: row[k] for k in ("val_acc", "test_acc") if k in row}
+            state = {"epoch": row["epoch"], **scores, "model": trainer.model.state_dict()}
             checkpoint.save(self.out / "best.pt", self.cfg.to_dict(), state)
         checkpoint.save(self.out / "checkpoint.pt", self.cfg.to_dict(), trainer.state_dict())
         self.saved_epoch = row["epoch"]
@@ -301,7 +309,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def _summary(cfg: TrainConfig, trainer: Trainer, device: torch.device, world_size: int) -> dict:
     history = trainer.history
-    best = max(history, key=lambda row: row["test_acc"])
+    best = best_row(history)
+    val = {"best_val_acc": best["val_acc"]} if "val_acc" in best else {}
     timed = history[1:] or history  # the first epoch includes warm-up
     return {
         "model": cfg.model,
@@ -317,6 +326,7 @@ def _summary(cfg: TrainConfig, trainer: Trainer, device: torch.device, world_siz
         "final_train_acc": history[-1]["train_acc"],
         "best_test_acc": best["test_acc"],
         "best_epoch": best["epoch"],
+        **val,
         "total_seconds": sum(r["epoch_seconds"] + r["eval_seconds"] for r in history),
         "seconds_per_epoch": statistics.fmean(r["epoch_seconds"] for r in timed),
         "samples_per_second": statistics.fmean(r["samples_per_second"] for r in timed),
@@ -356,33 +366,40 @@ def _loaders(
     info: data.DatasetInfo,
     train_set: Dataset,
     test_set: Dataset,
+    val_set: Dataset | None,
     device: torch.device,
     ctx: distributed.Context,
-) -> tuple[DataLoader, DataLoader]:
-    """The train and test loaders; with several processes, this process's share of each
-    global batch and its part of the test set."""
+) -> tuple[DataLoader, DataLoader, DataLoader | None]:
+    """The train, test and validation loaders; with several processes, this process's
+    share of each global batch and its part of the test and validation sets."""
     options = devices.loader_options(device, cfg.workers, info.bundled, ctx.local_world_size)
     common = {"worker_init_fn": seed_worker, **options}
     sampler = EpochSampler(len(train_set), cfg.seed)
-    batches, shard = {"batch_size": cfg.batch_size, "sampler": sampler}, {}
+    batches = {"batch_size": cfg.batch_size, "sampler": sampler}
     if ctx.enabled:
         shares = distributed.ShardedBatchSampler(sampler, cfg.batch_size, ctx.rank, ctx.world_size)
         batches = {"batch_sampler": shares}
-        shard = {"sampler": distributed.ShardSampler(len(test_set), ctx.rank, ctx.world_size)}
     train_loader = DataLoader(
         SeededDataset(train_set, cfg.seed),
         generator=torch.Generator().manual_seed(cfg.seed),
         **batches,
         **common,
     )
-    test_loader = DataLoader(
-        test_set,
-        batch_size=cfg.eval_batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        **shard,
-        **common,
-    )
-    return train_loader, test_loader
+
+    def evaluation(dataset: Dataset) -> DataLoader:
+        shard = {}
+        if ctx.enabled:
+            shard = {"sampler": distributed.ShardSampler(len(dataset), ctx.rank, ctx.world_size)}
+        return DataLoader(
+            dataset,
+            batch_size=cfg.eval_batch_size,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            **shard,
+            **common,
+        )
+
+    val_loader = None if val_set is None else evaluation(val_set)
+    return train_loader, evaluation(test_set), val_loader
 
 
 def _prepare_model(
@@ -450,7 +467,9 @@ def train(
     device = distributed.process_device(cfg.device, ctx.local_rank, ctx.world_size)
     with devices.deterministic():
         seed_everything(cfg.seed)
-        info, train_set, test_set = distributed.in_turn(ctx, lambda: _datasets(cfg, download))
+        info, train_set, test_set, val_set = distributed.in_turn(
+            ctx, lambda: _datasets(cfg, download)
+        )
         model = _prepare_model(cfg, _model(cfg, info, test_set[0][0]), device, ctx)
         amp = devices.amp_dtype(device) if cfg.amp else None
         compile_mode = cfg.compile_mode if cfg.compile else None
@@ -502,13 +521,16 @@ def train(
             f"{cfg.model} {cfg.variant} on {cfg.dataset} (encoding {cfg.encoding}): "
             f"{models.count_parameters(model):,} parameters, {where}, {start} -> {out}"
         )
-        train_loader, test_loader = _loaders(cfg, info, train_set, test_set, device, ctx)
+        train_loader, test_loader, val_loader = _loaders(
+            cfg, info, train_set, test_set, val_set, device, ctx
+        )
         try:
             with _sigterm_as_interrupt():
                 trainer.fit(
                     train_loader,
                     test_loader,
                     cfg.epochs,
+                    val_loader=val_loader,
                     max_steps=cfg.max_steps,
                     lr_at=lr_schedule(cfg.schedule, cfg.lr, cfg.epochs),
                 )
@@ -537,9 +559,10 @@ def train(
             text = json.dumps(summary, indent=2) + "\n"
             checkpoint.write_atomic(out / "summary.json", lambda f: f.write(text), mode="w")
         ctx.barrier()  # the folder is complete before any process moves on
+        chosen = f"val acc {summary['best_val_acc']:.2%}, " if "best_val_acc" in summary else ""
         view.write(
-            f"finished {out}: test acc {summary['final_test_acc']:.2%} (best "
-            f"{summary['best_test_acc']:.2%} at epoch {summary['best_epoch']}), "
+            f"finished {out}: test acc {summary['final_test_acc']:.2%} (best epoch "
+            f"{summary['best_epoch']}: {chosen}test acc {summary['best_test_acc']:.2%}), "
             f"{summary['total_seconds']:.1f} s, {summary['samples_per_second']:.0f} samples/s"
         )
         return summary
