@@ -777,3 +777,17 @@ def test_export_run_records_the_checkpoint_it_read(tmp_path):
                       checkpoint="best.pt")  # fmt: skip
     assert info["checkpoint"] == "best.pt"
     assert read_metadata(tmp_path / "best.safetensors")["extra"]["checkpoint"] == "best.pt"
+
+
+def test_exports_of_a_trained_run_name_its_classes(tmp_path, capsys):
+    from quatnn import cli
+    from quatnn.export import read_export_metadata
+
+    cfg = TrainConfig(epochs=1, max_steps=1, device="cpu")
+    train.train(cfg, tmp_path / "run", progress="off")
+    capsys.readouterr()
+    names = [str(c) for c in range(10)]
+    for flags in ([], ["--best"]):  # checkpoint.pt and best.pt
+        assert cli.main(["export", str(tmp_path / "run"), "--format", "torchscript", *flags]) == 0
+        assert read_export_metadata(tmp_path / "run" / "model.ts")["classes"] == names
+        assert "output (N, 10): the logits of classes 0, 1, 2" in capsys.readouterr().out

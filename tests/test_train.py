@@ -276,6 +276,11 @@ def test_trains_on_files_in_the_real_formats(tmp_path, dataset, model, writer, s
     assert len(rows) == 1 and rows[0]["step"] == 3
     test_set = data.load(dataset, root, train=False, encoding=summary["encoding"], download=False)
     assert list(test_set[0][0].shape) == shape
+    # exports name the outputs as the dataset's files do (CIFAR's batches.meta)
+    from quatnn.export import export_run, read_metadata
+
+    export_run(tmp_path / "run", "safetensors", tmp_path / "m.safetensors")
+    assert read_metadata(tmp_path / "m.safetensors")["extra"]["classes"] == test_set.classes
 
 
 def test_default_variants_need_no_dataset_files():
@@ -512,7 +517,7 @@ def test_best_pt_holds_the_first_epoch_of_the_best_accuracy(
     """best.pt and summary's best_epoch name the same epoch, chosen by validation
     accuracy where the run has it, the first of equals."""
     cfg = TrainConfig()
-    writer = runner.RunWriter(tmp_path, cfg, _Quiet(), None)
+    writer = runner.RunWriter(tmp_path, cfg, _Quiet(), None, classes=["a", "b"])
     model = nn.Linear(2, 2)
     trainer = types.SimpleNamespace(history=[], model=model, state_dict=lambda: {"epoch": 0})
     for epoch, acc in enumerate(test_accs, 1):

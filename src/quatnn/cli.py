@@ -483,6 +483,10 @@ def _export(args: argparse.Namespace) -> int:
         f"input (N, {', '.join(map(str, prepare['shape']))}): {prepare['encoding']}((x - mean) "
         f"/ std) of the {h}x{w} image x in [0, 1], {numbers} (kept in the file's metadata)"
     )
+    if "classes" in result:
+        names = result["classes"]
+        shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+        print(f"output (N, {len(names)}): the logits of classes {shown}")
     if not result["finished"]:
         print(
             f"quatnn: note: {args.run} has not finished training (no summary.json); the "

@@ -4,8 +4,9 @@ The model is rebuilt from the run's ``config.toml`` exactly as training built it
 variant and options from the config; classes, input channels and size from the dataset
 and the encoding) and its weights are read from ``checkpoint.pt`` (the last completed
 epoch) or ``best.pt`` (the best epoch: by validation accuracy in a run that holds out a
-validation set, else by test accuracy). Every file says how to
-prepare its input (:func:`quatnn.data.preprocessing`), in its metadata (``input``).
+validation set, else by test accuracy). Every file says in its metadata how to prepare
+its input (``input``, :func:`quatnn.data.preprocessing`) and what its outputs name
+(``classes``).
 
 Example (a run trained with ``quatnn train``)::
 
@@ -69,7 +70,9 @@ def load_run(
 def _load_run(
     run_dir: str | os.PathLike, checkpoint: str, data_dir: str | os.PathLike | None
 ) -> tuple[nn.Module, dict, Tensor, dict]:
-    """:func:`load_run`'s values and the run's :func:`quatnn.data.preprocessing`."""
+    """:func:`load_run`'s values and what an export records of the run: ``input`` (its
+    :func:`quatnn.data.preprocessing`) and ``classes`` (the names of the outputs, where
+    the checkpoint has them: those written before quatnn recorded them do not)."""
     from quatnn import data, models
     from quatnn.train import checkpoint as checkpoints
     from quatnn.train.errors import RunError
@@ -113,7 +116,10 @@ def _load_run(
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, *sample.shape, generator=generator)
     prepare = data.preprocessing(cfg.dataset, encoding, tuple(info.image_size))
-    return model.eval(), spec, example, {**prepare, "shape": list(sample.shape)}
+    record = {"input": {**prepare, "shape": list(sample.shape)}}
+    if "classes" in state:
+        record["classes"] = list(state["classes"])
+    return model.eval(), spec, example, record
 
 
 def export_run(
@@ -137,20 +143,21 @@ def export_run(
     always checked against the unfolded PyTorch model (see :func:`quatnn.export.export`)
     unless ``check=False``. ``safetensors`` writes the compact checkpoint (quaternion
     weights, ``sparse`` optional; ``fold`` does not apply). The file's metadata holds
-    ``model`` (the :func:`quatnn.models.create` arguments), ``checkpoint`` and ``input``
+    ``model`` (the :func:`quatnn.models.create` arguments), ``checkpoint``, ``input``
     (the run's :func:`quatnn.data.preprocessing` and the ``shape`` of one input, after the
-    batch axis). Returns the report of the export plus ``model`` (``name/variant``),
-    ``folded``, ``checkpoint``, ``input`` and ``finished`` (whether the run finished
-    training: it has ``summary.json``).
+    batch axis) and ``classes`` (the name of each output, in order, where the checkpoint
+    records them). Returns the report of the export plus ``model`` (``name/variant``),
+    ``folded``, ``checkpoint``, ``input``, ``classes`` (if known) and ``finished``
+    (whether the run finished training: it has ``summary.json``).
     """
     if format not in RUN_FORMATS:
         raise ValueError(f"format must be one of {', '.join(RUN_FORMATS)}, got {format!r}")
-    model, spec, example, prepare = _load_run(run_dir, checkpoint, data_dir)
+    model, spec, example, record = _load_run(run_dir, checkpoint, data_dir)
     folder = out is None or str(out).endswith(("/", os.sep))  # "exp/" names a folder
     out = Path(run_dir if out is None else out)
     if out.is_dir() or folder:  # a folder (the run's by default): the file goes into it
         out = out / f"model{SUFFIXES[format]}"
-    extra = {"checkpoint": checkpoint, "input": prepare}
+    extra = {"checkpoint": checkpoint, **record}
     summary = {"model": f"{spec['name']}/{spec['variant']}", **extra,
                "finished": (Path(run_dir) / "summary.json").is_file()}  # fmt: skip
     if format == "safetensors":

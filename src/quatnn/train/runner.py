@@ -259,11 +259,20 @@ def epoch_line(row: dict, epochs: int) -> str:
 
 class RunWriter(Callback):
     """Writes each epoch to the run folder: a metrics row, a log line, TensorBoard
-    scalars, ``best.pt`` on a new best epoch (``best_row``), then ``checkpoint.pt``; a
-    Ctrl-C or SIGTERM meanwhile waits until all of them are written."""
+    scalars, ``best.pt`` on a new best epoch (``best_row``), then ``checkpoint.pt`` (both
+    with the names of the output ``classes``); a Ctrl-C or SIGTERM meanwhile waits until
+    all of them are written."""
 
-    def __init__(self, out: Path, cfg: TrainConfig, progress: Progress, tensorboard: object):
+    def __init__(
+        self,
+        out: Path,
+        cfg: TrainConfig,
+        progress: Progress,
+        tensorboard: object,
+        classes: Sequence[str],
+    ) -> None:
         self.out, self.cfg, self.progress, self.tensorboard = out, cfg, progress, tensorboard
+        self.classes = list(classes)
         self.saved_epoch = 0  # the epoch checkpoint.pt holds
 
     def on_train_start(self, trainer: Trainer) -> None:
@@ -285,9 +294,15 @@ class RunWriter(Callback):
         if best_row(trainer.history) is row:
             scores = {k: row[k] for k in ("val_acc", "test_acc") if k in row}
             state = {"epoch": row["epoch"], **scores, "model": trainer.model.state_dict()}
-            checkpoint.save(self.out / "best.pt", self.cfg.to_dict(), state)
-        checkpoint.save(self.out / "checkpoint.pt", self.cfg.to_dict(), trainer.state_dict())
+            _save(self.out / "best.pt", self.cfg, state, self.classes)
+        _save(self.out / "checkpoint.pt", self.cfg, trainer.state_dict(), self.classes)
         self.saved_epoch = row["epoch"]
+
+
+def _save(path: Path, cfg: TrainConfig, state: dict, classes: list[str]) -> None:
+    """Save the checkpoint ``state`` of run ``cfg`` with the names of the model's output
+    classes (exports record them)."""
+    checkpoint.save(path, cfg.to_dict(), {**state, "classes": classes})
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -341,7 +356,7 @@ def _summary(cfg: TrainConfig, trainer: Trainer, device: torch.device, world_siz
 
 
 def _prepare_folder(
-    out: Path, cfg: TrainConfig, encoding: str, plan: str, trainer: Trainer
+    out: Path, cfg: TrainConfig, encoding: str, plan: str, trainer: Trainer, classes: list[str]
 ) -> None:
     """Create, clear or bring up to date the run folder before the first epoch;
     ``config.toml`` gets the ``encoding`` asked for."""
@@ -355,7 +370,7 @@ def _prepare_folder(
         (out / "metrics.jsonl").write_text("", encoding="utf-8")
         for stale in ("best.pt", "summary.json"):
             (out / stale).unlink(missing_ok=True)
-        checkpoint.save(out / "checkpoint.pt", cfg.to_dict(), trainer.state_dict())
+        _save(out / "checkpoint.pt", cfg, trainer.state_dict(), classes)
     else:  # the metrics of the epochs the checkpoint holds, none from a lost epoch
         rows = "".join(json.dumps(row) + "\n" for row in trainer.history)
         checkpoint.write_atomic(out / "metrics.jsonl", lambda f: f.write(rows), mode="w")
@@ -508,11 +523,12 @@ def train(
         ctx.barrier()  # every process has read the folder before rank 0 changes it
         tensorboard_writer = None
         if is_main:
-            _prepare_folder(out, cfg, encoding, plan, trainer)
+            classes = [str(c) for c in test_set.classes]
+            _prepare_folder(out, cfg, encoding, plan, trainer, classes)
             view.log_file = out / "train.log"
             if writer_class is not None:
                 tensorboard_writer = writer_class(str(out / "tensorboard"))
-            trainer.callbacks.append(RunWriter(out, cfg, view, tensorboard_writer))
+            trainer.callbacks.append(RunWriter(out, cfg, view, tensorboard_writer, classes))
         start = f"resuming after epoch {trainer.epoch}" if trainer.epoch else "new run"
         where = devices.describe(device)
         if ctx.enabled:
