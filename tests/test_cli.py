@@ -228,6 +228,10 @@ def test_compare_trains_every_variant_and_seed_then_reports(tmp_path, capsys):
 
     line = _error_line(capsys, [*argv, "--lr", "0.1"])
     assert "holds a different comparison (lr = 0.0012 there, 0.1 here)" in line
+    command = line.split("continue that one with: ")[1].strip()  # every run is finished
+    assert command == f"quatnn compare --config {out / 'compare.toml'} --out {out}"
+    assert cli.main([*command.split()[1:], *QUIET]) == 0
+    assert (out / "real-s0" / "checkpoint.pt").stat().st_mtime_ns == mtime
 
 
 def test_models_prints_the_zoo_table(capsys):

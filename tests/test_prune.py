@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from quatnn import models
+from quatnn import cli, models
 from quatnn.nn import QLinear
 from quatnn.prune import (
     LotteryConfig,
@@ -433,8 +433,13 @@ def test_running_a_lottery_again_trains_nothing(lottery):
     assert [r["final_test_acc"] for r in again] == [r["final_test_acc"] for r in rows]
     assert mtimes == {r["path"]: (r["path"] / "summary.json").stat().st_mtime_ns for r in again}
     other = LotteryConfig(levels=2, prune=PruneSpec(rate=0.3))
-    with pytest.raises(RunError, match="different lottery"):
+    with pytest.raises(RunError, match="different lottery") as refused:
         run_lottery(CFG, out, other, seeds=(0,), progress="off")
+    # the command it suggests continues the lottery there: nothing left to train
+    command = str(refused.value).split("continue that one with: ")[1]
+    assert command == f"quatnn lottery --config {out / 'lottery.toml'} --out {out}"
+    assert cli.main([*command.split()[1:], "--progress", "off"]) == 0
+    assert mtimes == {r["path"]: (r["path"] / "summary.json").stat().st_mtime_ns for r in again}
 
 
 def test_min_acc_stops_each_chain_and_says_so(lottery, capsys):

@@ -268,7 +268,10 @@ def _write_recipe(
         changed = [k for k in saved if k not in ("variant", "seed") and saved[k] != wanted[k]]
         if changed:
             shown = ", ".join(f"{k} = {saved[k]!r} there, {wanted[k]!r} here" for k in changed[:3])
-            raise RunError(f"{out} holds a different lottery ({shown}); use another --out")
+            raise RunError(
+                f"{out} holds a different lottery ({shown}); use another --out, or continue "
+                f"that one with: quatnn lottery --config {out / RECIPE} --out {out}"
+            )
     elif out.is_dir() and any(out.iterdir()):
         raise RunError(f"{out} is not empty and holds no lottery (no {RECIPE}); use another --out")
     if not write:

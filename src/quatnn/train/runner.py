@@ -636,7 +636,8 @@ def compare(
         if differences:
             raise RunError(
                 f"{out} holds a different comparison ({differences}); use "
-                "--overwrite to replace it, or another --out"
+                "--overwrite to replace it, or another --out, or continue that one with: "
+                f"quatnn compare --config {out / 'compare.toml'} --out {out}"
             )
         for (path, _), cfg in zip(runs, resolved, strict=True):
             _plan(path, cfg, "continue")
