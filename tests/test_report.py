@@ -204,8 +204,12 @@ def test_several_folders_need_an_output_folder(comparison):
         report.write_report([comparison, comparison])
 
 
-def test_report_never_imports_train():
-    code = "import sys, quatnn.report; print('quatnn.train' in sys.modules)"
+@pytest.mark.parametrize(
+    ("imported", "never"),
+    [("quatnn.report", "quatnn.train"), ("quatnn.train.runner", "quatnn.report")],
+)
+def test_report_and_train_never_import_each_other(imported, never):
+    code = f"import sys, {imported}; print({never!r} in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 

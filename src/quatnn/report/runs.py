@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,18 +38,6 @@ class ReportError(Exception):
 METRIC_KEYS = ("epoch", "train_acc", "test_acc", "train_loss", "test_loss", "epoch_seconds",
                "samples_per_second")  # fmt: skip
 """The keys of a ``metrics.jsonl`` row that reports read."""
-
-
-def best_row(rows: Sequence[Mapping]) -> Mapping:
-    """The row of the best epoch among metrics ``rows``: the highest ``val_acc`` where
-    the run holds out a validation set, else the highest ``test_acc``; the first of equals.
-
-    >>> best_row([{"epoch": 1, "val_acc": 0.9, "test_acc": 0.7},
-    ...           {"epoch": 2, "val_acc": 0.8, "test_acc": 0.8}])["epoch"]
-    1
-    """
-    key = "val_acc" if "val_acc" in rows[0] else "test_acc"
-    return max(rows, key=lambda row: row[key])
 
 
 @dataclass

@@ -9,7 +9,7 @@ prefixed with model and dataset when the rows span several. For each row: the nu
 runs, repeated seeds, parameters (of a lottery level: those left after pruning), the
 ratio of parameters to the unpruned real reference of the same model, dataset and model
 options (``real4``, else ``real``, else the first real variant), the test accuracy of
-the last and of the best epoch (:func:`~quatnn.report.runs.best_row`: chosen by
+the last and of the best epoch (:func:`~quatnn.metrics.best_row`: chosen by
 validation accuracy where runs hold out a validation set; mean and sample standard
 deviation over the runs), and the training time per epoch and samples/s (mean over the
 epochs after the first, which includes warm-up).
@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quatnn import data, models
+from quatnn.metrics import best_row
 from quatnn.models import VARIANTS
-from quatnn.report.runs import Run, best_row
+from quatnn.report.runs import Run
 
 
 @dataclass

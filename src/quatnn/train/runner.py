@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import quatnn
 from quatnn import data, models
+from quatnn.metrics import best_row
 from quatnn.nn.sync_norm import convert_sync_batchnorm
-from quatnn.report.runs import best_row
 from quatnn.train import checkpoint, distributed
 from quatnn.train import device as devices
 from quatnn.train.config import (
