@@ -6,18 +6,19 @@ import struct
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from fixtures_data import write_cifar10, write_mnist
+from fixtures_data import write_cifar10, write_imagenet, write_mnist
 from PIL import Image
 from torchvision import transforms as T
 
 from quatnn import data
-from quatnn.data import bundled
+from quatnn.data import batches, bundled
 
 # ---------------------------------------------------------------- encodings
 
@@ -96,6 +97,8 @@ def test_names_and_static_info():
         "cifar10",
         "cifar100",
         "svhn",
+        "imagenet32",
+        "imagenet64",
         "imagefolder",
     ]
     assert data.info("digits") == data.DatasetInfo("digits", 10, 1, (28, 28), False, True)
@@ -107,6 +110,7 @@ def test_names_and_static_info():
     )
     assert data.info("cifar100").num_classes == 100
     assert data.info("svhn").color
+    assert data.info("imagenet64") == data.DatasetInfo("imagenet64", 1000, 3, (64, 64), True, False)
 
 
 @pytest.mark.parametrize(
@@ -495,6 +499,98 @@ def test_digits_color_crops_pad_with_the_background_not_black(tmp_path):
         shifted += windows != [(4, 4)]
         assert not torch.isclose(a, black.view(3, 1, 1)).all(0).any(), i  # no black pixel
     assert shifted >= 8  # the crops do move
+
+
+# ---------------------------------------------------------------- downsampled ImageNet
+
+
+def _imagenet_rows(folder: Path, name: str) -> tuple[np.ndarray, list[int]]:
+    """The image rows and labels of one batch file as written (pickle or .npz)."""
+    if (folder / f"{name}.npz").is_file():
+        with np.load(folder / f"{name}.npz") as z:
+            return z["data"], z["labels"].tolist()
+    batch = pickle.loads((folder / name).read_bytes())
+    return batch["data"], batch["labels"]
+
+
+@pytest.mark.parametrize(("size", "npz"), [(32, False), (64, True)])
+def test_downsampled_imagenet_reads_the_batches_of_either_format(tmp_path, size, npz):
+    name = f"imagenet{size}"
+    write_imagenet(tmp_path, size, per_batch=3, n_val=5, npz=npz)
+    folder = tmp_path / name
+    train = batches.DownsampledImageNet(folder, size, train=True)
+    val = batches.DownsampledImageNet(folder, size, train=False)
+    assert (len(train), len(val)) == (30, 5)
+    assert train.classes == val.classes == [str(k) for k in range(1, 1001)]
+    for dataset, names, i in ((train, batches.IMAGENET_FILES[True], 0), (train, [], 17),
+                              (train, [], 29), (val, ["val_data"], 4)):  # fmt: skip
+        file = names[0] if names else f"train_data_batch_{i // 3 + 1}"
+        rows, labels = _imagenet_rows(folder, file)
+        image, label = dataset[i]
+        expected = rows[i % 3 if dataset is train else i].reshape(3, size, size).transpose(1, 2, 0)
+        assert np.array_equal(image, expected)  # red plane, then green, then blue
+        assert label == labels[i % 3 if dataset is train else i] - 1
+    with pytest.raises(IndexError):
+        train[30]
+    # through load(): normalized with ImageNet's statistics, then encoded
+    x, y = data.load(name, tmp_path, train=False, encoding="rgb_gray", download=False)[4]
+    rows, labels = _imagenet_rows(folder, "val_data")
+    rgb = torch.from_numpy(rows[4].reshape(3, size, size)).float() / 255
+    mean, std = (
+        torch.tensor(v).view(3, 1, 1) for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    )
+    assert x.shape == (4, size, size) and y == labels[4] - 1
+    torch.testing.assert_close(x[:3], (rgb - mean) / std)  # (rgb_gray: the colours first)
+
+
+def test_downsampled_imagenet_converts_each_file_once_and_again_when_it_changes(tmp_path):
+    write_imagenet(tmp_path, 32, per_batch=2, n_val=4)
+    folder = tmp_path / "imagenet32"
+    first = batches.DownsampledImageNet(folder, 32, train=False)
+    converted = [folder / "val_data.images.npy", folder / "val_data.labels.npy"]
+    stamps = [p.stat().st_mtime_ns for p in converted]
+    assert np.load(converted[0], mmap_mode="r").shape == (4, 32, 32, 3)
+    again = batches.DownsampledImageNet(folder, 32, train=False)
+    assert [p.stat().st_mtime_ns for p in converted] == stamps  # read, not converted
+    assert np.array_equal(again[3][0], first[3][0])
+    assert not [p for p in folder.iterdir() if ".tmp" in p.name]
+    # a source replaced by a newer file is converted again
+    rows = np.full((2, 3 * 32 * 32), 7, np.uint8)
+    (folder / "val_data").write_bytes(pickle.dumps({"data": rows, "labels": [5, 6]}))
+    os.utime(folder / "val_data", ns=(stamps[0] + 10**9, stamps[0] + 10**9))
+    changed = batches.DownsampledImageNet(folder, 32, train=False)
+    assert len(changed) == 2 and changed.targets.tolist() == [4, 5]
+    assert (changed[1][0] == 7).all()
+    # a process that unpickles the dataset (a spawned loader worker) maps the file itself
+    shipped = pickle.dumps(changed)  # (after a read: the maps are open)
+    assert rows[0].tobytes() not in shipped
+    assert np.array_equal(pickle.loads(shipped)[1][0], changed[1][0])
+
+
+def test_downsampled_imagenet_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(data.DatasetMissingError) as excinfo:
+        data.load("imagenet64", tmp_path, train=True)  # (download=True: still none)
+    message = str(excinfo.value)
+    assert str(tmp_path / "imagenet64") in message and "train_data_batch_10" in message
+    assert "image-net.org" in message and "cannot download" in message
+    assert list(tmp_path.iterdir()) == []
+    write_imagenet(tmp_path / "other", 64, per_batch=1, n_val=2)
+    (tmp_path / "imagenet32").mkdir()
+    write_imagenet(tmp_path, 32, per_batch=1, n_val=2)
+    val = tmp_path / "imagenet32" / "val_data"
+    for damaged, why in (
+        ((tmp_path / "other" / "imagenet64" / "val_data").read_bytes(), "another resolution"),
+        (pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}),
+         "one label from 1 to 1000"),
+        (b"junk", "val_data is damaged"),
+    ):  # fmt: skip
+        val.write_bytes(damaged)
+        with pytest.raises(ValueError, match=f"'imagenet32' in .* cannot be read: .*{why}"):
+            data.load("imagenet32", tmp_path, train=False, download=False)
+    val.unlink()
+    (tmp_path / "imagenet32" / "val_data.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="val_data.npz is damaged"):
+        data.load("imagenet32", tmp_path, train=False, download=False)
 
 
 # ---------------------------------------------------------------- missing data

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_data import write_cifar10, write_mnist
+from fixtures_data import write_cifar10, write_imagenet, write_mnist
 from torch import nn
 
 from quatnn import data, models, train
@@ -257,6 +257,7 @@ def test_interrupt_during_an_atomic_write_lands_after_it(tmp_path, signum):
     [
         ("mnist", "lenet_300_100", write_mnist, [784]),
         ("cifar10", "conv2", write_cifar10, [4, 32, 32]),
+        ("imagenet32", "conv2", write_imagenet, [4, 32, 32]),
     ],
 )
 def test_trains_on_files_in_the_real_formats(tmp_path, dataset, model, writer, shape):
@@ -276,7 +277,8 @@ def test_trains_on_files_in_the_real_formats(tmp_path, dataset, model, writer, s
     assert len(rows) == 1 and rows[0]["step"] == 3
     test_set = data.load(dataset, root, train=False, encoding=summary["encoding"], download=False)
     assert list(test_set[0][0].shape) == shape
-    # exports name the outputs as the dataset's files do (CIFAR's batches.meta)
+    # exports name the outputs as the dataset's files do (CIFAR's batches.meta, ImageNet's
+    # label numbers)
     from quatnn.export import export_run, read_metadata
 
     export_run(tmp_path / "run", "safetensors", tmp_path / "m.safetensors")

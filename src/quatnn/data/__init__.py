@@ -3,7 +3,8 @@
 Datasets: the bundled offline ``digits`` (UCI handwritten digits, Alpaydin & Kaynak 1998,
 CC BY 4.0; 8x8 images upsampled to 28x28) and ``digits-color`` (the same digits painted
 in random colours on 32x32 RGB), and through torchvision ``mnist``, ``fashion-mnist``,
-``cifar10``, ``cifar100``, ``svhn`` and any ``imagefolder`` tree. Encodings turn an image
+``cifar10``, ``cifar100``, ``svhn``, downsampled ImageNet (``imagenet32``, ``imagenet64``)
+and any ``imagefolder`` tree. Encodings turn an image
 into the tensor a model variant reads (see :mod:`quatnn.data.encodings`);
 :func:`validation_split` holds out a stratified part of a training set.
 

@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 from collections.abc import Callable
 
-import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 from torchvision import transforms as T
 from torchvision.datasets.folder import find_classes
-from torchvision.datasets.utils import download_and_extract_archive
 
 from quatnn.data import bundled
+from quatnn.data.batches import CifarBatches, DownsampledImageNet
 from quatnn.data.encodings import get_encoding
 from quatnn.data.registry import (
+    IMAGENET_SIZES,
     files_present,
     imagefolder_split,
     info,
@@ -32,66 +31,6 @@ from quatnn.data.registry import (
     new_folders,
     spec,
 )
-
-
-class CifarBatches(Dataset):
-    """CIFAR-10 or CIFAR-100 read from its python batches (``cifar-10-batches-py`` etc.).
-
-    torchvision's own classes also check every batch's MD5, which rejects any other file
-    in the same format; here the archive's MD5 is checked on download instead.
-    Items are ``(transform(image), label)`` with ``image`` a uint8 (32, 32, 3) array.
-    """
-
-    def __init__(
-        self,
-        cls: type[tvd.CIFAR10],
-        root: str | os.PathLike,
-        train: bool,
-        transform: Callable | None,
-        download: bool,
-    ) -> None:
-        folder = os.path.join(root, cls.base_folder)
-        files = [f for f, _ in (cls.train_list if train else cls.test_list)]
-        needed = [os.path.join(folder, f) for f in files + [cls.meta["filename"]]]
-        if download and not all(map(os.path.isfile, needed)):
-            download_and_extract_archive(cls.url, root, filename=cls.filename, md5=cls.tgz_md5)
-        missing = [os.path.basename(p) for p in needed if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"missing {', '.join(missing)}")
-        arrays, self.targets = [], []
-        for path in needed[:-1]:
-            entry = _unpickle(path)
-            try:
-                images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-                labels = [int(t) for t in entry.get("labels", entry.get("fine_labels"))]
-            except (KeyError, TypeError, ValueError) as err:
-                raise RuntimeError(f"{path} holds no CIFAR batch ({err})") from None
-            if len(labels) != len(images):
-                raise RuntimeError(f"{path} holds {len(images)} images, {len(labels)} labels")
-            arrays.append(images)
-            self.targets += labels
-        self.data = np.concatenate(arrays).transpose(0, 2, 3, 1)
-        self.classes = list(_unpickle(needed[-1])[cls.meta["key"]])
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        image = self.data[i]
-        return (self.transform(image) if self.transform else image), self.targets[i]
-
-
-def _unpickle(path: str) -> dict:
-    """The dict pickled in ``path``; RuntimeError naming the file if it holds none."""
-    try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as err:
-        raise RuntimeError(f"{path} is damaged ({type(err).__name__}: {err})") from None
-    if not isinstance(entry, dict):
-        raise RuntimeError(f"{path} holds a {type(entry).__name__}, not a CIFAR batch")
-    return entry
 
 
 class _SplitImageFolder(tvd.ImageFolder):
@@ -182,6 +121,9 @@ def _open(
         svhn = tvd.SVHN(folder, split, transform=transform, download=download)
         svhn.targets, svhn.classes = svhn.labels.tolist(), [str(d) for d in range(10)]
         return svhn
+    if name in IMAGENET_SIZES:
+        folder = os.path.join(root, name)
+        return DownsampledImageNet(folder, IMAGENET_SIZES[name], train, transform)
     if train:
         return tvd.ImageFolder(imagefolder_split(root, True), transform=transform)
     classes, _ = find_classes(imagefolder_split(root, True))
@@ -210,16 +152,19 @@ def load(
     - svhn: RandomCrop(32, padding=4)
     - digits-color: RandomCrop(32, padding=4, padding_mode="edge") (the edge is the
       image's background colour; zeros would frame it in black)
-    - cifar10, cifar100: RandomCrop(32, padding=4), RandomHorizontalFlip
+    - cifar10, cifar100, imagenet32: RandomCrop(32, padding=4), RandomHorizontalFlip
+    - imagenet64: RandomCrop(64, padding=8), RandomHorizontalFlip
     - imagefolder: RandomCrop(image_size, padding=4), RandomHorizontalFlip
 
     Files live in ``root``: ``root/MNIST/raw``, ``root/FashionMNIST/raw``,
     ``root/cifar-10-batches-py``, ``root/cifar-100-python``, ``root/svhn`` (reading SVHN
-    needs scipy: ``pip install 'quatnn[svhn]'``). ``download=True`` fetches missing files;
-    when that fails (offline), or with ``download=False`` and missing files,
+    needs scipy: ``pip install 'quatnn[svhn]'``), ``root/imagenet32``, ``root/imagenet64``
+    (downsampled ImageNet: never downloaded, see :mod:`quatnn.data.batches`; its test
+    split is ImageNet's validation set). ``download=True`` fetches missing files; when that
+    fails (offline), or with ``download=False`` and missing files,
     :class:`DatasetMissingError` says what to place where; damaged files raise ValueError.
-    Normalization uses the published statistics (ImageNet's for ``imagefolder``; the train
-    split's own for the bundled sets).
+    Normalization uses the published statistics (ImageNet's for ``imagefolder`` and
+    downsampled ImageNet; the train split's own for the bundled sets).
 
     ``"digits"`` and ``"digits-color"`` are bundled with quatnn (``root`` and ``download``
     are ignored). For ``"imagefolder"``, ``root`` is a tree ``root/train/<class>/...`` and

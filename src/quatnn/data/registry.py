@@ -16,6 +16,8 @@ from PIL import Image
 from torchvision import datasets as tvd
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from quatnn.data.batches import IMAGENET_FILES, imagenet_source
+
 
 class DatasetMissingError(Exception):
     """A dataset's files are not on disk and could not be downloaded.
@@ -52,6 +54,9 @@ class _Spec:
 
 _GRAY28 = {"channels": 1, "image_size": (28, 28), "padding": 2}
 _RGB32 = {"channels": 3, "image_size": (32, 32), "padding": 4}
+_IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "flip": True}
+IMAGENET_SIZES = {"imagenet32": 32, "imagenet64": 64}
+"""Downsampled ImageNet: dataset name -> image side (see :mod:`quatnn.data.batches`)."""
 _SPECS: dict[str, _Spec] = {
     "digits": _Spec(10, bundled=True, **_GRAY28),
     "digits-color": _Spec(10, bundled=True, padding_mode="edge", **_RGB32),
@@ -64,10 +69,11 @@ _SPECS: dict[str, _Spec] = {
         100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762), flip=True, **_RGB32
     ),
     "svhn": _Spec(10, mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970), **_RGB32),
+    # ImageNet's statistics; crops padded by an eighth of the side, as CIFAR's 4 of 32
+    "imagenet32": _Spec(1000, 3, (32, 32), padding=4, **_IMAGENET),
+    "imagenet64": _Spec(1000, 3, (64, 64), padding=8, **_IMAGENET),
     # ImageNet statistics; classes and image size come from the folder tree.
-    "imagefolder": _Spec(
-        0, 3, (0, 0), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), padding=4, flip=True
-    ),
+    "imagefolder": _Spec(0, 3, (0, 0), padding=4, **_IMAGENET),
 }
 
 COLOR_VARIANTS = ("real3", "real4", "quaternion")
@@ -112,7 +118,11 @@ def imagefolder_split(root: str | os.PathLike, train: bool) -> str:
 
 def _layout(name: str, root: str | os.PathLike) -> tuple[str, dict[bool, list[str]], str]:
     """(folder, {train: files of that split expected there}, where to get them) for a
-    downloadable dataset."""
+    dataset of files (all but the bundled ones and image folders)."""
+    if name in IMAGENET_SIZES:
+        side = IMAGENET_SIZES[name]
+        source = f"https://image-net.org/download-images (Downsampled ImageNet {side}x{side})"
+        return os.path.join(root, name), IMAGENET_FILES, source
     if name in ("mnist", "fashion-mnist"):
         cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
         files = [os.path.splitext(f)[0] for f, _ in cls.resources]
@@ -131,9 +141,11 @@ def _layout(name: str, root: str | os.PathLike) -> tuple[str, dict[bool, list[st
 
 
 def files_present(name: str, root: str | os.PathLike, train: bool) -> bool:
-    """Whether every file the split of downloadable dataset ``name`` reads is in place (so
+    """Whether every file the split of dataset ``name`` (of files) reads is in place (so
     a failure to read them means they are damaged, not missing)."""
     folder, split, _ = _layout(name, root)
+    if name in IMAGENET_SIZES:
+        return all(imagenet_source(folder, f) for f in split[train])
     return all(os.path.isfile(os.path.join(folder, f)) for f in split[train])
 
 
@@ -148,6 +160,13 @@ def missing_error(name: str, root: str | os.PathLike, reason: str) -> DatasetMis
         )
     folder, split, source = _layout(name, root)
     files = ", ".join(dict.fromkeys(split[True] + split[False]))
+    if name in IMAGENET_SIZES:
+        return DatasetMissingError(
+            f"dataset {name!r} not found in {folder} ({reason}). Place the files "
+            "train_data_batch_1 to train_data_batch_10 and val_data there (pickled, or the "
+            f".npz of each), from {source}; quatnn cannot download them (an image-net.org "
+            "account is needed)."
+        )
     reason = reason.replace(" You can use download=True to download it", "")  # torchvision's
     return DatasetMissingError(
         f"dataset {name!r} not found in {folder} ({reason}). Place the files {files} there, "
@@ -159,6 +178,8 @@ def missing_error(name: str, root: str | os.PathLike, reason: str) -> DatasetMis
 def new_folders(name: str, root: str | os.PathLike) -> list[str]:
     """The folders that loading the downloadable dataset ``name`` from ``root`` may create
     and that do not exist yet, deepest first (a failed load removes them again)."""
+    if name in IMAGENET_SIZES:
+        return []  # never downloaded
     folder, created = os.path.abspath(_layout(name, root)[0]), []
     while not os.path.exists(folder):
         created.append(folder)
