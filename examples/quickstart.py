@@ -55,3 +55,4 @@ for _ in range(40):
 with torch.no_grad():
     acc = (model(x[384:]).argmax(1) == labels[384:]).float().mean().item()
 print(f"held-out accuracy after 40 steps: {acc:.3f}")
+assert acc > 0.9, "the quaternion network did not learn the task"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import uuid
 import zipfile
 from collections.abc import Callable
 
@@ -217,7 +218,7 @@ def _converted(source: str, size: int) -> str:
 
 def _save_atomic(path: str, write: Callable[[str], None]) -> None:
     """``write`` a temporary ``.npy`` beside ``path``, then rename it onto ``path``."""
-    tmp = f"{path}.{os.getpid()}.tmp.npy"
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy"  # (another job may convert too)
     try:
         write(tmp)
         os.replace(tmp, path)
