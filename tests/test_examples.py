@@ -9,14 +9,24 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_quickstart_trains_a_mixed_network_that_learns():
+def _run(example: str) -> str:
+    """The standard output of ``python examples/<example>``, which must succeed."""
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "quickstart.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, str(EXAMPLES / example)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    accuracy = float(done.stdout.split("held-out accuracy after 40 steps: ")[1])
+    return done.stdout
+
+
+def test_quickstart_trains_a_mixed_network_that_learns():
+    out = _run("quickstart.py")
+    accuracy = float(out.split("held-out accuracy after 40 steps: ")[1])
     assert accuracy > 0.9  # two balanced classes: chance is 0.5
-    assert "(0.25x)" in done.stdout  # a quarter of the real network's parameters
+    assert "(0.25x)" in out  # a quarter of the real network's parameters
+
+
+def test_lottery_ticket_example_prunes_rewinds_and_learns():
+    out = _run("lottery_ticket.py")
+    assert "pruned to 10.0% of its weights" in out
+    ticket = float(out.split("ticket ")[1].split(",")[0])
+    assert ticket > 0.85  # ten classes: chance is 0.1
