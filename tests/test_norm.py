@@ -761,8 +761,14 @@ def test_layer_norm_statistics():
     torch.testing.assert_close(
         q.mean(-1), torch.zeros(3, 5, 4, dtype=torch.float64), atol=1e-12, rtol=0
     )
-    power = q.square().sum(-2).mean(-1)  # mean |q_c - mu|^2 per token
-    torch.testing.assert_close(power, torch.ones(3, 5, dtype=torch.float64), rtol=1e-4, atol=0)
+    power = q.square().sum(-2).mean(-1)  # mean |q_c - mu|^2 per token: 4, a unit per real
+    torch.testing.assert_close(
+        power, torch.full((3, 5), 4.0, dtype=torch.float64), rtol=1e-4, atol=0
+    )
+    # the scale of nn.LayerNorm, whose outputs have unit mean square
+    torch.testing.assert_close(
+        y.square().mean(-1), nn.LayerNorm(4 * c).double()(x).square().mean(-1), rtol=1e-4, atol=0
+    )  # (up to eps, whose share of the variance differs)
     # the components are not normalized separately: their variances keep their ratios
     xv = x.unflatten(-1, (4, c)).var(-1, correction=0)
     yv = q.var(-1, correction=0)
@@ -779,15 +785,15 @@ def test_layer_norm_statistics():
     assert QLayerNorm(8, elementwise_affine=False).weight is None
 
 
-def test_layer_norm_adds_eps_once_to_the_mean_squared_norm():
-    """y = (q - mu) / sqrt(mean_c |q_c - mu|^2 + eps), checked where eps matters."""
+def test_layer_norm_adds_eps_once_to_the_variance_per_real():
+    """y = (q - mu) / sqrt(mean_c |q_c - mu|^2 / 4 + eps), checked where eps matters."""
     torch.manual_seed(0)
-    x = torch.randn(5, 16, dtype=torch.float64) * 1e-3  # |q - mu|^2 ~ 4e-6, eps 1e-5
+    x = torch.randn(5, 16, dtype=torch.float64) * 3e-3  # variance ~1e-5, eps 1e-5
     ln = QLayerNorm(16, eps=1e-5, elementwise_affine=False).double()
     d = x.unflatten(-1, (4, 4))  # (..., 4, C)
     d = d - d.mean(-1, keepdim=True)
     power = d.square().sum(-2, keepdim=True).mean(-1, keepdim=True)
-    torch.testing.assert_close(ln(x), (d / torch.sqrt(power + 1e-5)).flatten(-2))
+    torch.testing.assert_close(ln(x), (d / torch.sqrt(power / 4 + 1e-5)).flatten(-2))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
