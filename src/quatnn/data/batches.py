@@ -97,18 +97,6 @@ def _unpickle(path: str) -> dict:
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as err:
         raise RuntimeError(f"{path} is damaged ({type(err).__name__}: {err})") from None
     if not isinstance(entry, dict):
-        raise RuntimeError(f"{path} holds a {type(entry).__name__}, not a CIFAR batch")
-    return entry
-
-
-def _unpickle(path: str) -> dict:
-    """The dict pickled in ``path``; RuntimeError naming the file if it holds none."""
-    try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as err:
-        raise RuntimeError(f"{path} is damaged ({type(err).__name__}: {err})") from None
-    if not isinstance(entry, dict):
         raise RuntimeError(f"{path} holds a {type(entry).__name__}, not a batch of images")
     return entry
 
