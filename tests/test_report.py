@@ -446,22 +446,53 @@ def test_lottery_level_spread_is_the_sample_std():
     from quatnn.report.lottery import summarize_levels
 
     base = {"variant": "real", "control": None, "level": 1, "real_percent": 50.0,
-            "params_percent": 50.0, "weights_percent": 50.0}  # fmt: skip
+            "params_percent": 50.0, "weights_percent": 50.0, "best_epoch": 1}  # fmt: skip
     accs = [0.6, 0.7, 0.95]
     (row,) = summarize_levels([{**base, "final_acc": a, "best_acc": a} for a in accs])
     assert row["acc"] == pytest.approx(statistics.mean(accs))
     assert row["acc_std"] == pytest.approx(statistics.stdev(accs))
 
 
+def _level(folder: Path, seed: int, final: float, best: float, epoch: int, val: bool) -> None:
+    """A finished lottery level as quatnn lottery writes it (``val``: it held out a
+    validation set)."""
+    _run(folder, "real", seed, [best, final], None)
+    summary = {"final_test_acc": final, "best_test_acc": best, "best_epoch": epoch}
+    (folder / "summary.json").write_text(
+        json.dumps(summary | ({"best_val_acc": 0.9} if val else {}))
+    )
+    counts = {"real_params": {"percent_remaining": 50.0}, "params": {"percent_remaining": 50.0},
+              "prunable": {"percent_remaining": 40.0}, "reference": "real"}  # fmt: skip
+    (folder / "sparsity.json").write_text(json.dumps(counts))
+
+
+def test_a_lottery_with_a_validation_set_reports_its_early_stopping_epochs(tmp_path):
+    from quatnn.report.lottery import write_lottery_report
+
+    (tmp_path / "lottery.toml").write_text('model = "lenet_300_100"\n\n[lottery]\nrate = 0.5\n')
+    for seed in (0, 1):
+        _level(
+            tmp_path / f"real-s{seed}" / "level-01", seed, 0.6, 0.8 + 0.02 * seed, 2 + seed, True
+        )
+    result = write_lottery_report(tmp_path)
+    header, _, row = result.table.splitlines()
+    assert header.endswith("| ticket acc (%) | ticket best epoch |")
+    assert row.endswith("| 81.00 ± 1.41 (n=2) | 2.5 |")  # test accuracy at the chosen epochs
+    assert (
+        "early-stopping epoch (of its best validation accuracy"
+        in (tmp_path / "lottery.md").read_text()
+    )
+    # a level without a validation set among them: the last epoch's accuracy, as before
+    _level(tmp_path / "real-s2" / "level-01", 2, 0.6, 0.9, 2, False)
+    header, _, row = write_lottery_report(tmp_path).table.splitlines()
+    assert "epoch" not in header and row.endswith("| 60.00 ± 0.00 (n=3) |")
+
+
 def test_lottery_levels_read_the_final_accuracy_for_the_final_metric(tmp_path):
     from quatnn.report.lottery import read_levels, summarize_levels
 
-    level = _run(tmp_path / "real-s0" / "level-01", "real", 0, [0.8, 0.6], None)
-    (level / "summary.json").write_text(json.dumps({"final_test_acc": 0.6, "best_test_acc": 0.8}))
-    counts = {"real_params": {"percent_remaining": 50.0}, "params": {"percent_remaining": 50.0},
-              "prunable": {"percent_remaining": 40.0}, "reference": "real"}  # fmt: skip
-    (level / "sparsity.json").write_text(json.dumps(counts))
+    _level(tmp_path / "real-s0" / "level-01", 0, final=0.6, best=0.8, epoch=1, val=False)
     (row,) = read_levels(tmp_path)
-    assert (row["final_acc"], row["best_acc"]) == (0.6, 0.8)
+    assert (row["final_acc"], row["best_acc"], row["validated"]) == (0.6, 0.8, False)
     assert summarize_levels([row], "final")[0]["acc"] == 0.6
     assert summarize_levels([row], "best")[0]["acc"] == 0.8

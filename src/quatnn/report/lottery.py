@@ -5,7 +5,11 @@ Reads ``lottery.toml`` and, in every ``<variant>-s<seed>/level-<LL>[-<control>]`
 ``config.toml``, ``summary.json`` and ``sparsity.json``; unfinished levels are left out.
 The x axis is the paper's (Iqbal & Mishra 2023): remaining parameters (pruned weights
 removed, biases kept) over those of the real model (``real4`` for colour data, ``real``
-for grayscale), so a quaternion curve starts near 25%.
+for grayscale), so a quaternion curve starts near 25%. Where the levels hold out a
+validation set (``--val-split``), each level's accuracy is the test accuracy at its
+early-stopping epoch, that of its highest validation accuracy, as Frankle & Carbin (2019)
+report tickets (they stop at the lowest validation loss), and the table gives that epoch
+too: winning tickets reach it sooner. Otherwise it is the accuracy of the last epoch.
 
 Example:
     >>> from quatnn.report import lottery
@@ -53,9 +57,11 @@ def is_lottery(path: str | Path) -> bool:
 
 def read_levels(path: str | Path) -> list[dict]:
     """One row per finished level folder: ``variant``, ``seed``, ``level``, ``control``
-    (None for the ticket), ``final_acc``, ``best_acc``, ``real_percent`` (parameters
-    left, % of the real model's), ``params_percent`` and ``weights_percent`` (% of the
-    model's own parameters and prunable weights), ``reference`` and ``path``."""
+    (None for the ticket), ``final_acc``, ``best_acc`` and ``best_epoch`` (of the best
+    epoch, :func:`quatnn.metrics.best_row`), ``validated`` (whether it held out a
+    validation set), ``real_percent`` (parameters left, % of the real model's),
+    ``params_percent`` and ``weights_percent`` (% of the model's own parameters and
+    prunable weights), ``reference`` and ``path``."""
     rows = []
     for folder in sorted(Path(path).glob("*-s*/level-*")):
         match = _LEVEL.fullmatch(folder.name)
@@ -76,6 +82,8 @@ def read_levels(path: str | Path) -> list[dict]:
                 "control": match[2],
                 "final_acc": run.summary["final_test_acc"],
                 "best_acc": run.summary["best_test_acc"],
+                "best_epoch": run.summary["best_epoch"],
+                "validated": "best_val_acc" in run.summary,
                 "real_percent": counts["real_params"]["percent_remaining"],
                 "params_percent": counts["params"]["percent_remaining"],
                 "weights_percent": counts["prunable"]["percent_remaining"],
@@ -93,7 +101,7 @@ def _order(variant: str) -> int:
 def summarize_levels(rows: Sequence[dict], metric: str = "final") -> list[dict]:
     """Rows of :func:`read_levels` grouped by variant, control and level: ``runs``,
     ``acc`` and ``acc_std`` (mean and sample std over seeds of the ``final`` or ``best``
-    test accuracy) and the mean of each percentage."""
+    test accuracy) and the mean of ``best_epoch`` and of each percentage."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     groups: dict[tuple, list[dict]] = {}
@@ -114,7 +122,7 @@ def summarize_levels(rows: Sequence[dict], metric: str = "final") -> list[dict]:
                 "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                 **{
                     key: statistics.fmean(m[key] for m in members)
-                    for key in ("real_percent", "params_percent", "weights_percent")
+                    for key in ("best_epoch", "real_percent", "params_percent", "weights_percent")
                 },
             }
         )
@@ -127,9 +135,9 @@ def _cell(row: dict | None) -> str:
     return f"{percent(row['acc'], row['acc_std'], row['runs'])} (n={row['runs']})"
 
 
-def level_table(summary: Sequence[dict]) -> str:
-    """The markdown table: one row per variant and level, the ticket's accuracy and
-    each control's beside it."""
+def level_table(summary: Sequence[dict], epochs: bool = False) -> str:
+    """The markdown table: one row per variant and level, the ticket's accuracy (and,
+    with ``epochs``, its mean best epoch) and each control's accuracy beside it."""
     present = {r["control"] for r in summary}
     controls = [c for c in _STYLES if c and c in present]
     cells = {(r["variant"], r["control"], r["level"]): r for r in summary}
@@ -143,6 +151,7 @@ def level_table(summary: Sequence[dict]) -> str:
                 "real params left (%)": f"{r['real_percent']:.2f}",
                 "weights left (%)": f"{r['weights_percent']:.2f}",
                 "ticket acc (%)": _cell(r),
+                **({"ticket best epoch": f"{r['best_epoch']:.1f}"} if epochs else {}),
                 **{f"{c} acc (%)": _cell(cells.get((*key[:1], c, key[1]))) for c in controls},
             }
         )
@@ -210,11 +219,12 @@ def _title(recipe: dict) -> str:
 
 
 def write_lottery_report(
-    path: str | Path, out: str | Path | None = None, metric: str = "final"
+    path: str | Path, out: str | Path | None = None, metric: str | None = None
 ) -> Report:
     """Read the lottery folder ``path`` and write :data:`FILES` into ``out`` (default:
     ``path``); ``metric`` is the test accuracy of each level's ``final`` or ``best`` epoch
-    (the best by validation accuracy where runs hold out a validation set)."""
+    (by default ``best`` where every level holds out a validation set, which chooses it,
+    else ``final``)."""
     path = Path(path)
     if not is_lottery(path):
         raise ReportError(f"{path} is not a lottery folder (no {RECIPE})")
@@ -225,16 +235,21 @@ def write_lottery_report(
     rows = read_levels(path)
     if not rows:
         raise ReportError(f"no level in {path} has finished yet")
+    validated = all(r["validated"] for r in rows)
+    metric = metric or ("best" if validated else "final")
     summary = summarize_levels(rows, metric)
     out = Path(out or path)
     out.mkdir(parents=True, exist_ok=True)
     title = _title(recipe)
     plot_lottery(summary, out / "lottery.png", title)
-    table = level_table(summary)
+    table = level_table(summary, epochs=metric == "best")
     references = sorted({r["reference"] for r in rows})
-    epoch = {"final": "final", "best": "best (by validation accuracy, if held out)"}[metric]
+    epoch = "last epoch"
+    if metric == "best":
+        chooser = "validation" if validated else "test (no validation set)"
+        epoch = f"early-stopping epoch (of its best {chooser} accuracy; the best epoch column)"
     notes = [
-        f"Accuracy: test accuracy of each level's {epoch} epoch, mean ± sample std over seeds "
+        f"Accuracy: test accuracy at each level's {epoch}, mean ± sample std over seeds "
         "(n=1: the one value).",
         f"Real params left: parameters left (biases kept) over those of the {', '.join(references)}"
         " model; weights left: the model's own prunable weights.",
