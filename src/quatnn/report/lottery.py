@@ -9,7 +9,8 @@ for grayscale), so a quaternion curve starts near 25%. Where the levels hold out
 validation set (``--val-split``), each level's accuracy is the test accuracy at its
 early-stopping epoch, that of its highest validation accuracy, as Frankle & Carbin (2019)
 report tickets (they stop at the lowest validation loss), and the table gives that epoch
-too: winning tickets reach it sooner. Otherwise it is the accuracy of the last epoch.
+too (they found that winning tickets reach it sooner). Otherwise it is the accuracy of the
+last epoch.
 
 Example:
     >>> from quatnn.report import lottery
