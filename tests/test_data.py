@@ -567,6 +567,16 @@ def test_downsampled_imagenet_converts_each_file_once_and_again_when_it_changes(
     assert np.array_equal(pickle.loads(shipped)[1][0], changed[1][0])
 
 
+def test_downsampled_imagenet_in_loader_workers_reads_what_one_process_reads(tmp_path):
+    write_imagenet(tmp_path, 32, per_batch=4, n_val=2)
+    train = data.load("imagenet32", tmp_path, train=True, encoding="rgb_gray", augment=False)
+    batches_seen = list(torch.utils.data.DataLoader(train, batch_size=8, num_workers=2))
+    x = torch.cat([b[0] for b in batches_seen])
+    y = torch.cat([b[1] for b in batches_seen])
+    assert len(y) == 40 and torch.equal(y, torch.as_tensor(train.targets))
+    assert torch.equal(x[[0, 13, 39]], torch.stack([train[i][0] for i in (0, 13, 39)]))
+
+
 def test_downsampled_imagenet_errors_say_what_is_wrong(tmp_path):
     with pytest.raises(data.DatasetMissingError) as excinfo:
         data.load("imagenet64", tmp_path, train=True)  # (download=True: still none)
