@@ -577,7 +577,7 @@ def test_downsampled_imagenet_in_loader_workers_reads_what_one_process_reads(tmp
     assert torch.equal(x[[0, 13, 39]], torch.stack([train[i][0] for i in (0, 13, 39)]))
 
 
-def test_downsampled_imagenet_errors_say_what_is_wrong(tmp_path):
+def test_downsampled_imagenet_errors_say_what_is_wrong(tmp_path, monkeypatch):
     with pytest.raises(data.DatasetMissingError) as excinfo:
         data.load("imagenet64", tmp_path, train=True)  # (download=True: still none)
     message = str(excinfo.value)
@@ -601,6 +601,18 @@ def test_downsampled_imagenet_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "imagenet32" / "val_data.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="val_data.npz is damaged"):
         data.load("imagenet32", tmp_path, train=False, download=False)
+    # a folder it cannot write its .npy files into (as root, chmod would not stop the test)
+    write_imagenet(tmp_path, 32, per_batch=1, n_val=2, npz=True)
+
+    def refused(src, dst):
+        raise PermissionError(13, "Permission denied", dst)
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(
+        ValueError, match="val_data.labels.npy .*Permission denied.*must be writable"
+    ):
+        data.load("imagenet32", tmp_path, train=False, download=False)
+    assert not [p.name for p in (tmp_path / "imagenet32").iterdir() if ".npy" in p.name]
 
 
 # ---------------------------------------------------------------- missing data
