@@ -576,6 +576,8 @@ def test_a_validation_split_is_held_out_of_training_and_chooses_best_pt(tmp_path
     assert best["val_acc"] > 0.8  # it learned
     log = (tmp_path / "run" / "train.log").read_text()
     assert f"val acc {best['val_acc']:.2%}" in log
+    images = f"{len(plain) - len(held):,} training, {len(held)} validation, {len(test)} test"
+    assert images in log
 
 
 def test_a_run_with_another_validation_split_is_a_different_run(tmp_path):
