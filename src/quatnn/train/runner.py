@@ -535,8 +535,8 @@ def train(
             where += f" x {ctx.world_size} processes ({ctx.backend})"
         held = "" if val_set is None else f", {len(val_set):,} validation"
         view.write(
-            f"{cfg.model} {cfg.variant} on {cfg.dataset} (encoding {cfg.encoding}; "
-            f"{len(train_set):,} training{held}, {len(test_set):,} test images): "
+            f"{cfg.model} {cfg.variant} on {cfg.dataset} (encoding {cfg.encoding}): "
+            f"{len(train_set):,} training{held}, {len(test_set):,} test images, "
             f"{models.count_parameters(model):,} parameters, {where}, {start} -> {out}"
         )
         train_loader, test_loader, val_loader = _loaders(
