@@ -95,14 +95,19 @@ def test_the_best_epoch_of_runs_with_a_validation_set_is_chosen_on_it(tmp_path):
     (row,) = summarize(report.find_runs([tmp_path]))
     assert row["best_acc"] == pytest.approx(statistics.mean([0.70, 0.60]))
     assert row["final_acc"] == pytest.approx(statistics.mean([0.70, 0.85]))
-    report.write_report([tmp_path])
-    assert "highest validation accuracy" in (tmp_path / "report.md").read_text()
+    assert row["best_val_acc"] == pytest.approx(statistics.mean([0.9, 0.8]))
     groups = group_runs(report.find_runs([tmp_path]))
     figure = plot_curves(groups, "acc", tmp_path / "acc.png", percent=True)
     lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
     validation = lines["real4 validation"].get_ydata()  # the mean over seeds, per epoch
     assert validation == pytest.approx([65.0, 70.0, 80.0])
     assert lines["real4 test (n=2)"].get_ydata() == pytest.approx([55.0, 85.0, 77.5])
+    _write_run(tmp_path / "quaternion-s0", "quaternion", 0, [0.5, 0.6])  # no validation set
+    table = report.write_report([tmp_path]).table
+    assert "| best test acc (%) | best val acc (%) |" in table
+    assert "| 65.00 ± 7.07 | 85.00 ± 7.07 |" in table  # real4: test at the chosen epochs
+    assert "| 60.00 | - |" in table  # quaternion: none held out
+    assert "highest validation accuracy" in (tmp_path / "report.md").read_text()
 
 
 def test_report_files_and_table(comparison, capsys):

@@ -233,6 +233,8 @@ def summarize(runs: Sequence[Run]) -> list[dict]:
         members = g.runs
         final = _mean_std([r.metrics[-1]["test_acc"] for r in members])
         best = _mean_std([best_row(r.metrics)["test_acc"] for r in members])
+        validated = all("val_acc" in r.metrics[0] for r in members)
+        val = _mean_std([best_row(r.metrics)["val_acc"] for r in members]) if validated else None
         speed = _mean_std([_steady(r, "samples_per_second") for r in members])
         seeds = Counter(r.seed for r in members)
         rows.append(
@@ -254,6 +256,8 @@ def summarize(runs: Sequence[Run]) -> list[dict]:
                 "final_acc_std": final[1],
                 "best_acc": best[0],
                 "best_acc_std": best[1],
+                "best_val_acc": val[0] if val else None,  # None: no validation set
+                "best_val_acc_std": val[1] if val else None,
                 "seconds_per_epoch": statistics.fmean(_steady(r, "epoch_seconds") for r in members),
                 "samples_per_second": speed[0],
                 "samples_per_second_std": speed[1],
@@ -269,23 +273,27 @@ def percent(mean: float, std: float, runs: int) -> str:
 
 def display_rows(rows: Sequence[dict]) -> list[dict]:
     """``rows`` of :func:`summarize` as the strings of the report table; the first column
-    is the row's label."""
+    is the row's label. Where some rows hold out a validation set, a column gives its
+    accuracy at the best epoch."""
+    validated = any(r["best_val_acc"] is not None for r in rows)
     shown = []
     for r in rows:
         unfinished = f" ({r['unfinished']} unfinished)" if r["unfinished"] else ""
-        shown.append(
-            {
-                "variant": r["label"],
-                "runs": f"{r['runs']}{unfinished}",
-                "epochs": str(r["epochs"]),
-                "params": "?" if r["params"] is None else f"{r['params']:,}",
-                "ratio to real": "-" if r["ratio"] is None else f"{r['ratio']:.3f}",
-                "final test acc (%)": percent(r["final_acc"], r["final_acc_std"], r["runs"]),
-                "best test acc (%)": percent(r["best_acc"], r["best_acc_std"], r["runs"]),
-                "s/epoch": f"{r['seconds_per_epoch']:.2f}",
-                "samples/s": f"{r['samples_per_second']:.0f}",
-            }
-        )
+        row = {
+            "variant": r["label"],
+            "runs": f"{r['runs']}{unfinished}",
+            "epochs": str(r["epochs"]),
+            "params": "?" if r["params"] is None else f"{r['params']:,}",
+            "ratio to real": "-" if r["ratio"] is None else f"{r['ratio']:.3f}",
+            "final test acc (%)": percent(r["final_acc"], r["final_acc_std"], r["runs"]),
+            "best test acc (%)": percent(r["best_acc"], r["best_acc_std"], r["runs"]),
+        }
+        if validated:
+            val = r["best_val_acc"], r["best_val_acc_std"], r["runs"]
+            row["best val acc (%)"] = "-" if val[0] is None else percent(*val)
+        row["s/epoch"] = f"{r['seconds_per_epoch']:.2f}"
+        row["samples/s"] = f"{r['samples_per_second']:.0f}"
+        shown.append(row)
     return shown
 
 
