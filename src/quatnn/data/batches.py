@@ -131,14 +131,17 @@ class DownsampledImageNet(Dataset):
                 f", ... ({len(missing)} files)" if len(missing) > 2 else ""
             )
             raise FileNotFoundError(f"missing {shown}")
-        self.image_files = [_converted(path, size) for path in sources]
+        converted = [_converted(path, size) for path in sources]
+        self.image_files = [images_path for images_path, _ in converted]
         counts, labels = [], []
-        for path in self.image_files:
-            images = np.load(path, mmap_mode="r")
+        for images_path, labels_path in converted:
+            images = np.load(images_path, mmap_mode="r")
             counts.append(len(images))
-            labels.append(np.load(path.replace(".images.npy", ".labels.npy")))
+            labels.append(np.load(labels_path))
             if images.shape[1:] != (size, size, 3) or len(labels[-1]) != len(images):
-                raise RuntimeError(f"{path} is damaged; delete it to convert its source again")
+                raise RuntimeError(
+                    f"{images_path} is damaged; delete it to convert its source again"
+                )
         self.offsets = np.cumsum([0, *counts])
         self.targets = np.concatenate(labels)
         self.classes = [str(k) for k in range(1, 1001)]
@@ -161,14 +164,14 @@ class DownsampledImageNet(Dataset):
         return (self.transform(image) if self.transform else image), int(self.targets[i])
 
 
-def _converted(source: str, size: int) -> str:
-    """The ``.images.npy`` of downsampled ImageNet file ``source`` (and its
-    ``.labels.npy``), converted now unless both are newer than ``source``."""
+def _converted(source: str, size: int) -> tuple[str, str]:
+    """The ``.images.npy`` and ``.labels.npy`` of downsampled ImageNet file ``source``,
+    converted now unless both are newer than ``source``."""
     stem = source.removesuffix(".npz")
     images_path, labels_path = stem + ".images.npy", stem + ".labels.npy"
     mtime = os.path.getmtime(source)
     if all(os.path.isfile(p) and os.path.getmtime(p) >= mtime for p in (images_path, labels_path)):
-        return images_path
+        return images_path, labels_path
     if source.endswith(".npz"):
         try:
             with np.load(source) as batch:
@@ -201,7 +204,7 @@ def _converted(source: str, size: int) -> str:
         del out
 
     _save_atomic(images_path, write_images)
-    return images_path
+    return images_path, labels_path
 
 
 def _save_atomic(path: str, write: Callable[[str], None]) -> None:

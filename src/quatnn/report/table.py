@@ -232,9 +232,10 @@ def summarize(runs: Sequence[Run]) -> list[dict]:
         theirs = _params(reference) if reference else None
         members = g.runs
         final = _mean_std([r.metrics[-1]["test_acc"] for r in members])
-        best = _mean_std([best_row(r.metrics)["test_acc"] for r in members])
-        validated = all("val_acc" in r.metrics[0] for r in members)
-        val = _mean_std([best_row(r.metrics)["val_acc"] for r in members]) if validated else None
+        bests = [best_row(r.metrics) for r in members]
+        best = _mean_std([row["test_acc"] for row in bests])
+        validated = all("val_acc" in row for row in bests)
+        val = _mean_std([row["val_acc"] for row in bests]) if validated else None
         speed = _mean_std([_steady(r, "samples_per_second") for r in members])
         seeds = Counter(r.seed for r in members)
         rows.append(
