@@ -9,7 +9,8 @@ from quatnn.models.resnet import ResidualBlock
 from quatnn.nn import QConv2d, QLinear, QMaxPool2d
 
 CONVNETS = ("conv2", "conv4", "conv6")
-RESNETS = ("resnet20", "resnet56", "resnet18", "resnet34", "resnet50")
+BOTTLENECK_RESNETS = ("resnet50", "resnet101", "resnet152")
+RESNETS = ("resnet20", "resnet56", "resnet18", "resnet34", *BOTTLENECK_RESNETS)
 MOBILENETS = ("mobilenet_v1", "mobilenet_v2")
 
 
@@ -72,16 +73,17 @@ def test_real4_adds_one_input_channel_of_first_convolution(name):
 
 
 @pytest.mark.parametrize("variant", models.VARIANTS)
-@pytest.mark.parametrize("name", [n for n in models.names() if n != "resnet50"])
+@pytest.mark.parametrize("name", [n for n in models.names() if n not in BOTTLENECK_RESNETS])
 def test_forward_backward_every_model_and_variant(name, variant):
     _forward_backward(models.create(name, variant), _input_shape(name, variant))
 
 
 @pytest.mark.parametrize("variant", models.VARIANTS)
-def test_forward_backward_resnet50(variant):
-    # Full width once (quaternion, 32x32); the real variants on 8x8 to keep the file fast.
-    size = None if variant == "quaternion" else (8, 8)
-    _forward_backward(models.create("resnet50", variant), _input_shape("resnet50", variant, size))
+@pytest.mark.parametrize("name", BOTTLENECK_RESNETS)
+def test_forward_backward_bottleneck_resnets(name, variant):
+    # 32x32 once (quaternion ResNet-50); the others on 8x8 to keep the file fast.
+    size = None if (name, variant) == ("resnet50", "quaternion") else (8, 8)
+    _forward_backward(models.create(name, variant), _input_shape(name, variant, size))
 
 
 def test_num_classes_100():
@@ -248,7 +250,7 @@ def test_bad_sizes_are_rejected():
 def test_defaults_per_variant_and_spec():
     assert models.names() == [
         "lenet_300_100", "conv2", "conv4", "conv6", "resnet20", "resnet56", "resnet18",
-        "resnet34", "resnet50", "mobilenet_v1", "mobilenet_v2", "vit",
+        "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v1", "mobilenet_v2", "vit",
     ]  # fmt: skip
     assert models.VARIANTS == ("real3", "real4", "real", "quaternion")
     channels = {v: models.default_in_channels("conv2", v) for v in models.VARIANTS}
@@ -350,10 +352,10 @@ def _randomized(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", *BOTTLENECK_RESNETS])
 def test_imagenet_resnets_compute_what_torchvisions_compute(name):
-    """ResNet-18 (basic blocks stride in their first 3x3) and ResNet-50 (torchvision's
-    v1.5: the bottleneck strides in its 3x3): same weights, same outputs."""
+    """ResNet-18/34 (basic blocks stride in their first 3x3) and ResNet-50/101/152
+    (torchvision's v1.5: the bottleneck strides in its 3x3): same weights, same outputs."""
     import torchvision
 
     from quatnn import models

@@ -44,6 +44,7 @@ from quatnn.train import (
     TrainConfig,
     Trainer,
 )
+from quatnn.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -568,6 +569,27 @@ def test_the_conv4_recipe_follows_the_paper():
         "0",
     )
     assert math.isclose(0.8**lottery.levels * 100, 1.15, abs_tol=0.01)
+
+
+COMPARE_RECIPES = sorted(
+    p for p in (ROOT / "experiments").glob("*.toml") if not p.stem.startswith("lottery")
+)
+
+
+@pytest.mark.parametrize("path", COMPARE_RECIPES, ids=lambda p: p.stem)
+def test_every_compare_recipe_runs_as_a_lottery_study_with_the_papers_pruning(path):
+    """The README: ``quatnn lottery --config`` any recipe runs its lottery study, with the
+    pruning of Iqbal & Mishra (global L1, 20% per level, 20 levels, rewind to init)."""
+    compare_cfg, compare_extra = load_config(path, {}, compare=True)
+    cfg, extra, lottery = load_recipe(path)
+    assert (cfg, extra) == (compare_cfg, compare_extra)
+    assert (lottery.levels, lottery.prune.rate, lottery.prune.scope, lottery.rewind) == (
+        20,
+        0.2,
+        "global",
+        "0",
+    )
+    assert (lottery.prune.method, lottery.prune.granularity) == ("magnitude", "element")
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Residual networks (He et al. 2016): CIFAR ResNet-20/56 and ImageNet ResNet-18/34/50.
+"""Residual networks (He et al. 2016): CIFAR ResNet-20/56 and ImageNet ResNet-18/34/50/101/152.
 
 Every residual branch ends in a batch norm; shortcuts are the identity, or a 1x1
 convolution and a batch norm (projection) where the shape changes. The bottleneck block
@@ -29,6 +29,8 @@ ARCHITECTURES: dict[str, tuple[bool, tuple[int, ...], tuple[int, ...]]] = {
     "resnet18": (False, (64, 128, 256, 512), (2, 2, 2, 2)),
     "resnet34": (False, (64, 128, 256, 512), (3, 4, 6, 3)),
     "resnet50": (True, (64, 128, 256, 512), (3, 4, 6, 3)),
+    "resnet101": (True, (64, 128, 256, 512), (3, 4, 23, 3)),
+    "resnet152": (True, (64, 128, 256, 512), (3, 8, 36, 3)),
 }
 """Name -> (bottleneck blocks, stage widths in real channels, blocks per stage)."""
 
