@@ -36,9 +36,11 @@ from quatnn.train.seeding import EpochSampler
 # A tenth of the 1438 training images is held out for validation (143). Epoch 1 is 22
 # steps of 60 on the other 1295 (the last has 35 samples: 17 and 18 per process), then 8
 # steps of epoch 2 (a new shuffle): the sampler, the epoch boundary and sharded
-# evaluation (143 validation images: 71 + 72; 359 test images: 179 + 180) all take part.
-RUN = ["--epochs", "2", "--max-steps", "30", "--val-split", "0.1", "--progress", "off"]
-CFG = train.TrainConfig(epochs=2, max_steps=30, val_split=0.1, device="cpu")
+# evaluation (143 validation images: 71 + 72; 359 test images: 179 + 180) all take part,
+# and the first 11 steps warm the learning rate up.
+RUN = ["--epochs", "2", "--max-steps", "30", "--val-split", "0.1", "--warmup", "0.5",
+       "--progress", "off"]  # fmt: skip
+CFG = train.TrainConfig(epochs=2, max_steps=30, val_split=0.1, warmup=0.5, device="cpu")
 RUN_FILES = {
     "config.toml",
     "metrics.jsonl",

@@ -98,8 +98,39 @@ def test_lr_schedules():
     assert train.lr_schedule("none", 0.1, 4)(4) == 0.1
 
 
+def test_warmup_scales_each_step_of_the_schedule():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    used = []  # the learning rate each optimizer step ran with
+    optimizer.register_step_pre_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"]))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,))), 2
+    )  # 4 steps per epoch
+    cosine = train.lr_schedule("cosine", 0.1, 3)
+    trainer = train.Trainer(model, optimizer)
+    trainer.fit(loader, loader, 3, lr_at=cosine, warmup_steps=6)
+    expected = [cosine((k - 1) // 4 + 1) * min(1, k / 6) for k in range(1, 13)]
+    assert used == pytest.approx(expected, rel=1e-12)
+    assert [row["lr"] for row in trainer.history] == pytest.approx(expected[::4], rel=1e-12)
+    with pytest.raises(ValueError, match="warmup_steps needs lr_at"):
+        train.Trainer(model, optimizer).fit(loader, loader, 1, warmup_steps=2)
+
+
+def test_warmup_is_counted_in_epochs_of_the_training_loader(tmp_path):
+    cfg = train.TrainConfig(variant="real", epochs=2, warmup=0.5, device="cpu")
+    train.train(cfg, tmp_path / "run", progress="off")
+    # 24 steps per epoch: 12 warmup steps, the first at 1/12 of the rate
+    assert [row["lr"] for row in _metrics(tmp_path / "run")] == [cfg.lr / 12, cfg.lr]
+    with pytest.raises(train.RunError, match=r"warmup must be in \[0, epochs\]"):
+        train.merge(cfg, {"warmup": 3.0}).validate()
+
+
 def test_resume_after_interrupt_reproduces_the_uninterrupted_run_exactly(tmp_path):
-    cfg = train.TrainConfig(variant="quaternion", epochs=3, device="cpu")
+    # interrupted while warming up (1.5 epochs), under a cosine schedule
+    cfg = train.TrainConfig(
+        variant="quaternion", epochs=3, schedule="cosine", warmup=1.5, device="cpu"
+    )
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     train.train(cfg, whole, progress="off")
 

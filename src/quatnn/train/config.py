@@ -82,6 +82,11 @@ class TrainConfig:
     schedule: str = _field(
         "none", "learning rate per epoch: none, cosine (to 0), step (x0.1 at 50% and 75%)"
     )
+    warmup: float = _field(
+        0.0,
+        "epochs (fractions too) of linear learning-rate warmup: step k of the first n "
+        "steps uses k/n of the schedule's rate (Goyal et al. 2017); 0: none",
+    )
     seed: int = _field(0, "seed of initialization, shuffling and augmentation")
     max_steps: int = _field(0, "stop after this many optimizer steps in all (0: no limit)")
     amp: bool = _field(
@@ -133,6 +138,7 @@ class TrainConfig:
             (self.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
             (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
             (0 <= self.val_split < 1, "val_split must be in [0, 1)"),
+            (0 <= self.warmup <= self.epochs, "warmup must be in [0, epochs]"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.max_steps >= 0, "max_steps must be >= 0 (0: no limit)"),

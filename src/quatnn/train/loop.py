@@ -135,6 +135,8 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.loss: Tensor | None = None
+        self._lr_at: Callable[[int], float] | None = None
+        self._warmup_steps = 0
 
     def _to_device(self, x: Tensor) -> Tensor:
         if self.channels_last and x.dim() == 4:
@@ -154,21 +156,25 @@ class Trainer:
         val_loader: DataLoader | None = None,
         max_steps: int = 0,
         lr_at: Callable[[int], float] | None = None,
+        warmup_steps: int = 0,
     ) -> None:
         """Train from epoch ``self.epoch + 1`` to ``epochs`` (or until ``max_steps``
         optimizer steps in all, if not 0), evaluating on ``test_loader`` (and
         ``val_loader``, if given: ``val_loss`` and ``val_acc``) after each epoch.
-        ``lr_at(epoch)`` sets the learning rate of each epoch. A sampler or batch sampler
-        with ``set_epoch`` is told the epoch before it is iterated."""
+        ``lr_at(epoch)`` sets the learning rate of each epoch; the first ``warmup_steps``
+        optimizer steps of the run scale it by ``step / warmup_steps`` (step counted from
+        1: a linear warmup, Goyal et al. 2017). A sampler or batch sampler with
+        ``set_epoch`` is told the epoch before it is iterated."""
+        if warmup_steps and lr_at is None:
+            raise ValueError("warmup_steps needs lr_at, the learning rate it warms up to")
+        self._lr_at, self._warmup_steps = lr_at, warmup_steps
         for callback in self.callbacks:
             callback.on_train_start(self)
         self.progress.start_epochs(epochs, self.epoch)
         try:
             while self.epoch < epochs and not (max_steps and self.step >= max_steps):
                 self.epoch += 1
-                if lr_at is not None:
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr_at(self.epoch)
+                self._set_lr()
                 lr = self.optimizer.param_groups[0]["lr"]
                 for sampler in (train_loader.sampler, train_loader.batch_sampler):
                     if hasattr(sampler, "set_epoch"):
@@ -190,6 +196,16 @@ class Trainer:
                     callback.on_epoch_end(self, row)
         finally:
             self.progress.close()
+
+    def _set_lr(self) -> None:
+        """The learning rate of the next step: ``lr_at(epoch)``, warmed up."""
+        if self._lr_at is None:
+            return
+        lr = self._lr_at(self.epoch)
+        if self.step < self._warmup_steps:
+            lr *= (self.step + 1) / self._warmup_steps
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def train_epoch(self, loader: DataLoader, max_steps: int = 0) -> dict:
         """One pass over ``loader`` (fewer batches if ``max_steps`` is reached):
@@ -231,6 +247,8 @@ class Trainer:
                 self.scaler.update()
             self.step += 1
             self.loss = loss
+            if self.step <= self._warmup_steps:
+                self._set_lr()
             correct = (logits.argmax(1) == y).sum().float()
             window.append(torch.stack((loss_sum, correct)))
             sizes.append(len(y))

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import math
 import platform
 import shutil
 import signal
@@ -551,6 +552,7 @@ def train(
                     val_loader=val_loader,
                     max_steps=cfg.max_steps,
                     lr_at=lr_schedule(cfg.schedule, cfg.lr, cfg.epochs),
+                    warmup_steps=math.ceil(cfg.warmup * len(train_loader)),
                 )
         except KeyboardInterrupt:
             saved = _saved_epoch(trainer)
