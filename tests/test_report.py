@@ -32,6 +32,7 @@ def _write_run(
     finished: bool = True,
     model: str = "conv2",
     val_accuracies: list[float] | None = None,
+    top5_accuracies: list[float] | None = None,
     **config: object,
 ) -> Path:
     folder.mkdir(parents=True)
@@ -53,6 +54,8 @@ def _write_run(
     ]
     for row, val in zip(rows, val_accuracies, strict=True) if val_accuracies else ():
         row |= {"val_loss": 1.0, "val_acc": val}
+    for row, top5 in zip(rows, top5_accuracies, strict=True) if top5_accuracies else ():
+        row["test_top5"] = top5
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if finished:
         summary = {"params": PARAMS.get(variant, 2_000), "device": "cpu (2 threads)"}
@@ -108,6 +111,25 @@ def test_the_best_epoch_of_runs_with_a_validation_set_is_chosen_on_it(tmp_path):
     assert "| 65.00 ± 7.07 | 85.00 ± 7.07 |" in table  # real4: test at the chosen epochs
     assert "| 60.00 | - |" in table  # quaternion: none held out
     assert "highest validation accuracy" in (tmp_path / "report.md").read_text()
+
+
+def test_top5_columns_where_runs_measured_it(tmp_path):
+    # best (top-1) epochs: 2 and 2; their top-5: 0.95 and 0.97; the last: 0.90 and 0.99
+    for seed, top5 in ((0, [0.7, 0.95, 0.90]), (1, [0.8, 0.97, 0.99])):
+        _write_run(tmp_path / f"real4-s{seed}", "real4", seed, ACCURACY["real4"][seed],
+                   top5_accuracies=top5)  # fmt: skip
+    _write_run(tmp_path / "quaternion-s0", "quaternion", 0, [0.5, 0.6])  # not measured
+    rows = {row["variant"]: row for row in summarize(report.find_runs([tmp_path]))}
+    assert rows["real4"]["final_top5"] == pytest.approx(statistics.mean([0.90, 0.99]))
+    assert rows["real4"]["best_top5"] == pytest.approx(statistics.mean([0.95, 0.97]))
+    assert rows["quaternion"]["final_top5"] is None
+    written = report.write_report([tmp_path])
+    assert "| final test top-5 (%) | best test top-5 (%) |" in written.table
+    assert "| 94.50 ± 6.36 | 96.00 ± 1.41 |" in written.table
+    assert "| 60.00 | - | - |" in written.table
+    assert "Top-5:" in (tmp_path / "report.md").read_text()
+    plain = _write_run(tmp_path / "plain" / "quaternion-s0", "quaternion", 0, [0.5, 0.6])
+    assert "top-5" not in report.write_report([plain.parent]).table
 
 
 def test_report_files_and_table(comparison, capsys):

@@ -98,6 +98,22 @@ def test_lr_schedules():
     assert train.lr_schedule("none", 0.1, 4)(4) == 0.1
 
 
+def test_top5_accuracy_counts_the_labels_among_the_five_highest_logits():
+    torch.manual_seed(0)
+    x, y = torch.randn(300, 6), torch.randint(0, 20, (300,))
+    model = nn.Linear(6, 20)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), 64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scores = train.Trainer(model, optimizer, top5=True).evaluate(loader, "val")
+    with torch.no_grad():
+        logits = model(x)
+    beaten_by = (logits > logits.gather(1, y[:, None])).sum(1)  # logits above the label's
+    assert scores["val_top5"] == pytest.approx((beaten_by < 5).double().mean().item())
+    assert scores["val_acc"] == pytest.approx((beaten_by == 0).double().mean().item())
+    assert 0 < scores["val_acc"] < scores["val_top5"] < 1
+    assert "val_top5" not in train.Trainer(model, optimizer).evaluate(loader, "val")
+
+
 def test_warmup_scales_each_step_of_the_schedule():
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
@@ -306,6 +322,12 @@ def test_trains_on_files_in_the_real_formats(tmp_path, dataset, model, writer, s
     assert summary["steps"] == 3 and summary["epochs"] == 1  # max_steps ends epoch 1 early
     rows = _metrics(tmp_path / "run")
     assert len(rows) == 1 and rows[0]["step"] == 3
+    # more than 10 classes (ImageNet's 1000): the top-5 accuracy too
+    top5 = dataset == "imagenet32"
+    assert ("test_top5" in rows[0], "best_test_top5" in summary) == (top5, top5)
+    if top5:
+        assert summary["final_test_top5"] == rows[0]["test_top5"] >= rows[0]["test_acc"]
+        assert f"top-5 {rows[0]['test_top5']:.2%}" in (tmp_path / "run" / "train.log").read_text()
     test_set = data.load(dataset, root, train=False, encoding=summary["encoding"], download=False)
     assert list(test_set[0][0].shape) == shape
     # exports name the outputs as the dataset's files do (CIFAR's batches.meta, ImageNet's

@@ -58,6 +58,11 @@ def _notes(runs: Sequence[Run], rows: Sequence[dict]) -> list[str]:
         "epochs after the first (warm-up; a run of one epoch: that epoch, warm-up included)"
         + (f"; measured on {', '.join(devices)}." if devices else "."),
     ]
+    if any(r["final_top5"] is not None for r in rows):
+        notes.append(
+            "Top-5: the share of test images whose label is among the model's five highest "
+            "scores (measured on datasets of more than 10 classes)."
+        )
     if references:
         notes.append(f"Ratio to real: parameters over those of {' / '.join(references)}.")
     for r in rows:

@@ -11,7 +11,8 @@ ratio of parameters to the unpruned real reference of the same model, dataset an
 options (``real4``, else ``real``, else the first real variant), the test accuracy of
 the last and of the best epoch (:func:`~quatnn.metrics.best_row`: chosen by
 validation accuracy where runs hold out a validation set; mean and sample standard
-deviation over the runs), and the training time per epoch and samples/s (mean over the
+deviation over the runs; the top-5 accuracies too where the runs measured them), and the
+training time per epoch and samples/s (mean over the
 epochs after the first, which includes warm-up).
 
 Example:
@@ -236,6 +237,10 @@ def summarize(runs: Sequence[Run]) -> list[dict]:
         best = _mean_std([row["test_acc"] for row in bests])
         validated = all("val_acc" in row for row in bests)
         val = _mean_std([row["val_acc"] for row in bests]) if validated else None
+        top5 = all("test_top5" in r.metrics[-1] and "test_top5" in row for r, row in
+                   zip(members, bests, strict=True))  # fmt: skip
+        final5 = _mean_std([r.metrics[-1]["test_top5"] for r in members]) if top5 else None
+        best5 = _mean_std([row["test_top5"] for row in bests]) if top5 else None
         speed = _mean_std([_steady(r, "samples_per_second") for r in members])
         seeds = Counter(r.seed for r in members)
         rows.append(
@@ -259,6 +264,10 @@ def summarize(runs: Sequence[Run]) -> list[dict]:
                 "best_acc_std": best[1],
                 "best_val_acc": val[0] if val else None,  # None: no validation set
                 "best_val_acc_std": val[1] if val else None,
+                "final_top5": final5[0] if final5 else None,  # None: not measured
+                "final_top5_std": final5[1] if final5 else None,
+                "best_top5": best5[0] if best5 else None,
+                "best_top5_std": best5[1] if best5 else None,
                 "seconds_per_epoch": statistics.fmean(_steady(r, "epoch_seconds") for r in members),
                 "samples_per_second": speed[0],
                 "samples_per_second_std": speed[1],
@@ -275,8 +284,10 @@ def percent(mean: float, std: float, runs: int) -> str:
 def display_rows(rows: Sequence[dict]) -> list[dict]:
     """``rows`` of :func:`summarize` as the strings of the report table; the first column
     is the row's label. Where some rows hold out a validation set, a column gives its
-    accuracy at the best epoch."""
+    accuracy at the best epoch; where some measured the top-5 accuracy (datasets of many
+    classes), two columns give it at the last and the best epoch."""
     validated = any(r["best_val_acc"] is not None for r in rows)
+    top5 = any(r["final_top5"] is not None for r in rows)
     shown = []
     for r in rows:
         unfinished = f" ({r['unfinished']} unfinished)" if r["unfinished"] else ""
@@ -292,6 +303,9 @@ def display_rows(rows: Sequence[dict]) -> list[dict]:
         if validated:
             val = r["best_val_acc"], r["best_val_acc_std"], r["runs"]
             row["best val acc (%)"] = "-" if val[0] is None else percent(*val)
+        for when in ("final", "best") if top5 else ():
+            value = r[f"{when}_top5"], r[f"{when}_top5_std"], r["runs"]
+            row[f"{when} test top-5 (%)"] = "-" if value[0] is None else percent(*value)
         row["s/epoch"] = f"{r['seconds_per_epoch']:.2f}"
         row["samples/s"] = f"{r['samples_per_second']:.0f}"
         shown.append(row)

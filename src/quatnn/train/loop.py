@@ -97,6 +97,7 @@ class Trainer:
             unchanged. Called at the same points in every process.
         sync_every: steps between reads of the running loss (and non-finite checks).
         channels_last: move 4D input batches to the device in channels-last layout.
+        top5: evaluation also gives the top-5 accuracy (``<split>_top5``).
 
     ``forward`` (the model, or its ``torch.compile`` wrapper) runs the training forward
     pass; a distributed wrapper such as DistributedDataParallel can replace it.
@@ -120,6 +121,7 @@ class Trainer:
         reduce: Callable[[Tensor], Tensor] | None = None,
         sync_every: int = 25,
         channels_last: bool = False,
+        top5: bool = False,
     ) -> None:
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
         self.forward = model if compile is None else torch.compile(model, mode=compile)
@@ -131,6 +133,7 @@ class Trainer:
         self.reduce = reduce or (lambda totals: totals)
         self.sync_every = sync_every
         self.channels_last = channels_last
+        self.top5 = top5
         self.epoch = 0
         self.step = 0
         self.history: list[dict] = []
@@ -308,8 +311,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, loader: DataLoader, split: str = "test") -> dict:
         """Mean loss and accuracy over ``loader`` in eval mode: ``<split>_loss``,
-        ``<split>_acc`` and ``eval_seconds`` (with a ``reduce`` hook: over the loaders of
-        all processes, and the mean seconds)."""
+        ``<split>_acc`` (and ``<split>_top5`` with ``top5``) and ``eval_seconds`` (with a
+        ``reduce`` hook: over the loaders of all processes, and the mean seconds)."""
         self.model.eval()
         start = time.perf_counter()
         rows = []
@@ -320,16 +323,20 @@ class Trainer:
             with self._autocast():
                 logits = self.eval_forward(x)
             loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
-            rows.append(torch.stack((loss_sum, (logits.argmax(1) == y).sum().float())))
+            scores = [loss_sum, (logits.argmax(1) == y).sum().float()]
+            if self.top5:
+                scores.append((logits.topk(5).indices == y[:, None]).any(1).sum().float())
+            rows.append(torch.stack(scores))
             samples += len(y)
         # (a process's part of a test set may be empty)
-        sums = torch.stack(rows).cpu().double().sum(0) if rows else torch.zeros(2).double()
+        width = 2 + self.top5
+        sums = torch.stack(rows).cpu().double().sum(0) if rows else torch.zeros(width).double()
         seconds = time.perf_counter() - start
         totals = torch.cat((sums, torch.tensor([samples, seconds, 1.0], dtype=torch.float64)))
-        loss_sum, correct, samples, seconds, processes = self.reduce(totals).tolist()
+        *scores, samples, seconds, processes = self.reduce(totals).tolist()
+        names = ("loss", "acc", "top5")[:width]
         return {
-            f"{split}_loss": loss_sum / samples,
-            f"{split}_acc": correct / samples,
+            **{f"{split}_{name}": v / samples for name, v in zip(names, scores, strict=True)},
             "eval_seconds": seconds / processes,
         }
 

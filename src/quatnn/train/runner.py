@@ -62,6 +62,8 @@ IF_EXISTS = ("refuse", "resume", "continue", "overwrite")
 """What :func:`train` does with a run already in ``out``: ``refuse`` (RunError),
 ``resume`` (continue it; RunError if there is none), ``continue`` (resume it, skip it if
 finished, or start a new one), ``overwrite`` (delete it and start again)."""
+TOP5_ABOVE = 10
+"""Runs on datasets of more classes than this also measure top-5 accuracy."""
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -236,7 +238,8 @@ def _tensorboard_writer_class() -> type:
 
 
 def epoch_line(row: dict, epochs: int) -> str:
-    """The log line of one metrics row (with ``val_loss`` and ``val_acc`` where it has them).
+    """The log line of one metrics row (with the validation scores and the top-5
+    accuracies where it has them).
 
     >>> row = {"epoch": 2, "train_loss": 0.5, "train_acc": 0.9, "test_loss": 0.4,
     ...        "test_acc": 0.91, "lr": 1e-3, "epoch_seconds": 1.5, "samples_per_second": 900.0}
@@ -249,11 +252,15 @@ def epoch_line(row: dict, epochs: int) -> str:
     1.5 s
     900 samples/s
     """
-    val = f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}  " if "val_acc" in row else ""
+
+    def scores(split: str) -> str:
+        top5 = f" top-5 {row[f'{split}_top5']:.2%}" if f"{split}_top5" in row else ""
+        return f"{split} loss {row[f'{split}_loss']:.4f} acc {row[f'{split}_acc']:.2%}{top5}  "
+
     return (
         f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} "
-        f"acc {row['train_acc']:.2%}  {val}test loss {row['test_loss']:.4f} "
-        f"acc {row['test_acc']:.2%}  lr {row['lr']:.1e}  {row['epoch_seconds']:.1f} s  "
+        f"acc {row['train_acc']:.2%}  {scores('val') if 'val_acc' in row else ''}"
+        f"{scores('test')}lr {row['lr']:.1e}  {row['epoch_seconds']:.1f} s  "
         f"{row['samples_per_second']:.0f} samples/s"
     )
 
@@ -326,7 +333,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def _summary(cfg: TrainConfig, trainer: Trainer, device: torch.device, world_size: int) -> dict:
     history = trainer.history
     best = best_row(history)
-    val = {"best_val_acc": best["val_acc"]} if "val_acc" in best else {}
+    extra = {"best_val_acc": best["val_acc"]} if "val_acc" in best else {}
+    if "test_top5" in history[-1] and "test_top5" in best:
+        extra |= {"final_test_top5": history[-1]["test_top5"], "best_test_top5": best["test_top5"]}
     timed = history[1:] or history  # the first epoch includes warm-up
     return {
         "model": cfg.model,
@@ -342,7 +351,7 @@ def _summary(cfg: TrainConfig, trainer: Trainer, device: torch.device, world_siz
         "final_train_acc": history[-1]["train_acc"],
         "best_test_acc": best["test_acc"],
         "best_epoch": best["epoch"],
-        **val,
+        **extra,
         "total_seconds": sum(r["epoch_seconds"] + r["eval_seconds"] for r in history),
         "seconds_per_epoch": statistics.fmean(r["epoch_seconds"] for r in timed),
         "samples_per_second": statistics.fmean(r["samples_per_second"] for r in timed),
@@ -499,6 +508,7 @@ def train(
             progress=view,
             reduce=distributed.reducer(device) if ctx.enabled else None,
             channels_last=cfg.channels_last,
+            top5=info.num_classes > TOP5_ABOVE,
         )
         if plan == "resume" and not (out / "checkpoint.pt").is_file():
             metrics = out / "metrics.jsonl"
