@@ -32,6 +32,7 @@ def _write_run(
     finished: bool = True,
     model: str = "conv2",
     val_accuracies: list[float] | None = None,
+    val_losses: list[float] | None = None,
     top5_accuracies: list[float] | None = None,
     **config: object,
 ) -> Path:
@@ -52,8 +53,8 @@ def _write_run(
         }
         for e, a in enumerate(accuracies, 1)
     ]
-    for row, val in zip(rows, val_accuracies, strict=True) if val_accuracies else ():
-        row |= {"val_loss": 1.0, "val_acc": val}
+    for e, (row, val) in enumerate(zip(rows, val_accuracies or (), strict=False)):
+        row |= {"val_loss": val_losses[e] if val_losses else 1.0, "val_acc": val}
     for row, top5 in zip(rows, top5_accuracies, strict=True) if top5_accuracies else ():
         row["test_top5"] = top5
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -110,7 +111,18 @@ def test_the_best_epoch_of_runs_with_a_validation_set_is_chosen_on_it(tmp_path):
     assert "| best test acc (%) | best val acc (%) |" in table
     assert "| 65.00 ± 7.07 | 85.00 ± 7.07 |" in table  # real4: test at the chosen epochs
     assert "| 60.00 | - |" in table  # quaternion: none held out
-    assert "highest validation accuracy" in (tmp_path / "report.md").read_text()
+    assert "on the validation set where it holds one out" in (tmp_path / "report.md").read_text()
+
+
+def test_runs_with_best_by_loss_are_reported_at_their_lowest_validation_loss(tmp_path):
+    # lowest validation loss: seed 0 at epoch 1 (test 0.50), seed 1 at epoch 2 (test 0.90)
+    for seed, losses in ((0, [0.2, 0.3, 0.4]), (1, [0.5, 0.1, 0.3])):
+        _write_run(tmp_path / f"real4-s{seed}", "real4", seed, ACCURACY["real4"][seed],
+                   val_accuracies=[0.5, 0.6, 0.9], val_losses=losses, val_split=0.1,
+                   best_by="loss")  # fmt: skip
+    (row,) = summarize(report.find_runs([tmp_path]))
+    assert row["best_acc"] == pytest.approx(statistics.mean([0.50, 0.90]))
+    assert row["best_val_acc"] == pytest.approx(statistics.mean([0.5, 0.6]))
 
 
 def test_top5_columns_where_runs_measured_it(tmp_path):
@@ -509,6 +521,10 @@ def test_a_lottery_with_a_validation_set_reports_its_early_stopping_epochs(tmp_p
         "early-stopping epoch (of its best validation accuracy"
         in (tmp_path / "lottery.md").read_text()
     )
+    recipe = 'model = "lenet_300_100"\nbest_by = "loss"\n\n[lottery]\nrate = 0.5\n'
+    (tmp_path / "lottery.toml").write_text(recipe)
+    write_lottery_report(tmp_path)
+    assert "(of its lowest validation loss" in (tmp_path / "lottery.md").read_text()
     # a level without a validation set among them: the last epoch's accuracy, as before
     _level(tmp_path / "real-s2" / "level-01", 2, 0.6, 0.9, 2, False)
     header, _, row = write_lottery_report(tmp_path).table.splitlines()

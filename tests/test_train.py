@@ -559,19 +559,21 @@ class _Quiet:
 
 
 @pytest.mark.parametrize(
-    ("test_accs", "val_accs", "best_epoch"),
+    ("test_accs", "val_accs", "losses", "best_epoch"),
     [
-        ((0.5, 0.7, 0.7), None, 2),  # ties: the first
-        ((0.5, 0.7, 0.6), (0.5, 0.6, 0.6), 2),  # validation ties: the first
-        ((0.5, 0.9, 0.6), (0.5, 0.6, 0.7), 3),  # the validation accuracy decides
+        ((0.5, 0.7, 0.7), None, None, 2),  # ties: the first
+        ((0.5, 0.7, 0.6), (0.5, 0.6, 0.6), None, 2),  # validation ties: the first
+        ((0.5, 0.9, 0.6), (0.5, 0.6, 0.7), None, 3),  # the validation accuracy decides
+        ((0.5, 0.9, 0.6), None, (0.9, 0.4, 0.3), 3),  # best_by loss: the lowest test loss
+        ((0.5, 0.9, 0.6), (0.5, 0.6, 0.7), (0.3, 0.4, 0.3), 1),  # validation loss; ties
     ],
 )
-def test_best_pt_holds_the_first_epoch_of_the_best_accuracy(
-    tmp_path, test_accs, val_accs, best_epoch
+def test_best_pt_holds_the_first_epoch_of_the_best_accuracy_or_loss(
+    tmp_path, test_accs, val_accs, losses, best_epoch
 ):
     """best.pt and summary's best_epoch name the same epoch, chosen by validation
-    accuracy where the run has it, the first of equals."""
-    cfg = TrainConfig()
+    accuracy (or loss, with best_by) where the run has it, the first of equals."""
+    cfg = TrainConfig(best_by="loss" if losses else "acc")
     writer = runner.RunWriter(tmp_path, cfg, _Quiet(), None, classes=["a", "b"])
     model = nn.Linear(2, 2)
     trainer = types.SimpleNamespace(history=[], model=model, state_dict=lambda: {"epoch": 0})
@@ -581,6 +583,8 @@ def test_best_pt_holds_the_first_epoch_of_the_best_accuracy(
                "eval_seconds": 0.1, "samples_per_second": 1.0}  # fmt: skip
         if val_accs:
             row |= {"val_loss": 1.0, "val_acc": val_accs[epoch - 1]}
+        if losses:
+            row[f"{'val' if val_accs else 'test'}_loss"] = losses[epoch - 1]
         trainer.history.append(row)
         with torch.no_grad():
             model.weight.fill_(epoch)

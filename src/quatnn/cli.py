@@ -190,7 +190,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "Train one model variant on one dataset. The run folder gets config.toml (every "
         "setting; an auto encoding stays auto), metrics.jsonl (one row per epoch), "
         "checkpoint.pt (after every epoch), best.pt (the best epoch: by validation accuracy "
-        "with --val-split, else by test accuracy), train.log and, at the end, "
+        "with --val-split, else by test accuracy; --best-by loss: by loss), train.log and, "
+        "at the end, "
         "summary.json. Ctrl-C or SIGTERM keeps the checkpoint of the last completed epoch; "
         "--resume continues from it.",
         [
@@ -534,7 +535,8 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
         "--best",
         action="store_true",
         help="export best.pt, not the last epoch (the best epoch: by validation accuracy in "
-        "a run with --val-split, else by test accuracy)",
+        "a run with --val-split, else by test accuracy; by loss in a run with --best-by "
+        "loss)",
     )
     parser.add_argument(
         "--check",

@@ -52,8 +52,8 @@ def _notes(runs: Sequence[Run], rows: Sequence[dict]) -> list[str]:
         "rows of its model and dataset differ.",
         "Accuracies: test accuracy of the last epoch (final) and of the best epoch, mean ± "
         "sample std over the runs of a row (a single run: its value). A run's best epoch "
-        "has its highest validation accuracy where it holds out a validation set "
-        "(--val-split), else its highest test accuracy.",
+        "has its highest accuracy (--best-by loss: its lowest loss) on the validation set "
+        "where it holds one out (--val-split), else on the test set.",
         "Time per epoch and samples/s: training only (evaluation excluded), mean over the "
         "epochs after the first (warm-up; a run of one epoch: that epoch, warm-up included)"
         + (f"; measured on {', '.join(devices)}." if devices else "."),

@@ -7,10 +7,10 @@ The x axis is the paper's (Iqbal & Mishra 2023): remaining parameters (pruned we
 removed, biases kept) over those of the real model (``real4`` for colour data, ``real``
 for grayscale), so a quaternion curve starts near 25%. Where the levels hold out a
 validation set (``--val-split``), each level's accuracy is the test accuracy at its
-early-stopping epoch, that of its highest validation accuracy, as Frankle & Carbin (2019)
-report tickets (they stop at the lowest validation loss), and the table gives that epoch
-too (they found that winning tickets reach it sooner). Otherwise it is the accuracy of the
-last epoch.
+early-stopping epoch, that of its highest validation accuracy (with ``--best-by loss``:
+its lowest validation loss, as Frankle & Carbin (2019) stop), as they report tickets,
+and the table gives that epoch too (they found that winning tickets reach it sooner).
+Otherwise it is the accuracy of the last epoch.
 
 Example:
     >>> from quatnn.report import lottery
@@ -247,8 +247,10 @@ def write_lottery_report(
     references = sorted({r["reference"] for r in rows})
     epoch = "last epoch"
     if metric == "best":
-        chooser = "validation" if validated else "test (no validation set)"
-        epoch = f"early-stopping epoch (of its best {chooser} accuracy; the best epoch column)"
+        by_loss = recipe.get("best_by") == "loss"
+        split = "validation" if validated else "test (no validation set)"
+        chooser = f"lowest {split} loss" if by_loss else f"best {split} accuracy"
+        epoch = f"early-stopping epoch (of its {chooser}; the best epoch column)"
     notes = [
         f"Accuracy: test accuracy at each level's {epoch}, mean ± sample std over seeds "
         "(n=1: the one value).",

@@ -233,7 +233,7 @@ def summarize(runs: Sequence[Run]) -> list[dict]:
         theirs = _params(reference) if reference else None
         members = g.runs
         final = _mean_std([r.metrics[-1]["test_acc"] for r in members])
-        bests = [best_row(r.metrics) for r in members]
+        bests = [best_row(r.metrics, r.config.get("best_by", "acc")) for r in members]
         best = _mean_std([row["test_acc"] for row in bests])
         validated = all("val_acc" in row for row in bests)
         val = _mean_std([row["val_acc"] for row in bests]) if validated else None

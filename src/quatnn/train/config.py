@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quatnn.metrics import BEST_BY
 from quatnn.train.errors import RunError
 
 if sys.version_info >= (3, 11):
@@ -68,8 +69,15 @@ class TrainConfig:
     val_split: float = _field(
         0.0,
         "fraction of the training set held out (per class, the same images for every seed) "
-        "to validate on: the best epoch and best.pt are then chosen by validation accuracy, "
-        "not test accuracy; 0: none",
+        "to validate on: the best epoch and best.pt are then chosen on it, not on the test "
+        "set; 0: none",
+    )
+    best_by: str = _field(
+        "acc",
+        "what makes an epoch the best (best.pt, the best_* figures, a lottery level's "
+        "early-stopping epoch): acc, the highest accuracy, or loss, the lowest loss "
+        "(Frankle & Carbin's early stopping); on the validation set with val_split, else "
+        "on the test set",
     )
     options: dict = _field({}, "model options, e.g. norm=whiten for ResNets")
     epochs: int = _field(15, "number of epochs")
@@ -145,6 +153,7 @@ class TrainConfig:
             (self.workers >= -1, "workers must be >= 0, or -1 for automatic"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.best_by in BEST_BY, f"best_by must be one of {', '.join(BEST_BY)}"),
             (
                 self.compile_mode in COMPILE_MODES,
                 f"compile_mode must be one of {', '.join(COMPILE_MODES)}",

@@ -5,8 +5,9 @@ encoding stays ``auto``, so that the file serves other variants too; ``quatnn tr
 --config`` runs it again; ``summary.json`` and ``train.log`` name the encoding used),
 ``metrics.jsonl`` (one JSON object per epoch), ``checkpoint.pt`` (the state after the
 last completed epoch, written atomically), ``best.pt`` (the weights of the best epoch:
-that of the highest validation accuracy with ``val_split``, else of the highest test
-accuracy), ``train.log`` (the log lines) and, once finished,
+that of the highest accuracy, or with ``best_by = "loss"`` the lowest loss, on the
+validation set with ``val_split``, else on the test set), ``train.log`` (the log lines)
+and, once finished,
 ``summary.json``. A compare folder holds ``compare.toml`` and one run folder per variant
 and seed, named ``<variant>-s<seed>``.
 
@@ -299,8 +300,10 @@ class RunWriter(Callback):
                 if key not in ("epoch", "step"):
                     self.tensorboard.add_scalar(key, value, row["epoch"])
             self.tensorboard.flush()
-        if best_row(trainer.history) is row:
-            scores = {k: row[k] for k in ("val_acc", "test_acc") if k in row}
+        if best_row(trainer.history, self.cfg.best_by) is row:
+            scores = {
+                k: row[k] for k in ("val_loss", "val_acc", "test_loss", "test_acc") if k in row
+            }
             state = {"epoch": row["epoch"], **scores, "model": trainer.model.state_dict()}
             _save(self.out / "best.pt", self.cfg, state, self.classes)
         _save(self.out / "checkpoint.pt", self.cfg, trainer.state_dict(), self.classes)
@@ -332,7 +335,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def _summary(cfg: TrainConfig, trainer: Trainer, device: torch.device, world_size: int) -> dict:
     history = trainer.history
-    best = best_row(history)
+    best = best_row(history, cfg.best_by)
     extra = {"best_val_acc": best["val_acc"]} if "val_acc" in best else {}
     if "test_top5" in history[-1] and "test_top5" in best:
         extra |= {"final_test_top5": history[-1]["test_top5"], "best_test_top5": best["test_top5"]}
