@@ -37,10 +37,12 @@ from quatnn.train.seeding import EpochSampler
 # steps of 60 on the other 1295 (the last has 35 samples: 17 and 18 per process), then 8
 # steps of epoch 2 (a new shuffle): the sampler, the epoch boundary and sharded
 # evaluation (143 validation images: 71 + 72; 359 test images: 179 + 180) all take part,
-# and the first 11 steps warm the learning rate up.
+# and the first 11 steps warm the learning rate up; the loss is label-smoothed and the
+# gradients clipped (to 0.5: every step's norm is above it, about 2).
 RUN = ["--epochs", "2", "--max-steps", "30", "--val-split", "0.1", "--warmup", "0.5",
-       "--progress", "off"]  # fmt: skip
-CFG = train.TrainConfig(epochs=2, max_steps=30, val_split=0.1, warmup=0.5, device="cpu")
+       "--label-smoothing", "0.1", "--clip-grad-norm", "0.5", "--progress", "off"]  # fmt: skip
+CFG = train.TrainConfig(epochs=2, max_steps=30, val_split=0.1, warmup=0.5, label_smoothing=0.1,
+                        clip_grad_norm=0.5, device="cpu")  # fmt: skip
 RUN_FILES = {
     "config.toml",
     "metrics.jsonl",

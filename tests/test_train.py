@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fixtures_data import write_cifar10, write_imagenet, write_mnist
 from torch import nn
 
@@ -112,6 +113,64 @@ def test_top5_accuracy_counts_the_labels_among_the_five_highest_logits():
     assert scores["val_acc"] == pytest.approx((beaten_by == 0).double().mean().item())
     assert 0 < scores["val_acc"] < scores["val_top5"] < 1
     assert "val_top5" not in train.Trainer(model, optimizer).evaluate(loader, "val")
+
+
+def _one_batch(classes: int = 5) -> tuple[torch.utils.data.DataLoader, nn.Linear]:
+    torch.manual_seed(0)
+    data_set = torch.utils.data.TensorDataset(torch.randn(16, 6), torch.randint(0, classes, (16,)))
+    return torch.utils.data.DataLoader(data_set, 16), nn.Linear(6, classes)
+
+
+def test_label_smoothing_of_the_training_loss_only():
+    loader, model = _one_batch()
+    (x, y), eps = next(iter(loader)), 0.2
+    with torch.no_grad():
+        logp = model(x).log_softmax(1)
+    # the target puts 1 - eps on the label and eps spread evenly over all 5 classes
+    smoothed = -((1 - eps) * logp.gather(1, y[:, None]).squeeze(1) + eps * logp.mean(1)).mean()
+    plain = -logp.gather(1, y[:, None]).mean()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay
+    trainer = train.Trainer(model, optimizer, label_smoothing=eps)
+    trainer.fit(loader, loader, 1)
+    row = trainer.history[0]
+    assert row["train_loss"] == pytest.approx(smoothed.item(), rel=1e-6)
+    assert row["test_loss"] == pytest.approx(plain.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("amp", [None, torch.float16])  # float16: with a GradScaler
+def test_clip_grad_norm_scales_the_step_down_to_the_norm(amp):
+    loader, model = _one_batch()
+    x, y = next(iter(loader))
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    norm = torch.cat([g.flatten() for g in grads]).norm()
+    limit = norm.item() / 3
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    train.Trainer(model, optimizer, amp_dtype=amp, clip_grad_norm=limit).fit(loader, loader, 1)
+    for p, p0, g in zip(model.parameters(), before, grads, strict=True):
+        tol = 1e-6 if amp is None else 2e-3  # float16 forward
+        torch.testing.assert_close(p.detach(), p0 - 0.5 * g * limit / norm, atol=tol, rtol=0)
+
+
+def test_the_run_trains_with_the_configs_smoothing_and_clipping(tmp_path):
+    cfg = train.TrainConfig(
+        variant="real", optimizer="sgd", momentum=0.0, lr=0.1, clip_grad_norm=1e-3,
+        label_smoothing=0.1, epochs=1, max_steps=3, device="cpu",
+    )  # fmt: skip
+    changes = []
+
+    class Watch(train.Callback):
+        def on_train_start(self, trainer: train.Trainer) -> None:
+            assert trainer.label_smoothing == 0.1
+            self.last = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+        def on_step_end(self, trainer: train.Trainer) -> None:
+            now = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+            changes.append((now - self.last).norm().item())
+            self.last = now
+
+    train.train(cfg, tmp_path / "run", progress="off", callbacks=[Watch()])
+    assert changes == pytest.approx([0.1 * 1e-3] * 3, rel=1e-4)  # lr x the clipped norm
 
 
 def test_warmup_scales_each_step_of_the_schedule():
@@ -456,6 +515,9 @@ def test_seeded_dataset_augments_each_epoch_anew_and_reproducibly():
         ({"max_steps": -1}, "max_steps must be >= 0"),
         ({"val_split": 1.0}, "val_split must be in"),  # nothing left to train on
         ({"val_split": -0.1}, "val_split must be in"),
+        ({"label_smoothing": 1.0}, "label_smoothing must be in"),
+        ({"clip_grad_norm": -1.0}, "clip_grad_norm must be >= 0"),
+        ({"best_by": "val_acc"}, "best_by must be one of acc, loss"),
     ],
 )
 def test_config_validation_ranges(values, message):

@@ -86,6 +86,12 @@ class TrainConfig:
     optimizer: str = _field("adam", f"one of {', '.join(OPTIMIZERS)}")
     lr: float = _field(1.2e-3, "learning rate")
     weight_decay: float = _field(0.0, "L2 weight decay (decoupled for adamw)")
+    label_smoothing: float = _field(
+        0.0, "label smoothing of the training loss (test and validation losses: none)"
+    )
+    clip_grad_norm: float = _field(
+        0.0, "clip the gradients' total 2-norm to this before each step; 0: no clipping"
+    )
     momentum: float = _field(0.9, "SGD momentum")
     schedule: str = _field(
         "none", "learning rate per epoch: none, cosine (to 0), step (x0.1 at 50% and 75%)"
@@ -148,6 +154,8 @@ class TrainConfig:
             (0 <= self.val_split < 1, "val_split must be in [0, 1)"),
             (0 <= self.warmup <= self.epochs, "warmup must be in [0, epochs]"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (self.clip_grad_norm >= 0, "clip_grad_norm must be >= 0 (0: no clipping)"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.max_steps >= 0, "max_steps must be >= 0 (0: no limit)"),
             (self.workers >= -1, "workers must be >= 0, or -1 for automatic"),

@@ -98,6 +98,10 @@ class Trainer:
         sync_every: steps between reads of the running loss (and non-finite checks).
         channels_last: move 4D input batches to the device in channels-last layout.
         top5: evaluation also gives the top-5 accuracy (``<split>_top5``).
+        label_smoothing: of the training loss (``F.cross_entropy``'s); evaluation losses
+            are plain cross-entropy.
+        clip_grad_norm: if positive, scale the gradients down to this total 2-norm when
+            it is larger, before each optimizer step.
 
     ``forward`` (the model, or its ``torch.compile`` wrapper) runs the training forward
     pass; a distributed wrapper such as DistributedDataParallel can replace it.
@@ -122,6 +126,8 @@ class Trainer:
         sync_every: int = 25,
         channels_last: bool = False,
         top5: bool = False,
+        label_smoothing: float = 0.0,
+        clip_grad_norm: float = 0.0,
     ) -> None:
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
         self.forward = model if compile is None else torch.compile(model, mode=compile)
@@ -134,6 +140,8 @@ class Trainer:
         self.sync_every = sync_every
         self.channels_last = channels_last
         self.top5 = top5
+        self.label_smoothing = label_smoothing
+        self.clip_grad_norm = clip_grad_norm
         self.epoch = 0
         self.step = 0
         self.history: list[dict] = []
@@ -233,19 +241,25 @@ class Trainer:
                     f"activations became non-finite in epoch {self.epoch} at step "
                     f"{self.step + 1} (batch {batch} of {total}): {err}"
                 ) from None
+            smoothing = self.label_smoothing
             if share is None:
-                loss = F.cross_entropy(logits.float(), y)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
                 loss_sum = loss.detach() * len(y)
             else:  # this process's share of the global batch mean
-                loss_sum = F.cross_entropy(logits.float(), y, reduction="sum")
+                loss_sum = F.cross_entropy(
+                    logits.float(), y, reduction="sum", label_smoothing=smoothing
+                )
                 loss = loss_sum * share(batch - 1)
                 loss_sum = loss_sum.detach()
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is None:
                 loss.backward()
+                self._clip()
                 self.optimizer.step()
             else:
                 self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+                self._clip()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             self.step += 1
@@ -280,6 +294,10 @@ class Trainer:
             "epoch_seconds": seconds,
             "samples_per_second": samples / seconds,
         }
+
+    def _clip(self) -> None:
+        if self.clip_grad_norm > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
 
     def _check_weights(self) -> None:
         """Raise NonFiniteLoss if a weight is NaN or infinite after the epoch's last step

@@ -512,6 +512,8 @@ def train(
             reduce=distributed.reducer(device) if ctx.enabled else None,
             channels_last=cfg.channels_last,
             top5=info.num_classes > TOP5_ABOVE,
+            label_smoothing=cfg.label_smoothing,
+            clip_grad_norm=cfg.clip_grad_norm,
         )
         if plan == "resume" and not (out / "checkpoint.pt").is_file():
             metrics = out / "metrics.jsonl"
