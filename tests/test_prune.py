@@ -669,6 +669,16 @@ def test_lottery_report(lottery, tmp_path):
     assert lines[2].startswith("| real | 0 | 100.00 | 100.00 |")
     assert lines[5].startswith("| quaternion | 0 | 25.40 | 100.00 |")
     assert not is_lottery(tmp_path)
+    # the weights left per layer at the deepest level, counted here from the masks
+    markdown = (tmp_path / "lottery.md").read_text()
+    layers = markdown.split("## Weights left per layer at level 2")[1].split("\n\n")[1]
+    assert layers.splitlines()[0] == "| layer | real (%) | quaternion (%) |"
+    real = load_masks(level_dir(out, "real", 0, 2) / "masks.pt")
+    quaternion = load_masks(level_dir(out, "quaternion", 0, 2) / "masks.pt")
+    assert list(real) == list(quaternion) == ["fc1", "fc2", "head"]
+    for name, line in zip(real, layers.splitlines()[2:], strict=True):
+        left = [100 * m[name].float().mean().item() for m in (real, quaternion)]
+        assert line == f"| {name} | {left[0]:.2f} | {left[1]:.2f} |"
 
 
 def test_lottery_titles_name_every_pruning_setting():

@@ -501,7 +501,8 @@ def _level(folder: Path, seed: int, final: float, best: float, epoch: int, val: 
         json.dumps(summary | ({"best_val_acc": 0.9} if val else {}))
     )
     counts = {"real_params": {"percent_remaining": 50.0}, "params": {"percent_remaining": 50.0},
-              "prunable": {"percent_remaining": 40.0}, "reference": "real"}  # fmt: skip
+              "prunable": {"percent_remaining": 40.0}, "reference": "real",
+              "layers": [{"name": "fc1", "percent_remaining": 30.0 + seed}]}  # fmt: skip
     (folder / "sparsity.json").write_text(json.dumps(counts))
 
 
@@ -529,6 +530,32 @@ def test_a_lottery_with_a_validation_set_reports_its_early_stopping_epochs(tmp_p
     _level(tmp_path / "real-s2" / "level-01", 2, 0.6, 0.9, 2, False)
     header, _, row = write_lottery_report(tmp_path).table.splitlines()
     assert "epoch" not in header and row.endswith("| 60.00 ± 0.00 (n=3) |")
+
+
+def test_weights_left_per_layer_are_the_tickets_means_at_the_deepest_common_level():
+    from quatnn.report.lottery import layer_levels, layer_table
+
+    def row(variant, seed, level, layers, control=None):
+        return {"variant": variant, "seed": seed, "level": level, "control": control,
+                "layers": layers}  # fmt: skip
+
+    rows = [
+        row("real4", 0, 1, {"conv": 50.0, "head": 90.0}),
+        row("real4", 1, 1, {"conv": 40.0, "head": 80.0}),
+        row("real4", 0, 1, {"conv": 1.0, "head": 1.0}, control="random"),  # not a ticket
+        row("real4", 0, 2, {"conv": 20.0, "head": 70.0}),  # one variant's level 2 only
+        row("quaternion", 0, 1, {"conv": 60.0, "head": 70.0}),
+    ]
+    layers = layer_levels(rows)
+    assert layers["real4"][1] == {"conv": 45.0, "head": 85.0}
+    level, table = layer_table(layers)
+    assert level == 1
+    assert table.splitlines() == [
+        "| layer | real4 (%) | quaternion (%) |",
+        "|---|---|---|",
+        "| conv | 45.00 | 60.00 |",
+        "| head | 85.00 | 70.00 |",
+    ]
 
 
 def test_lottery_levels_read_the_final_accuracy_for_the_final_metric(tmp_path):

@@ -420,9 +420,10 @@ def _add_lottery(commands: argparse._SubParsersAction) -> None:
         "and seed: OUT/<variant>-s<seed>/level-<LL>/ is a run folder plus masks.pt and "
         "sparsity.json, the controls go to level-<LL>-reinit/ and level-<LL>-random/. "
         "Finished levels are skipped and an interrupted one resumes, so the same command "
-        "continues an interrupted lottery. Then writes lottery.md, lottery.png and "
-        "lottery.json (the numbers) into OUT (also: quatnn report OUT). A config file may "
-        "hold a [lottery] table of the pruning settings below, and variants and seeds.",
+        "continues an interrupted lottery. Then writes lottery.md, lottery.png, "
+        "lottery_layers.png (weights left per layer) and lottery.json (the numbers) into "
+        "OUT (also: quatnn report OUT). A config file may hold a [lottery] table of the "
+        "pruning settings below, and variants and seeds.",
         [
             "quatnn lottery --model lenet_300_100 --dataset digits --levels 3 --rate 0.5 \\",
             "    --epochs 2 --seeds 0 --out runs/lottery-demo",

@@ -10,7 +10,8 @@ validation set (``--val-split``), each level's accuracy is the test accuracy at 
 early-stopping epoch, that of its highest validation accuracy (with ``--best-by loss``:
 its lowest validation loss, as Frankle & Carbin (2019) stop), as they report tickets,
 and the table gives that epoch too (they found that winning tickets reach it sooner).
-Otherwise it is the accuracy of the last epoch.
+Otherwise it is the accuracy of the last epoch. The weights left in each layer (tickets,
+mean over seeds) come as a table at the deepest level and a plot over all levels.
 
 Example:
     >>> from quatnn.report import lottery
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
 from quatnn.models import VARIANTS
 from quatnn.report.runs import ReportError, read_run
@@ -45,7 +46,7 @@ else:  # pragma: no cover
 __all__ = ["is_lottery", "read_levels", "summarize_levels", "write_lottery_report"]
 
 RECIPE = "lottery.toml"
-FILES = ("lottery.md", "lottery.json", "lottery.png")
+FILES = ("lottery.md", "lottery.json", "lottery.png", "lottery_layers.png")
 METRICS = ("final", "best")
 _LEVEL = re.compile(r"level-(\d+)(?:-(\w+))?")
 _STYLES = {None: "-", "reinit": "--", "random": "-."}
@@ -62,7 +63,8 @@ def read_levels(path: str | Path) -> list[dict]:
     epoch, :func:`quatnn.metrics.best_row`), ``validated`` (whether it held out a
     validation set), ``real_percent`` (parameters left, % of the real model's),
     ``params_percent`` and ``weights_percent`` (% of the model's own parameters and
-    prunable weights), ``reference`` and ``path``."""
+    prunable weights), ``layers`` (each prunable layer's name -> % of its weights left),
+    ``reference`` and ``path``."""
     rows = []
     for folder in sorted(Path(path).glob("*-s*/level-*")):
         match = _LEVEL.fullmatch(folder.name)
@@ -88,6 +90,7 @@ def read_levels(path: str | Path) -> list[dict]:
                 "real_percent": counts["real_params"]["percent_remaining"],
                 "params_percent": counts["params"]["percent_remaining"],
                 "weights_percent": counts["prunable"]["percent_remaining"],
+                "layers": {c["name"]: c["percent_remaining"] for c in counts["layers"]},
                 "reference": counts["reference"],
                 "path": str(folder),
             }
@@ -157,6 +160,65 @@ def level_table(summary: Sequence[dict], epochs: bool = False) -> str:
             }
         )
     return markdown_table(shown)
+
+
+def layer_levels(rows: Sequence[dict]) -> dict[str, dict[int, dict[str, float]]]:
+    """The tickets' weights left per layer: variant -> level -> layer name -> percent
+    (the mean over seeds), for rows of :func:`read_levels`."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["control"] is None:
+            groups.setdefault((row["variant"], row["level"]), []).append(row["layers"])
+    result: dict[str, dict[int, dict[str, float]]] = {}
+    for (variant, level), members in sorted(
+        groups.items(), key=lambda kv: (_order(kv[0][0]), kv[0])
+    ):
+        names = list(dict.fromkeys(name for layers in members for name in layers))
+        result.setdefault(variant, {})[level] = {
+            name: statistics.fmean(layers[name] for layers in members if name in layers)
+            for name in names
+        }
+    return result
+
+
+def layer_table(layers: dict[str, dict[int, dict[str, float]]]) -> tuple[int, str]:
+    """The deepest level that every variant's tickets reached, and the markdown table of
+    the weights left in each layer there (a column per variant)."""
+    level = min(max(levels) for levels in layers.values())
+    names = list(dict.fromkeys(n for levels in layers.values() for n in levels[level]))
+    shown = [
+        {
+            "layer": name,
+            **{
+                f"{variant} (%)": f"{levels[level][name]:.2f}" if name in levels[level] else "-"
+                for variant, levels in layers.items()
+            },
+        }
+        for name in names
+    ]
+    return level, markdown_table(shown)
+
+
+def plot_layers(
+    layers: dict[str, dict[int, dict[str, float]]], path: str | Path, title: str
+) -> None:
+    """Weights left per layer against the level, a panel per variant (log axis)."""
+    fig = Figure(figsize=(4.2 * len(layers), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(layers), sharey=True, squeeze=False)[0]
+    for ax, (variant, levels) in zip(axes, layers.items(), strict=True):
+        names = list(dict.fromkeys(n for level in levels.values() for n in level))
+        for i, name in enumerate(names):
+            points = sorted((lv, v[name]) for lv, v in levels.items() if name in v)
+            x, y = zip(*points, strict=True)
+            ax.plot(x, y, marker="o", markersize=2, color=f"C{i % 10}", label=name)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel="level", title=variant)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="xx-small", ncol=1 + len(names) // 12)
+    axes[0].set_ylabel("weights left in the layer (%)")
+    fig.suptitle(title, fontsize="medium")
+    fig.savefig(path, dpi=120)
 
 
 def plot_lottery(summary: Sequence[dict], path: str | Path, title: str) -> None:
@@ -243,6 +305,9 @@ def write_lottery_report(
     out.mkdir(parents=True, exist_ok=True)
     title = _title(recipe)
     plot_lottery(summary, out / "lottery.png", title)
+    layers = layer_levels(rows)
+    plot_layers(layers, out / "lottery_layers.png", title)
+    deepest, layers_table = layer_table(layers)
     table = level_table(summary, epochs=metric == "best")
     references = sorted({r["reference"] for r in rows})
     epoch = "last epoch"
@@ -259,6 +324,9 @@ def write_lottery_report(
     ]
     lines = [f"# {title}", "", table, "", *[f"- {n}" for n in notes], ""]
     lines += ["![lottery](lottery.png)", ""]
+    lines += [f"## Weights left per layer at level {deepest}", "", layers_table, ""]
+    lines += ["Tickets, mean over seeds; every level: lottery_layers.png.", ""]
+    lines += ["![layers](lottery_layers.png)", ""]
     (out / "lottery.md").write_text("\n".join(lines), encoding="utf-8")
     numbers = {"recipe": recipe, "levels": rows, "summary": summary}
     (out / "lottery.json").write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
