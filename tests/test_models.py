@@ -12,6 +12,7 @@ CONVNETS = ("conv2", "conv4", "conv6")
 BOTTLENECK_RESNETS = ("resnet50", "resnet101", "resnet152")
 RESNETS = ("resnet20", "resnet56", "resnet18", "resnet34", *BOTTLENECK_RESNETS)
 MOBILENETS = ("mobilenet_v1", "mobilenet_v2")
+VGGS = ("vgg11", "vgg13", "vgg16", "vgg19")
 
 
 def _forward_backward(model, shape, num_classes=10):
@@ -73,7 +74,11 @@ def test_real4_adds_one_input_channel_of_first_convolution(name):
 
 
 @pytest.mark.parametrize("variant", models.VARIANTS)
-@pytest.mark.parametrize("name", [n for n in models.names() if n not in BOTTLENECK_RESNETS])
+# (VGG-13 and VGG-16 only repeat the layers of VGG-11 and VGG-19 more or less often: their
+# configurations are checked against torchvision's below.)
+@pytest.mark.parametrize(
+    "name", [n for n in models.names() if n not in (*BOTTLENECK_RESNETS, "vgg13", "vgg16")]
+)
 def test_forward_backward_every_model_and_variant(name, variant):
     _forward_backward(models.create(name, variant), _input_shape(name, variant))
 
@@ -123,7 +128,7 @@ def test_quaternion_first_false_makes_only_the_first_layer_real():
     assert type(lenet.fc1) is nn.Linear and isinstance(lenet.fc2, QLinear)
 
 
-@pytest.mark.parametrize("name", CONVNETS + RESNETS + ("vit",))
+@pytest.mark.parametrize("name", CONVNETS + RESNETS + VGGS + ("vit",))
 def test_quaternion_has_about_a_quarter_of_real4_parameters(name):
     real4 = models.count_parameters(models.create(name, "real4"))
     quaternion = models.count_parameters(models.create(name, "quaternion"))
@@ -250,7 +255,8 @@ def test_bad_sizes_are_rejected():
 def test_defaults_per_variant_and_spec():
     assert models.names() == [
         "lenet_300_100", "conv2", "conv4", "conv6", "resnet20", "resnet56", "resnet18",
-        "resnet34", "resnet50", "resnet101", "resnet152", "mobilenet_v1", "mobilenet_v2", "vit",
+        "resnet34", "resnet50", "resnet101", "resnet152", "vgg11", "vgg13", "vgg16", "vgg19",
+        "mobilenet_v1", "mobilenet_v2", "vit",
     ]  # fmt: skip
     assert models.VARIANTS == ("real3", "real4", "real", "quaternion")
     channels = {v: models.default_in_channels("conv2", v) for v in models.VARIANTS}
@@ -367,6 +373,48 @@ def test_imagenet_resnets_compute_what_torchvisions_compute(name):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", VGGS)
+def test_vgg_features_compute_what_torchvisions_vgg_bn_features_compute(name):
+    """The same configuration of convolutions, batch norms and pools as torchvision's
+    ``vgg*_bn`` (whose convolutions have biases: zero here, as ours have none); the head
+    is the CIFAR one (Frankle & Carbin 2019): VGG-19 has 20M parameters."""
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = _randomized(getattr(torchvision.models, f"{name}_bn")(num_classes=10))
+    ours = models.create(name, "real3", num_classes=10).eval()
+    pairs = [
+        (a, b)
+        for kind in (nn.Conv2d, nn.BatchNorm2d)
+        for a, b in zip(
+            [m for m in reference.features if isinstance(m, kind)],
+            [m for m in ours.features if isinstance(m, kind)],
+            strict=True,
+        )
+    ]
+    with torch.no_grad():
+        for theirs, mine in pairs:
+            if isinstance(theirs, nn.Conv2d):
+                theirs.bias.zero_()
+                mine.weight.copy_(theirs.weight)
+            else:
+                mine.load_state_dict(theirs.state_dict())
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(ours.features(x), reference.features(x), rtol=1e-4, atol=1e-5)
+    assert ours.head.in_features == 512
+    if name == "vgg19":
+        assert round(models.count_parameters(ours), -6) == 20_000_000
+
+
+def test_vgg_pools_round_up_so_that_28x28_images_reach_the_head():
+    model = models.create("vgg11", "quaternion", in_channels=4, norm="real")
+    sizes = []
+    for pool in (m for m in model.features if isinstance(m, QMaxPool2d)):
+        pool.register_forward_hook(lambda _m, _x, y: sizes.append(y.shape[-1]))
+    _forward_backward(model, (4, 28, 28))
+    assert sizes == [14, 7, 4, 2, 1]
 
 
 @pytest.mark.parametrize("width_mult", [0.5, 1.0])

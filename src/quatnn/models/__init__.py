@@ -6,7 +6,7 @@ quaternion layers with the same widths in real units, so it has about 1/4 of the
 parameters. Every model ends in a real ``nn.Linear`` named ``head`` (class counts need not
 be divisible by 4). Models: Lenet-300-100 and Conv-2/4/6 (Frankle & Carbin 2019, the
 parameter counts of Iqbal & Mishra 2023), CIFAR ResNet-20/56, ResNet-18/34/50/101/152,
-MobileNet v1/v2 and a small Vision Transformer (``vit``).
+VGG-11/13/16/19, MobileNet v1/v2 and a small Vision Transformer (``vit``).
 
 Example:
     >>> import torch

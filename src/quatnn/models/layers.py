@@ -104,11 +104,13 @@ class Layers:
 
         return QBatchNorm2d(channels, mode=self.norm)
 
-    def max_pool(self, kernel_size: int, stride: int | None = None, padding: int = 0) -> nn.Module:
+    def max_pool(
+        self, kernel_size: int, stride: int | None = None, padding: int = 0, ceil_mode: bool = False
+    ) -> nn.Module:
         """``nn.MaxPool2d``, or the norm-based :class:`~quatnn.nn.QMaxPool2d` that keeps
         whole quaternions (a real max pool would mix components from different pixels)."""
         cls = QMaxPool2d if self.quaternion else nn.MaxPool2d
-        return cls(kernel_size, stride, padding)
+        return cls(kernel_size, stride, padding, ceil_mode=ceil_mode)
 
     def layer_norm(self, features: int) -> nn.Module:
         """``nn.LayerNorm`` or :class:`~quatnn.nn.QLayerNorm` over the last axis."""

@@ -23,6 +23,7 @@ from quatnn.models.layers import VARIANTS, check_positive
 from quatnn.models.lenet import lenet_300_100
 from quatnn.models.mobilenet import mobilenet_v1, mobilenet_v2
 from quatnn.models.resnet import resnet
+from quatnn.models.vgg import vgg
 from quatnn.models.vit import vit
 
 __all__ = ["ModelSpec", "create", "default_in_channels", "names", "spec"]
@@ -88,6 +89,8 @@ _REGISTRY: dict[str, tuple[ModelSpec, Callable[..., nn.Module]]] = dict(
                partial(resnet, "resnet101")),
         _entry("resnet152", "image", _CIFAR, "ResNet-152, bottleneck blocks, 256-2048",
                partial(resnet, "resnet152")),
+        *(_entry(name, "image", _CIFAR, f"VGG-{name[3:]} with batch norm, one linear head",
+                 partial(vgg, name)) for name in ("vgg11", "vgg13", "vgg16", "vgg19")),
         _entry("mobilenet_v1", "image", _CIFAR, "MobileNet v1, depthwise separable, ReLU",
                mobilenet_v1),
         _entry("mobilenet_v2", "image", _CIFAR, "MobileNet v2, inverted residuals, ReLU6",
