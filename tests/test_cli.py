@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -239,6 +240,36 @@ def test_models_prints_the_zoo_table(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "| model | variant | params | ratio to real | MACs |"  # as in the README
     assert out[3] == "| lenet_300_100 | quaternion | 67,710 | 0.2540 | 266,200 |"
+
+
+def test_evaluate_prints_each_class_and_writes_every_number(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--variant", "real", "--epochs", "1", "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    capsys.readouterr()
+    saved = tmp_path / "numbers.json"
+    assert cli.main(["evaluate", str(run), "--json", str(saved)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    acc = f"acc {summary['final_test_acc']:.2%}"
+    assert out[0] == f"{run} (checkpoint.pt, epoch 1) on 359 test images: " + (
+        f"loss {summary['final_test_loss']:.4f}, {acc}"
+    )
+    assert out[1] == "| class | images | acc (%) | most often taken for |"
+    numbers = json.loads(saved.read_text())
+    assert len(out) == 3 + 10 + 1 and len(numbers["confusion"]) == 10
+    first = numbers["per_class"][0]
+    assert out[3].startswith(f"| {first['class']} | {first['images']} | {100 * first['acc']:.2f} |")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(monkeypatch):
+    """``quatnn evaluate RUN | head -1``: status 141, as after a SIGPIPE, no traceback."""
+
+    class Closed(io.StringIO):  # no file descriptor: fileno() raises
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Closed())
+    assert cli.main(["models", "--names", "lenet_300_100"]) == 141
 
 
 def test_bench_dispatches_to_the_named_module(monkeypatch, capsys):

@@ -19,6 +19,7 @@ from torch import nn
 from quatnn import data, models, train
 from quatnn.train import checkpoint, runner
 from quatnn.train.config import TrainConfig, dumps_toml, load_config, parse_option, tomllib
+from quatnn.train.evaluate import evaluate_run
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 # Lenet-300-100 on the bundled digits: 1438 training images, 24 steps of 60 per epoch.
@@ -387,6 +388,8 @@ def test_trains_on_files_in_the_real_formats(tmp_path, dataset, model, writer, s
     if top5:
         assert summary["final_test_top5"] == rows[0]["test_top5"] >= rows[0]["test_acc"]
         assert f"top-5 {rows[0]['test_top5']:.2%}" in (tmp_path / "run" / "train.log").read_text()
+    again = evaluate_run(tmp_path / "run")  # the model and data rebuilt from the folder
+    assert (again["acc"], again["top5"]) == (rows[0]["test_acc"], rows[0].get("test_top5"))
     test_set = data.load(dataset, root, train=False, encoding=summary["encoding"], download=False)
     assert list(test_set[0][0].shape) == shape
     # exports name the outputs as the dataset's files do (CIFAR's batches.meta, ImageNet's
@@ -697,6 +700,51 @@ def test_a_validation_split_is_held_out_of_training_and_chooses_best_pt(tmp_path
     assert f"val acc {best['val_acc']:.2%}" in log
     images = f"{len(plain) - len(held):,} training, {len(held)} validation, {len(test)} test"
     assert images in log
+
+
+def test_evaluate_run_measures_what_training_measured_and_more(tmp_path):
+    cfg = TrainConfig(variant="real", epochs=3, val_split=0.2, device="cpu")
+    summary = train.train(cfg, tmp_path / "run", progress="off")
+    rows = _metrics(tmp_path / "run")
+    best = rows[summary["best_epoch"] - 1]
+    test = evaluate_run(tmp_path / "run", "best.pt")
+    assert (test["epoch"], test["split"], test["images"]) == (summary["best_epoch"], "test", 359)
+    assert test["acc"] == summary["best_test_acc"]
+    assert test["loss"] == pytest.approx(best["test_loss"], rel=1e-5)
+    val = evaluate_run(tmp_path / "run", "best.pt", "val")
+    assert val["acc"] == summary["best_val_acc"]
+    last = evaluate_run(tmp_path / "run")  # checkpoint.pt: the last epoch
+    assert (last["epoch"], last["acc"]) == (3, summary["final_test_acc"])
+    plain = data.load("digits", train=True, augment=False)
+    held = data.validation_split(plain, plain, 0.2)[1].indices
+    trained = evaluate_run(tmp_path / "run", split="train")
+    assert trained["images"] == len(plain) - len(held) and trained["acc"] > 0.9
+    # the confusion matrix: rows are the test set's classes, the diagonal its hits
+    labels = torch.tensor([y for _, y in data.load("digits", train=False)])
+    confusion = torch.tensor(test["confusion"])
+    assert torch.equal(confusion.sum(1), torch.bincount(labels, minlength=10))
+    assert confusion.trace().item() / len(labels) == test["acc"]
+    for t, row in enumerate(test["per_class"]):
+        assert row["acc"] == confusion[t, t].item() / confusion[t].sum().item()
+        wrong = confusion[t].clone()
+        wrong[t] = 0
+        taken = None if wrong.max() == 0 else test["classes"][int(wrong.argmax())]
+        assert (row["class"], row["taken_for"]) == (test["classes"][t], taken)
+
+
+def test_evaluate_run_refuses_what_it_cannot_evaluate(tmp_path):
+    cfg = TrainConfig(variant="real", epochs=1, max_steps=2, device="cpu")
+    train.train(cfg, tmp_path / "run", progress="off")
+    with pytest.raises(train.RunError, match="held out no validation set"):
+        evaluate_run(tmp_path / "run", split="val")
+    with pytest.raises(train.RunError, match="split must be one of test, val, train"):
+        evaluate_run(tmp_path / "run", split="dev")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(train.RunError, match="holds no run"):
+        evaluate_run(tmp_path / "empty")
+    (tmp_path / "run" / "best.pt").write_bytes(b"half a file")
+    with pytest.raises(train.RunError, match="best.pt is corrupt"):
+        evaluate_run(tmp_path / "run", "best.pt")
 
 
 def test_a_run_with_another_validation_split_is_a_different_run(tmp_path):

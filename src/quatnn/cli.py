@@ -3,7 +3,8 @@
 Each subcommand is one ``_add_<name>(commands)`` function that adds its parser and sets
 ``handler`` (a function of the parsed arguments returning the exit status), registered
 in :data:`COMMANDS`. Bad input ends with one line on stderr and exit status 2, an
-interruption with 130, a non-finite loss with 1.
+interruption with 130, a non-finite loss with 1, a reader of the output that went away
+with 141 (as a SIGPIPE would) and no message.
 
 ``train``, ``compare`` and ``lottery`` launched by torchrun train data-parallel
 (:mod:`quatnn.train.distributed`): only rank 0 prints results; the other ranks print only
@@ -21,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import quatnn
 from quatnn import export, train  # each name imported on use: --help does not load torch
-from quatnn.train.config import COMPARE_KEYS, DEFAULT_SEEDS, FIELDS, parse_option
+from quatnn.train.config import COMPARE_KEYS, DEFAULT_SEEDS, EVAL_SPLITS, FIELDS, parse_option
 from quatnn.train.progress import PROGRESS_MODES
 
 if TYPE_CHECKING:
@@ -570,6 +572,86 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_export)
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from quatnn.report import markdown_table
+    from quatnn.train.checkpoint import write_atomic
+    from quatnn.train.evaluate import evaluate_run
+
+    result = evaluate_run(
+        args.run,
+        "best.pt" if args.best else "checkpoint.pt",
+        args.split,
+        data_dir=args.data_dir,
+        device=args.device,
+        batch_size=args.batch_size,
+        download=args.download,
+    )
+    if args.json:  # first: a reader of the output that goes away loses nothing
+        text = json.dumps(result, indent=2) + "\n"
+        write_atomic(args.json, lambda f: f.write(text), "w")
+    top5 = "" if result["top5"] is None else f", top-5 {result['top5']:.2%}"
+    print(
+        f"{result['run']} ({result['checkpoint']}, epoch {result['epoch']}) on "
+        f"{result['images']:,} {result['split']} images: loss {result['loss']:.4f}, "
+        f"acc {result['acc']:.2%}{top5}"
+    )
+    rows = [
+        {"class": c["class"], "images": f"{c['images']:,}",
+         "acc (%)": "-" if c["acc"] is None else f"{100 * c['acc']:.2f}",
+         "most often taken for": c["taken_for"] or "-"}
+        for c in result["per_class"]
+    ]  # fmt: skip
+    print(markdown_table(rows))
+    if args.json:
+        print(f"wrote {args.json} (every number, with the confusion matrix)")
+    return 0
+
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    parser = _add_parser(
+        commands,
+        "evaluate",
+        "evaluate a run's model on its test (or validation, training) images",
+        "Rebuild the model and the data of a run folder as training built them (the same "
+        "encoding, the same held-out validation images, no augmentation) and evaluate the "
+        "last epoch's checkpoint (or best.pt): loss, accuracy, top-5 accuracy (more than "
+        "10 classes), each class's accuracy and the class it is most often taken for. "
+        "--json FILE also writes the confusion matrix.",
+        [
+            "quatnn evaluate runs/conv4-q",
+            "quatnn evaluate runs/conv4-q --best --split val --json conv4-val.json",
+        ],
+    )
+    parser.add_argument("run", metavar="RUN_DIR", help="the run folder")
+    parser.add_argument(
+        "--best", action="store_true", help="evaluate best.pt, not the last epoch's checkpoint"
+    )
+    parser.add_argument(
+        "--split",
+        choices=EVAL_SPLITS,
+        default="test",
+        help="test, val (runs trained with --val-split) or train (the images it trained "
+        "on, unaugmented) (default: test)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write every number to FILE")
+    parser.add_argument("--data-dir", metavar="DIR", help="dataset folder, if not the run's")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, ..."
+    )
+    parser.add_argument(
+        "--batch-size", type=int, metavar="N", help="batch size (default: the run's)"
+    )
+    parser.add_argument(
+        "--download",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="download the dataset if it is missing (default: off)",
+    )
+    parser.set_defaults(handler=_evaluate)
+
+
 def _benchmarks() -> list[str]:
     """The modules of :mod:`quatnn.bench` that have a ``main(argv)`` (imported to look)."""
     try:
@@ -630,6 +712,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_compare,
     _add_lottery,
     _add_report,
+    _add_evaluate,
     _add_export,
     _add_models,
     _add_bench,
@@ -681,3 +764,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{who}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left (quatnn evaluate ... | head)
+        with contextlib.suppress(OSError, ValueError):  # no second error at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a command killed by SIGPIPE

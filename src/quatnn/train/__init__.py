@@ -18,6 +18,7 @@ _ORIGINS = {
         ("DEFAULT_SEEDS", "TrainConfig", "load_config", "load_toml", "merge"), "config"
     ),
     **dict.fromkeys(("Interrupted", "NonFiniteLoss", "RunError"), "errors"),
+    "evaluate_run": "evaluate",
     **dict.fromkeys(("TIMING_KEYS", "Callback", "Trainer", "lr_schedule"), "loop"),
     **dict.fromkeys(
         ("compare", "default_run_dir", "default_variants", "resolve", "resume_config", "train"),

@@ -33,6 +33,8 @@ else:  # pragma: no cover
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "step")
+EVAL_SPLITS = ("test", "val", "train")
+"""The splits a run can be evaluated on (``val``: runs trained with ``val_split``)."""
 COMPARE_KEYS = ("variants", "seeds")
 """Keys of a compare recipe beyond those of :class:`TrainConfig`."""
 DEFAULT_SEEDS = (0, 1, 2)
