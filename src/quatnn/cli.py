@@ -193,9 +193,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "setting; an auto encoding stays auto), metrics.jsonl (one row per epoch), "
         "checkpoint.pt (after every epoch), best.pt (the best epoch: by validation accuracy "
         "with --val-split, else by test accuracy; --best-by loss: by loss), train.log and, "
-        "at the end, "
-        "summary.json. Ctrl-C or SIGTERM keeps the checkpoint of the last completed epoch; "
-        "--resume continues from it.",
+        "at the end, summary.json. Ctrl-C or SIGTERM keeps the checkpoint of the last "
+        "completed epoch; --resume continues from it.",
         [
             "quatnn train --model conv6 --variant quaternion --dataset cifar10 --epochs 60 \\",
             "    --lr 3e-4 --data-dir data --out runs/conv6-q",
