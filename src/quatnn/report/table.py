@@ -12,8 +12,8 @@ options (``real4``, else ``real``, else the first real variant), the test accura
 the last and of the best epoch (:func:`~quatnn.metrics.best_row`: chosen by
 validation accuracy where runs hold out a validation set; mean and sample standard
 deviation over the runs; the top-5 accuracies too where the runs measured them), and the
-training time per epoch and samples/s (mean over the
-epochs after the first, which includes warm-up).
+training time per epoch and samples/s (mean over the epochs after the first, which
+includes warm-up).
 
 Example:
     >>> print(markdown_table([{"variant": "real", "params": "266,610"},

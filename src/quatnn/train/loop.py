@@ -241,13 +241,12 @@ class Trainer:
                     f"activations became non-finite in epoch {self.epoch} at step "
                     f"{self.step + 1} (batch {batch} of {total}): {err}"
                 ) from None
-            smoothing = self.label_smoothing
             if share is None:
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
                 loss_sum = loss.detach() * len(y)
             else:  # this process's share of the global batch mean
                 loss_sum = F.cross_entropy(
-                    logits.float(), y, reduction="sum", label_smoothing=smoothing
+                    logits.float(), y, reduction="sum", label_smoothing=self.label_smoothing
                 )
                 loss = loss_sum * share(batch - 1)
                 loss_sum = loss_sum.detach()
@@ -258,7 +257,6 @@ class Trainer:
                 self.optimizer.step()
             else:
                 self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.optimizer)
                 self._clip()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -297,6 +295,8 @@ class Trainer:
 
     def _clip(self) -> None:
         if self.clip_grad_norm > 0:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the gradients, not scaled ones
             nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
 
     def _check_weights(self) -> None:

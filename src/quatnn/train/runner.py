@@ -7,9 +7,8 @@ encoding stays ``auto``, so that the file serves other variants too; ``quatnn tr
 last completed epoch, written atomically), ``best.pt`` (the weights of the best epoch:
 that of the highest accuracy, or with ``best_by = "loss"`` the lowest loss, on the
 validation set with ``val_split``, else on the test set), ``train.log`` (the log lines)
-and, once finished,
-``summary.json``. A compare folder holds ``compare.toml`` and one run folder per variant
-and seed, named ``<variant>-s<seed>``.
+and, once finished, ``summary.json``. A compare folder holds ``compare.toml`` and one run
+folder per variant and seed, named ``<variant>-s<seed>``.
 
 Example:
     >>> import tempfile
