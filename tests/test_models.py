@@ -222,11 +222,11 @@ def test_zero_init_residual_starts_blocks_as_identity(norm):
 
 def test_unknown_model_and_variant_list_the_valid_ones():
     with pytest.raises(ValueError, match="valid models: lenet_300_100, conv2"):
-        models.create("vgg16")
+        models.create("alexnet")
     with pytest.raises(ValueError, match="valid variants: real3, real4, real, quaternion"):
         models.create("conv2", "complex")
     with pytest.raises(ValueError, match="valid models"):
-        models.spec("vgg16")
+        models.spec("alexnet")
     with pytest.raises(ValueError, match="valid norms"):
         models.create("resnet20", norm="layer")
     with pytest.raises(TypeError, match="valid options: small_input=True"):
