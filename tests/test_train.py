@@ -114,6 +114,12 @@ def test_top5_accuracy_counts_the_labels_among_the_five_highest_logits():
     assert scores["val_acc"] == pytest.approx((beaten_by == 0).double().mean().item())
     assert 0 < scores["val_acc"] < scores["val_top5"] < 1
     assert "val_top5" not in train.Trainer(model, optimizer).evaluate(loader, "val")
+    # summed over processes (here: two that saw the same images), the same fractions
+    twice = train.Trainer(model, optimizer, top5=True, reduce=lambda totals: 2 * totals)
+    doubled = twice.evaluate(loader, "val")
+    assert {k: doubled[k] for k in scores if k != "eval_seconds"} == pytest.approx(
+        {k: scores[k] for k in scores if k != "eval_seconds"}
+    )
 
 
 def _one_batch(classes: int = 5) -> tuple[torch.utils.data.DataLoader, nn.Linear]:
