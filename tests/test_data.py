@@ -428,6 +428,29 @@ def _image_tree(root, split, rng, size=(6, 8)):
     return written
 
 
+@pytest.mark.parametrize("name", ["digits-color", "cifar10", "imagefolder"])
+def test_an_unaugmented_view_shares_the_files_already_read(tmp_path, name):
+    """load(..., images=train) reads no file again (an image tree is not walked again: the
+    view holds the very arrays and sample list of ``train``) and gives what a fresh
+    unaugmented load gives."""
+    if name == "cifar10":
+        write_cifar10(tmp_path)
+    elif name == "imagefolder":
+        rng = np.random.default_rng(0)
+        _image_tree(tmp_path, "train", rng, size=(32, 32))
+        _image_tree(tmp_path, "val", rng, size=(32, 32))
+    train = data.load(name, tmp_path, train=True, download=False)  # augmented
+    fresh = data.load(name, tmp_path, train=True, augment=False, download=False)
+    view = data.load(name, tmp_path, train=True, augment=False, download=False, images=train)
+    assert len(view) == len(train) and view.targets == train.targets
+    stored = {"digits-color": "images", "cifar10": "data", "imagefolder": "samples"}[name]
+    assert getattr(view, stored) is getattr(train, stored)  # the same arrays, not a copy
+    torch.manual_seed(0)
+    for i in (0, len(view) - 1):
+        assert torch.equal(view[i][0], fresh[i][0])
+    assert any(not torch.equal(train[i][0], fresh[i][0]) for i in range(len(train)))
+
+
 def test_imagefolder_reads_pngs(tmp_path):
     rng = np.random.default_rng(3)
     written = _image_tree(tmp_path, "train", rng)

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 from torchvision import transforms as T
 from torchvision.datasets.folder import find_classes
+from torchvision.datasets.vision import StandardTransform
 
 from quatnn.data import bundled
 from quatnn.data.batches import CifarBatches, DownsampledImageNet
@@ -139,6 +141,7 @@ def load(
     augment: bool | None = None,
     download: bool = True,
     image_size: int | tuple[int, int] | None = None,
+    images: Dataset | None = None,
 ) -> Dataset:
     """The train or test split of dataset ``name``; items are (float32 tensor, int label).
 
@@ -175,6 +178,11 @@ def load(
     error). The other datasets reject ``image_size``. Each returned dataset has
     ``targets`` and ``classes``.
 
+    ``images``, a dataset that ``load`` returned for the same ``name``, ``root`` and split,
+    is not read again: the result is a shallow copy of it with this call's transform (an
+    unaugmented view of an augmented training split costs no second read of its files or
+    second scan of an image tree).
+
     >>> test = load("digits", train=False, encoding="group4")
     >>> len(test), test[0][0].shape
     (359, torch.Size([784]))
@@ -188,6 +196,12 @@ def load(
         size = info(name, root).image_size if image_size is None else image_size
         size = (size, size) if isinstance(size, int) else tuple(size)
     transform = _transform(name, train, augment, encode, size)
+    if images is not None:
+        view = copy.copy(images)
+        view.transform = transform
+        if hasattr(view, "transforms"):  # torchvision's wrapper of both transforms
+            view.transforms = StandardTransform(transform, view.target_transform)
+        return view
     if s.bundled:
         return bundled.BundledDigits(name, train, transform)
     created = [] if name == "imagefolder" else new_folders(name, root)

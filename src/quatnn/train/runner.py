@@ -189,7 +189,9 @@ def _datasets(
         test_set = data.load(cfg.dataset, cfg.data_dir, train=False, augment=False, **common)
         val_set = None
         if cfg.val_split:
-            plain = data.load(cfg.dataset, cfg.data_dir, train=True, augment=False, **common)
+            plain = data.load(  # the same images, read once
+                cfg.dataset, cfg.data_dir, train=True, augment=False, images=train_set, **common
+            )
             train_set, val_set = data.validation_split(train_set, plain, cfg.val_split)
     except (ValueError, data.DatasetMissingError) as err:
         raise RunError(str(err)) from None
