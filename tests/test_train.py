@@ -396,6 +396,12 @@ def test_trains_on_files_in_the_real_formats(tmp_path, dataset, model, writer, s
         assert f"top-5 {rows[0]['test_top5']:.2%}" in (tmp_path / "run" / "train.log").read_text()
     again = evaluate_run(tmp_path / "run")  # the model and data rebuilt from the folder
     assert (again["acc"], again["top5"]) == (rows[0]["test_acc"], rows[0].get("test_top5"))
+    if dataset == "cifar10":  # the test split alone reads no training file
+        for batch in (root / "cifar-10-batches-py").glob("data_batch_*"):
+            batch.unlink()
+        assert evaluate_run(tmp_path / "run")["acc"] == rows[0]["test_acc"]
+        with pytest.raises(train.RunError, match="cannot be read|not found"):
+            evaluate_run(tmp_path / "run", split="train")
     test_set = data.load(dataset, root, train=False, encoding=summary["encoding"], download=False)
     assert list(test_set[0][0].shape) == shape
     # exports name the outputs as the dataset's files do (CIFAR's batches.meta, ImageNet's

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from quatnn import data
 from quatnn.train import checkpoint as checkpoints
 from quatnn.train import device as devices
-from quatnn.train.config import EVAL_SPLITS, merge
+from quatnn.train.config import EVAL_SPLITS, TrainConfig, merge
 from quatnn.train.errors import RunError
 from quatnn.train.runner import TOP5_ABOVE, _datasets, _model, _saved_config, resolve
 
@@ -69,13 +70,10 @@ def evaluate_run(
     cfg = resolve(merge(saved, overrides, "command line"))
     if split == "val" and not cfg.val_split:
         raise RunError(f"{run} held out no validation set (it trained without --val-split)")
-    info, train_set, test_set, val_set = _datasets(
-        dataclasses.replace(cfg, augment=False), download
-    )
-    dataset = {"test": test_set, "val": val_set, "train": train_set}[split]
-    model = _model(cfg, info, dataset[0][0])
     path = run / checkpoint
     state = checkpoints.load(path, cfg.to_dict())
+    info, dataset = _split(dataclasses.replace(cfg, augment=False), split, download)
+    model = _model(cfg, info, dataset[0][0])
     try:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as err:
@@ -96,7 +94,7 @@ def evaluate_run(
                 top5 += int((logits.topk(5).indices == y[:, None]).any(1).sum())
     confusion = confusion.view(k, k)
     images = int(confusion.sum())
-    classes = [str(c) for c in state.get("classes") or test_set.classes]
+    classes = [str(c) for c in state.get("classes") or dataset.classes]
     return {
         "run": str(run),
         "checkpoint": checkpoint,
@@ -110,6 +108,20 @@ def evaluate_run(
         "per_class": [_per_class(confusion, t, classes) for t in range(k)],
         "confusion": confusion.tolist(),
     }
+
+
+def _split(cfg: TrainConfig, split: str, download: bool) -> tuple[data.DatasetInfo, Dataset]:
+    """The dataset's info and the images of ``split`` as ``cfg`` trains on them (the test
+    split alone reads no training files)."""
+    if split != "test":
+        info, train_set, _, val_set = _datasets(cfg, download)
+        return info, train_set if split == "train" else val_set
+    try:
+        info = data.info(cfg.dataset, cfg.data_dir)
+        common = {"encoding": cfg.encoding, "download": download}
+        return info, data.load(cfg.dataset, cfg.data_dir, train=False, augment=False, **common)
+    except (ValueError, data.DatasetMissingError) as err:
+        raise RunError(str(err)) from None
 
 
 def _per_class(confusion: torch.Tensor, t: int, classes: list[str]) -> dict:
