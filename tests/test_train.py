@@ -751,6 +751,8 @@ def test_evaluate_run_refuses_what_it_cannot_evaluate(tmp_path):
         evaluate_run(tmp_path / "run", split="val")
     with pytest.raises(train.RunError, match="split must be one of test, val, train"):
         evaluate_run(tmp_path / "run", split="dev")
+    with pytest.raises(train.RunError, match="batch_size must be at least 1, got 0"):
+        evaluate_run(tmp_path / "run", batch_size=0)
     (tmp_path / "empty").mkdir()
     with pytest.raises(train.RunError, match="holds no run"):
         evaluate_run(tmp_path / "empty")

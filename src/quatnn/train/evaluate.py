@@ -62,6 +62,8 @@ def evaluate_run(
     """
     if split not in EVAL_SPLITS:
         raise RunError(f"split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
+    if batch_size is not None and batch_size < 1:
+        raise RunError(f"batch_size must be at least 1, got {batch_size}")
     run = Path(run_dir)
     saved = _saved_config(run, remedy="evaluate takes the folder of one run")
     if saved is None:
@@ -84,7 +86,7 @@ def evaluate_run(
     k = info.num_classes
     confusion = torch.zeros(k * k, dtype=torch.long)
     loss_sum, top5 = 0.0, 0
-    loader = DataLoader(dataset, batch_size=batch_size or cfg.eval_batch_size)
+    loader = DataLoader(dataset, batch_size=batch_size or cfg.eval_batch_size)  # (None: the run's)
     with torch.no_grad():
         for x, y in loader:
             logits = model(x.to(target)).float().cpu()
