@@ -86,7 +86,7 @@ def evaluate_run(
     k = info.num_classes
     confusion = torch.zeros(k * k, dtype=torch.long)
     loss_sum, top5 = 0.0, 0
-    loader = DataLoader(dataset, batch_size=batch_size or cfg.eval_batch_size)  # (None: the run's)
+    loader = DataLoader(dataset, batch_size=batch_size or cfg.eval_batch_size)
     with torch.no_grad():
         for x, y in loader:
             logits = model(x.to(target)).float().cpu()
