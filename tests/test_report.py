@@ -532,6 +532,33 @@ def test_a_lottery_with_a_validation_set_reports_its_early_stopping_epochs(tmp_p
     assert "epoch" not in header and row.endswith("| 60.00 ± 0.00 (n=3) |")
 
 
+def test_several_lotteries_share_one_report_labelled_by_what_differs(tmp_path, capsys):
+    from quatnn.report.lottery import write_lotteries_report
+
+    for name, rate, final in (("a", 0.5, 0.6), ("b", 0.2, 0.7)):
+        (tmp_path / name).mkdir()
+        recipe = f'model = "lenet_300_100"\nseeds = [0]\n\n[lottery]\nrate = {rate}\n'
+        (tmp_path / name / "lottery.toml").write_text(recipe)
+        for seed in (0, 1):
+            level = tmp_path / name / f"real-s{seed}" / "level-01"
+            _level(level, seed, final + 0.02 * seed, 0.9, 2, False)
+    result = write_lotteries_report([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    header, _, first, second = result.table.splitlines()
+    assert header.startswith("| lottery | variant | level |")
+    assert first.startswith("| rate=0.5 | real | 1 |") and "| 61.00 ± 1.41 (n=2) |" in first
+    assert second.startswith("| rate=0.2 | real | 1 |") and "| 71.00 ± 1.41 (n=2) |" in second
+    markdown = (tmp_path / "out" / "lottery.md").read_text()
+    assert "| layer | real (rate=0.5) (%) | real (rate=0.2) (%) |" in markdown
+    assert all((tmp_path / "out" / name).is_file() for name in ("lottery.png", "lottery.json"))
+    # the same recipe twice: told apart by folder name; the command wants --out
+    (tmp_path / "b" / "lottery.toml").write_text((tmp_path / "a" / "lottery.toml").read_text())
+    assert cli.main(["report", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "several lotteries needs --out" in capsys.readouterr().err
+    argv = ["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o2")]
+    assert cli.main(argv) == 0
+    assert "| a | real | 1 |" in capsys.readouterr().out
+
+
 def test_weights_left_per_layer_are_the_tickets_means_at_the_deepest_common_level():
     from quatnn.report.lottery import layer_levels, layer_table
 

@@ -298,8 +298,13 @@ def _report(args: argparse.Namespace) -> int:
     from quatnn import report
     from quatnn.report import lottery as lottery_report
 
-    if len(args.runs) == 1 and lottery_report.is_lottery(args.runs[0]):
+    lotteries = all(lottery_report.is_lottery(path) for path in args.runs)
+    if lotteries and len(args.runs) == 1:
         result = lottery_report.write_lottery_report(args.runs[0], args.out)
+    elif lotteries:
+        if args.out is None:
+            raise UsageError("a report of several lotteries needs --out, the folder to write to")
+        result = lottery_report.write_lotteries_report(args.runs, args.out)
     else:
         result = report.write_report(args.runs, args.out)
     return _print_report(result)
@@ -311,11 +316,17 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
         "report",
         "plots and a table from run folders (reads files only)",
         "Read the run folders at any depth below each folder given (a run, compare or "
-        "lottery folder, or folders of those; one lottery folder alone gets the lottery "
-        "report) and write accuracy.png and loss.png (one curve per row: runs that differ "
-        "only in seed, mean ± std), throughput.png, report.md (the table, also printed) "
-        "and report.json.",
-        ["quatnn report runs/compare", "quatnn report runs/a runs/b --out runs/a-vs-b"],
+        "lottery folder, or folders of those) and write accuracy.png and loss.png (one "
+        "curve per row: runs that differ only in seed, mean ± std), throughput.png, "
+        "report.md (the table, also printed) and report.json. Lottery folders alone get "
+        "the lottery report instead (lottery.md, lottery.png, lottery_layers.png, "
+        "lottery.json); several of them share its plot and table, each labelled by the "
+        "settings in which their recipes differ.",
+        [
+            "quatnn report runs/compare",
+            "quatnn report runs/a runs/b --out runs/a-vs-b",
+            "quatnn report runs/lottery-element runs/lottery-quaternion --out runs/pruning",
+        ],
     )
     parser.add_argument(
         "runs",

@@ -28,6 +28,7 @@ import re
 import statistics
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +37,20 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLoca
 
 from quatnn.models import VARIANTS
 from quatnn.report.runs import ReportError, read_run
-from quatnn.report.table import Report, markdown_table, percent
+from quatnn.report.table import IGNORED_KEYS, Report, markdown_table, percent, shown_setting
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["is_lottery", "read_levels", "summarize_levels", "write_lottery_report"]
+__all__ = [
+    "is_lottery",
+    "read_levels",
+    "summarize_levels",
+    "write_lotteries_report",
+    "write_lottery_report",
+]
 
 RECIPE = "lottery.toml"
 FILES = ("lottery.md", "lottery.json", "lottery.png", "lottery_layers.png")
@@ -141,40 +148,50 @@ def _cell(row: dict | None) -> str:
 
 def level_table(summary: Sequence[dict], epochs: bool = False) -> str:
     """The markdown table: one row per variant and level, the ticket's accuracy (and,
-    with ``epochs``, its mean best epoch) and each control's accuracy beside it."""
+    with ``epochs``, its mean best epoch) and each control's accuracy beside it; rows of
+    several lotteries (labelled by their ``lottery``) get a first column naming theirs."""
     present = {r["control"] for r in summary}
     controls = [c for c in _STYLES if c and c in present]
-    cells = {(r["variant"], r["control"], r["level"]): r for r in summary}
+    cells = {(r.get("lottery", ""), r["variant"], r["control"], r["level"]): r for r in summary}
+    several = any(r.get("lottery") for r in summary)
     shown = []
     for r in (r for r in summary if r["control"] is None):
-        key = (r["variant"], r["level"])
+        lottery = r.get("lottery", "")
         shown.append(
             {
+                **({"lottery": lottery} if several else {}),
                 "variant": r["variant"],
                 "level": r["level"],
                 "real params left (%)": f"{r['real_percent']:.2f}",
                 "weights left (%)": f"{r['weights_percent']:.2f}",
                 "ticket acc (%)": _cell(r),
                 **({"ticket best epoch": f"{r['best_epoch']:.1f}"} if epochs else {}),
-                **{f"{c} acc (%)": _cell(cells.get((*key[:1], c, key[1]))) for c in controls},
+                **{
+                    f"{c} acc (%)": _cell(cells.get((lottery, r["variant"], c, r["level"])))
+                    for c in controls
+                },
             }
         )
     return markdown_table(shown)
 
 
 def layer_levels(rows: Sequence[dict]) -> dict[str, dict[int, dict[str, float]]]:
-    """The tickets' weights left per layer: variant -> level -> layer name -> percent
-    (the mean over seeds), for rows of :func:`read_levels`."""
+    """The tickets' weights left per layer: variant (with its ``lottery`` label, where
+    rows have one) -> level -> layer name -> percent (the mean over seeds), for rows of
+    :func:`read_levels`."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row["control"] is None:
-            groups.setdefault((row["variant"], row["level"]), []).append(row["layers"])
+            key = (row.get("lottery", ""), row["variant"], row["level"])
+            groups.setdefault(key, []).append(row["layers"])
     result: dict[str, dict[int, dict[str, float]]] = {}
-    for (variant, level), members in sorted(
-        groups.items(), key=lambda kv: (_order(kv[0][0]), kv[0])
+    order = list(dict.fromkeys(row.get("lottery", "") for row in rows))
+    for (lottery, variant, level), members in sorted(
+        groups.items(), key=lambda kv: (order.index(kv[0][0]), _order(kv[0][1]), kv[0][1:])
     ):
         names = list(dict.fromkeys(name for layers in members for name in layers))
-        result.setdefault(variant, {})[level] = {
+        series = f"{variant} ({lottery})" if lottery else variant
+        result.setdefault(series, {})[level] = {
             name: statistics.fmean(layers[name] for layers in members if name in layers)
             for name in names
         }
@@ -223,13 +240,18 @@ def plot_layers(
 
 def plot_lottery(summary: Sequence[dict], path: str | Path, title: str) -> None:
     """Accuracy against the percent of real parameters left (log axis, decreasing to
-    the right): a mean +- std band per variant, controls dashed in the same colour."""
+    the right): a mean +- std band per variant (of each ``lottery``, where rows have
+    one), controls dashed in the same colour."""
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.subplots()
-    variants = list(dict.fromkeys(r["variant"] for r in summary))
-    for i, variant in enumerate(variants):
+    curves = list(dict.fromkeys((r.get("lottery", ""), r["variant"]) for r in summary))
+    for i, (lottery, variant) in enumerate(curves):
         for control, style in _STYLES.items():
-            points = [r for r in summary if r["variant"] == variant and r["control"] == control]
+            points = [
+                r
+                for r in summary
+                if (r.get("lottery", ""), r["variant"], r["control"]) == (lottery, variant, control)
+            ]
             if not points:
                 continue
             points.sort(key=lambda r: r["level"])
@@ -237,7 +259,7 @@ def plot_lottery(summary: Sequence[dict], path: str | Path, title: str) -> None:
             mean = np.array([100 * r["acc"] for r in points])
             std = np.array([100 * r["acc_std"] for r in points])
             n = max(r["runs"] for r in points)
-            label = f"{variant} {control or 'ticket'} (n={n})"
+            label = f"{variant}{f' ({lottery})' if lottery else ''} {control or 'ticket'} (n={n})"
             ax.plot(
                 x,
                 mean,
@@ -281,13 +303,18 @@ def _title(recipe: dict) -> str:
     )
 
 
-def write_lottery_report(
-    path: str | Path, out: str | Path | None = None, metric: str | None = None
-) -> Report:
-    """Read the lottery folder ``path`` and write :data:`FILES` into ``out`` (default:
-    ``path``); ``metric`` is the test accuracy of each level's ``final`` or ``best`` epoch
-    (by default ``best`` where every level holds out a validation set, which chooses it,
-    else ``final``)."""
+@dataclass
+class _Lottery:
+    """A lottery folder as read: its recipe, its finished levels (rows of
+    :func:`read_levels`) and, in a report of several, what tells it apart."""
+
+    path: Path
+    recipe: dict
+    rows: list[dict]
+    label: str = ""
+
+
+def _read_lottery(path: str | Path) -> _Lottery:
     path = Path(path)
     if not is_lottery(path):
         raise ReportError(f"{path} is not a lottery folder (no {RECIPE})")
@@ -298,12 +325,57 @@ def write_lottery_report(
     rows = read_levels(path)
     if not rows:
         raise ReportError(f"no level in {path} has finished yet")
+    return _Lottery(path, recipe, rows)
+
+
+def write_lottery_report(
+    path: str | Path, out: str | Path | None = None, metric: str | None = None
+) -> Report:
+    """Read the lottery folder ``path`` and write :data:`FILES` into ``out`` (default:
+    ``path``); ``metric`` is the test accuracy of each level's ``final`` or ``best`` epoch
+    (by default ``best`` where every level holds out a validation set, which chooses it,
+    else ``final``)."""
+    return _write([_read_lottery(path)], Path(out or path), metric)
+
+
+def write_lotteries_report(
+    paths: Sequence[str | Path], out: str | Path, metric: str | None = None
+) -> Report:
+    """One report of several lottery folders (e.g. element against whole-quaternion
+    pruning) in ``out``: their curves share ``lottery.png`` and their rows one table, each
+    labelled by the settings in which the lotteries' recipes differ (by its folder name
+    where they differ in none). ``metric`` as in :func:`write_lottery_report`."""
+    lotteries = [_read_lottery(path) for path in paths]
+    settings = [
+        {k: v for k, v in {**lot.recipe, **lot.recipe.get("lottery", {})}.items()
+         if k not in ("lottery", "variants", "seeds", *IGNORED_KEYS)}
+        for lot in lotteries
+    ]  # fmt: skip
+    keys = [
+        k
+        for k in dict.fromkeys(k for values in settings for k in values)
+        if len({json.dumps(values.get(k), sort_keys=True) for values in settings}) > 1
+    ]
+    for lot, values in zip(lotteries, settings, strict=True):
+        shown = ", ".join(f"{k}={shown_setting(values[k])}" for k in keys if k in values)
+        lot.label = shown or lot.path.name
+    return _write(lotteries, Path(out), metric)
+
+
+def _write(lotteries: Sequence[_Lottery], out: Path, metric: str | None) -> Report:
+    rows = [{**row, "lottery": lot.label} for lot in lotteries for row in lot.rows]
     validated = all(r["validated"] for r in rows)
     metric = metric or ("best" if validated else "final")
-    summary = summarize_levels(rows, metric)
-    out = Path(out or path)
+    summary = [
+        {"lottery": lot.label, **row}
+        for lot in lotteries
+        for row in summarize_levels(lot.rows, metric)
+    ]
     out.mkdir(parents=True, exist_ok=True)
+    recipe = lotteries[0].recipe
     title = _title(recipe)
+    if len(lotteries) > 1:
+        title = f"{recipe.get('model', '?')} on {recipe.get('dataset', '?')}: lotteries compared"
     plot_lottery(summary, out / "lottery.png", title)
     layers = layer_levels(rows)
     plot_layers(layers, out / "lottery_layers.png", title)
@@ -312,7 +384,7 @@ def write_lottery_report(
     references = sorted({r["reference"] for r in rows})
     epoch = "last epoch"
     if metric == "best":
-        by_loss = recipe.get("best_by") == "loss"
+        by_loss = {lot.recipe.get("best_by") == "loss" for lot in lotteries} == {True}
         split = "validation" if validated else "test (no validation set)"
         chooser = f"lowest {split} loss" if by_loss else f"best {split} accuracy"
         epoch = f"early-stopping epoch (of its {chooser}; the best epoch column)"
@@ -322,12 +394,22 @@ def write_lottery_report(
         f"Real params left: parameters left (biases kept) over those of the {', '.join(references)}"
         " model; weights left: the model's own prunable weights.",
     ]
+    if len(lotteries) > 1:
+        notes += [f"{lot.label}: {_title(lot.recipe)} ({lot.path})" for lot in lotteries]
     lines = [f"# {title}", "", table, "", *[f"- {n}" for n in notes], ""]
     lines += ["![lottery](lottery.png)", ""]
     lines += [f"## Weights left per layer at level {deepest}", "", layers_table, ""]
     lines += ["Tickets, mean over seeds; every level: lottery_layers.png.", ""]
     lines += ["![layers](lottery_layers.png)", ""]
     (out / "lottery.md").write_text("\n".join(lines), encoding="utf-8")
-    numbers = {"recipe": recipe, "levels": rows, "summary": summary}
+    if len(lotteries) == 1:
+        numbers: dict = {"recipe": recipe, "levels": lotteries[0].rows, "summary": summary}
+    else:
+        numbers = {
+            "lotteries": [{"path": str(lot.path), "label": lot.label, "recipe": lot.recipe}
+                          for lot in lotteries],
+            "levels": rows,
+            "summary": summary,
+        }  # fmt: skip
     (out / "lottery.json").write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
     return Report(table, summary, [out / name for name in FILES])

@@ -122,14 +122,14 @@ def _canon(value: object) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def _shown(value: object) -> str:
+def shown_setting(value: object) -> str:
     """A setting's value in a label, TOML-like."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}={_shown(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{k}={shown_setting(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
-        return "[" + ", ".join(map(_shown, value)) + "]"
+        return "[" + ", ".join(map(shown_setting, value)) + "]"
     return str(value)
 
 
@@ -179,7 +179,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         keys = _differing(same)
         for g in same:
             values = _values(g)
-            shown = ", ".join(f"{k}={_shown(values[k])}" for k in keys if k in values)
+            shown = ", ".join(f"{k}={shown_setting(values[k])}" for k in keys if k in values)
             g.label = f"{model} {dataset} {g.variant}" if several else g.variant
             g.label += f" ({shown})" if shown else ""
     return ordered
