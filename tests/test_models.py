@@ -287,6 +287,21 @@ def test_count_macs_by_hand():
     assert models.count_macs(QConv2d(4, 8, 3, padding=1), (4, 5, 5)) == 16 * 2 * 1 * 9 * 25
 
 
+def test_count_macs_of_a_layer_that_sees_the_batch_elsewhere():
+    """A linear map on (tokens, batch, features), as seq-first attention blocks hold
+    them, does tokens x in x out MACs per sample."""
+
+    class SeqFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = QLinear(8, 12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, tokens, features)
+            return self.proj(x.transpose(0, 1)).transpose(0, 1)
+
+    assert models.count_macs(SeqFirst(), (5, 8)) == 5 * 8 * 12
+
+
 def test_count_macs_of_lenet_and_conv2():
     dense = 784 * 300 + 300 * 100 + 100 * 10
     for variant in ("real", "quaternion"):

@@ -35,16 +35,17 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _layer_macs(module: nn.Module, x: Tensor, y: Tensor | tuple, key: Tensor | None) -> int:
-    """Multiply-accumulates of one call for one sample (dim 0 is the batch)."""
+    """Multiply-accumulates of one call in a forward pass of one sample (so every element
+    of ``x`` and ``y`` is the sample's, wherever a layer keeps its batch axis)."""
     if isinstance(module, MultiheadAttention):  # scores and mixing; projections are linear
         seq = 1 if module.batch_first and x.dim() == 3 else 0
         return 2 * x.shape[seq] * key.shape[seq] * module.embed_dim
     if hasattr(module, "in_features"):  # nn.Linear, QLinear: every output reads every input
-        return y[0].numel() * module.in_features
+        return y.numel() * module.in_features
     kernel = math.prod(module.kernel_size)
     if getattr(module, "transposed", False) or getattr(module, "_transposed", False):
-        return x[0].numel() * module.out_channels // module.groups * kernel
-    return y[0].numel() * module.in_channels // module.groups * kernel
+        return x.numel() * module.out_channels // module.groups * kernel
+    return y.numel() * module.in_channels // module.groups * kernel
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
