@@ -4,7 +4,8 @@ The model is rebuilt from the run's ``config.toml`` exactly as training built it
 variant and options from the config; classes, input channels and size from the dataset
 and the encoding) and its weights are read from ``checkpoint.pt`` (the last completed
 epoch) or ``best.pt`` (the best epoch: by validation accuracy in a run that holds out a
-validation set, else by test accuracy). Every file says in its metadata how to prepare
+validation set, else by test accuracy; by loss in a run with ``best_by = "loss"``). Every
+file says in its metadata how to prepare
 its input (``input``, :func:`quatnn.data.preprocessing`) and what its outputs name
 (``classes``).
 
