@@ -5,9 +5,8 @@ variant and options from the config; classes, input channels and size from the d
 and the encoding) and its weights are read from ``checkpoint.pt`` (the last completed
 epoch) or ``best.pt`` (the best epoch: by validation accuracy in a run that holds out a
 validation set, else by test accuracy; by loss in a run with ``best_by = "loss"``). Every
-file says in its metadata how to prepare
-its input (``input``, :func:`quatnn.data.preprocessing`) and what its outputs name
-(``classes``).
+file says in its metadata how to prepare its input (``input``,
+:func:`quatnn.data.preprocessing`) and what its outputs name (``classes``).
 
 Example (a run trained with ``quatnn train``)::
 
