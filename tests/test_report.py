@@ -53,7 +53,9 @@ def _write_run(
         }
         for e, a in enumerate(accuracies, 1)
     ]
-    for e, (row, val) in enumerate(zip(rows, val_accuracies or (), strict=False)):
+    for e, (row, val) in enumerate(
+        zip(rows, val_accuracies, strict=True) if val_accuracies else ()
+    ):
         row |= {"val_loss": val_losses[e] if val_losses else 1.0, "val_acc": val}
     for row, top5 in zip(rows, top5_accuracies, strict=True) if top5_accuracies else ():
         row["test_top5"] = top5

@@ -30,7 +30,7 @@ import itertools
 import json
 import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +189,15 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _optional(name: str, rows: Sequence[Mapping], key: str) -> dict:
+    """``name`` and ``name_std``: the mean and std of ``key`` over ``rows``, or None where
+    a row lacks it (a score that not every run measured)."""
+    if not all(key in row for row in rows):
+        return {name: None, f"{name}_std": None}
+    mean, std = _mean_std([row[key] for row in rows])
+    return {name: mean, f"{name}_std": std}
+
+
 def _steady(run: Run, key: str) -> float:
     """Mean of ``key`` over the epochs after the first (all epochs if there is one)."""
     rows = run.metrics[1:] or run.metrics
@@ -235,12 +244,6 @@ def summarize(runs: Sequence[Run]) -> list[dict]:
         final = _mean_std([r.metrics[-1]["test_acc"] for r in members])
         bests = [best_row(r.metrics, r.config.get("best_by", "acc")) for r in members]
         best = _mean_std([row["test_acc"] for row in bests])
-        validated = all("val_acc" in row for row in bests)
-        val = _mean_std([row["val_acc"] for row in bests]) if validated else None
-        top5 = all("test_top5" in r.metrics[-1] and "test_top5" in row for r, row in
-                   zip(members, bests, strict=True))  # fmt: skip
-        final5 = _mean_std([r.metrics[-1]["test_top5"] for r in members]) if top5 else None
-        best5 = _mean_std([row["test_top5"] for row in bests]) if top5 else None
         speed = _mean_std([_steady(r, "samples_per_second") for r in members])
         seeds = Counter(r.seed for r in members)
         rows.append(
@@ -262,12 +265,9 @@ def summarize(runs: Sequence[Run]) -> list[dict]:
                 "final_acc_std": final[1],
                 "best_acc": best[0],
                 "best_acc_std": best[1],
-                "best_val_acc": val[0] if val else None,  # None: no validation set
-                "best_val_acc_std": val[1] if val else None,
-                "final_top5": final5[0] if final5 else None,  # None: not measured
-                "final_top5_std": final5[1] if final5 else None,
-                "best_top5": best5[0] if best5 else None,
-                "best_top5_std": best5[1] if best5 else None,
+                **_optional("best_val_acc", bests, "val_acc"),  # None: no validation set
+                **_optional("final_top5", [r.metrics[-1] for r in members], "test_top5"),
+                **_optional("best_top5", bests, "test_top5"),
                 "seconds_per_epoch": statistics.fmean(_steady(r, "epoch_seconds") for r in members),
                 "samples_per_second": speed[0],
                 "samples_per_second_std": speed[1],

@@ -33,6 +33,7 @@ from quatnn.train import checkpoint as checkpoints
 from quatnn.train import device as devices
 from quatnn.train.config import EVAL_SPLITS, TrainConfig, merge
 from quatnn.train.errors import RunError
+from quatnn.train.loop import top5_hits
 from quatnn.train.runner import TOP5_ABOVE, _datasets, _model, _saved_config, resolve
 
 __all__ = ["evaluate_run"]
@@ -93,7 +94,7 @@ def evaluate_run(
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             confusion += torch.bincount(y * k + logits.argmax(1), minlength=k * k)
             if k > TOP5_ABOVE:
-                top5 += int((logits.topk(5).indices == y[:, None]).any(1).sum())
+                top5 += int(top5_hits(logits, y))
     confusion = confusion.view(k, k)
     images = int(confusion.sum())
     classes = [str(c) for c in state.get("classes") or dataset.classes]
