@@ -93,7 +93,7 @@ def table(names: Sequence[str] | None = None, variants: Sequence[str] | None = N
     """One row per model and variant at the default options, input size and channels:
     ``name``, ``variant``, ``params``, ``ratio_to_real`` (params over those of the real
     reference: ``real`` for flat models, ``real4`` for image models, rounded to 4 places)
-    and ``macs`` (:func:`count_macs`). ``variants`` defaults to ``("real", "quaternion")``
+    and ``macs`` (:func:`count_macs`), counted on the meta device. ``variants`` defaults to ``("real", "quaternion")``
     for flat models and ``("real3", "real4", "quaternion")`` for image models.
 
     >>> [row["params"] for row in table(["lenet_300_100"])]
@@ -107,7 +107,8 @@ def table(names: Sequence[str] | None = None, variants: Sequence[str] | None = N
         chosen = variants or (("real", "quaternion") if flat else ("real3", "real4", "quaternion"))
         counts: dict[str, tuple[int, int]] = {}
         for variant in dict.fromkeys((*chosen, reference)):
-            model = registry.create(name, variant)
+            with torch.device("meta"):  # shapes only: no memory, init or arithmetic
+                model = registry.create(name, variant)
             shape = (registry.default_in_channels(name, variant), *model_spec.default_input_size)
             counts[variant] = count_parameters(model), count_macs(model, shape)
         for variant in chosen:

@@ -52,10 +52,13 @@ def quaternion_polar_(
         "dtype": torch.float32 if weight.dtype.itemsize < 4 else weight.dtype,
         "device": weight.device,
     }
+    # Norms over the leading axis as sums of squared rows: linalg.vector_norm(dim=0) was
+    # 10x slower on CPU, the bulk of building a quaternion ResNet-152.
     gauss = torch.empty(4, *shape, **kw).normal_(generator=generator)
-    modulus = sigma * torch.linalg.vector_norm(gauss, dim=0)  # sigma * chi(4)
+    modulus = gauss.square_().sum(0).sqrt_().mul_(sigma)  # sigma * chi(4)
     axis = torch.empty(3, *shape, **kw).normal_(generator=generator)
-    axis = axis / torch.linalg.vector_norm(axis, dim=0).clamp_min(1e-12)
+    axis /= axis.square().sum(0).sqrt_().clamp_min_(1e-12)
     phase = torch.empty(shape, **kw).uniform_(-math.pi, math.pi, generator=generator)
-    weight.copy_(modulus * torch.cat([phase.cos().unsqueeze(0), axis * phase.sin()]))
+    weight[0].copy_(phase.cos().mul_(modulus))
+    weight[1:].copy_(axis.mul_(phase.sin_().mul_(modulus)))
     return weight
