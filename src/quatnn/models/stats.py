@@ -93,8 +93,9 @@ def table(names: Sequence[str] | None = None, variants: Sequence[str] | None = N
     """One row per model and variant at the default options, input size and channels:
     ``name``, ``variant``, ``params``, ``ratio_to_real`` (params over those of the real
     reference: ``real`` for flat models, ``real4`` for image models, rounded to 4 places)
-    and ``macs`` (:func:`count_macs`), counted on the meta device. ``variants`` defaults to ``("real", "quaternion")``
-    for flat models and ``("real3", "real4", "quaternion")`` for image models.
+    and ``macs`` (:func:`count_macs`), counted on the meta device. ``variants`` defaults
+    to ``("real", "quaternion")`` for flat models and ``("real3", "real4", "quaternion")``
+    for image models.
 
     >>> [row["params"] for row in table(["lenet_300_100"])]
     [266610, 67710]
