@@ -733,13 +733,17 @@ def test_errors():
             QBatchNorm2d(8, mode=mode)(torch.randn(1, 8, 1, 1))
     QBatchNorm1d(8).eval()(torch.randn(1, 8))  # eval with running stats: fine
     for mode in ("whiten", "variance"):
+        bn = QBatchNorm2d(8, mode=mode, momentum=None)  # cumulative average: counts matter
+        before = copy.deepcopy(bn.state_dict())
         bad = torch.randn(4, 8, 2, 2)
         bad[1, 3, 0, 1] = float("nan")
         with pytest.raises(NonFiniteStatistics, match="non-finite"):
-            QBatchNorm2d(8, mode=mode)(bad)
+            bn(bad)
         bad[1, 3, 0, 1] = float("inf")
         with pytest.raises(NonFiniteStatistics, match="non-finite"):
-            QBatchNorm2d(8, mode=mode)(bad)
+            bn(bad)
+        for k, v in bn.state_dict().items():  # the batches that raised are not counted
+            assert torch.equal(v, before[k]), k
     with pytest.raises(ValueError, match="normalized_shape"):
         QLayerNorm(10)
     with pytest.raises(ValueError, match="last axis"):

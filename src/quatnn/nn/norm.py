@@ -9,7 +9,8 @@ Three batch-norm modes (see REFERENCES.md, "Quaternion batch normalization: the 
 * ``"whiten"`` (default): per quaternion channel ``y = Gamma L^-1 (x - mu) + beta`` with
   ``V = L L^T`` the 4x4 covariance plus ``eps I``, ``Gamma`` a learnable symmetric 4x4
   (10 parameters, initialised to ``I/2``) and ``beta`` a quaternion. The output covariance
-  is ``Gamma Gamma^T``.
+  is ``Gamma Gamma^T``; with ``affine=False`` (no ``Gamma``, no ``beta``) it is ``I``, the
+  whitening alone (four times the covariance at the affine init).
 * ``"variance"``: ``y = gamma (x - mu) / sqrt(E|x - mu|^2 + eps) + beta`` with a real
   ``gamma`` per quaternion channel; equivariant to multiplication by unit quaternions.
 * ``"split"``: ordinary batch norm of the ``4C`` real channels (``F.batch_norm``).
@@ -76,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quatnn.functional import _constant_cache, autocast_disabled, transforming
+from quatnn.functional import _constant_cache, _memory_format, autocast_disabled, transforming
 from quatnn.nn import norm_ops
 from quatnn.nn.base import KeepsDerived, quaternion_units
 
@@ -622,14 +623,6 @@ def _affine4(x: Tensor, mm: Tensor, center: Tensor, shift: Tensor) -> Tensor:
         return _mix(mm, d, shift).to(x.dtype)
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 def _channel_sums(grad: Tensor, inp: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
     """Per real channel ``(sum grad * (inp - center), sum grad)``.
 
@@ -913,7 +906,6 @@ class _QBatchNorm(KeepsDerived):
                 "grad, ...); use eval mode (running statistics), or mode='split' with "
                 "track_running_stats=False"
             )
-        factor = self._momentum_factor()
         if self.mode == "split":
             track = not self.training or self.track_running_stats
             return F.batch_norm(
@@ -923,7 +915,7 @@ class _QBatchNorm(KeepsDerived):
                 self.weight,
                 self.bias,
                 use_batch,
-                factor,
+                self._momentum_factor(),
                 self.eps,
             )
         pdtype = self._param_dtype(x)
@@ -937,7 +929,9 @@ class _QBatchNorm(KeepsDerived):
             update = self.training and self.track_running_stats
             beta = self._beta(pdtype, x.device)
             # An empty batch (as nn.BatchNorm): an empty output (zero parameter gradients);
-            # there are no statistics, so the running ones stay as they are.
+            # there are no statistics, so the running ones stay as they are (it is counted).
+            if n == 0:
+                self._momentum_factor()
             if self.mode == "whiten":
                 gm = self._gamma_matrix(pdtype, x.device)
                 if n == 0:
@@ -951,11 +945,12 @@ class _QBatchNorm(KeepsDerived):
                     return F.batch_norm(x, None, None, gamma.repeat(4), beta, True, 0.0, self.eps)
                 y, mu, stat = _variance_batch(x, gamma, beta, self.eps)
             if update:
+                # Counted only now: a batch whose statistics raised (non-finite) is not.
                 # Traced, non-finite statistics leave the buffers alone (eager mode raised).
                 bad = None
                 if torch.compiler.is_compiling():
                     bad = torch.isfinite(stat.sum() + mu.sum()).logical_not()
-                self._update_running(mu, stat, n, factor, bad)
+                self._update_running(mu, stat, n, self._momentum_factor(), bad)
             return y
         # Running statistics (eval mode): a fixed affine map per quaternion channel.
         if self.mode == "variance":

@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from quatnn.functional import autocast_disabled
+from quatnn.functional import _memory_format, autocast_disabled
 from quatnn.nn import norm
 from quatnn.nn.norm import (
     NonFiniteStatistics,
@@ -67,7 +67,6 @@ from quatnn.nn.norm import (
     _count,
     _cq_to_blocked,
     _flagged,
-    _memory_format,
     _QBatchNorm,
     _whitening_map,
 )
@@ -228,7 +227,6 @@ class QSyncBatchNorm(_QBatchNorm):
         if group is None:
             return super().forward(x)
         self._check_input(x)
-        factor = self._momentum_factor()
         # Chosen by the device alone, never by x's shape or layout, so that every process
         # takes the same path (and makes the same collective calls), an empty share included.
         kernels = None
@@ -244,7 +242,7 @@ class QSyncBatchNorm(_QBatchNorm):
             y, mean, stat, n = _SyncFused.apply(x, weight, beta, self.eps, whiten, group, kernels)
         if self.training and self.track_running_stats:  # traced: bad statistics change nothing
             traced_bad = bad if torch.compiler.is_compiling() else None
-            self._update_running(mean, stat, n, factor, traced_bad)
+            self._update_running(mean, stat, n, self._momentum_factor(), traced_bad)
         return y
 
     def _synced(self, x: Tensor, group: dist.ProcessGroup) -> tuple[Tensor, ...]:
