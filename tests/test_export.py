@@ -49,6 +49,7 @@ def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
             if m.weight is not None:
                 m.weight.add_(0.1 * torch.randn(m.weight.shape, generator=g))
+            if m.bias is not None:
                 m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
     return model
 
@@ -164,10 +165,15 @@ def test_fold_layer_zoo_without_norm_fusion():
         qnn.QAdaptiveMaxPool3d(1),
     )
     head = nn.Sequential(QBatchNorm1d(8), qnn.QLinear(8, 12), QBatchNorm1d(12, mode="split"))
+    standalone = nn.Sequential(  # no layer to fuse into; without shift or affine parameters
+        *(QBatchNorm2d(8, mode=mode, bias=False) for mode in ("whiten", "variance", "split")),
+        *(QBatchNorm2d(8, mode=mode, affine=False) for mode in ("whiten", "variance", "split")),
+    )
     for module, x in (
         (seq1, torch.randn(2, 4, 13)),
         (seq3, torch.randn(2, 4, 4, 5, 6)),
         (head, torch.randn(3, 8)),
+        (standalone, torch.randn(2, 8, 3, 4)),
     ):
         _check_fold(_randomize_norms(module), x)
 

@@ -316,6 +316,7 @@ def _standalone(norm: nn.Module, name: str) -> nn.Module:
         real.running_var.copy_(norm.running_var.repeat(repeat))
         if norm.weight is not None:
             real.weight.copy_(norm.weight.repeat(repeat))
+        if norm.bias is not None:  # else zero, as the real norm starts
             real.bias.copy_(norm.bias)
     return real.eval()
 
