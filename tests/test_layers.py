@@ -440,6 +440,7 @@ def test_parameter_counts_are_a_quarter():
         (lambda: QConv2d(8, 8, 3, padding_mode="mirror"), "padding_mode"),
         (lambda: QLinear(8, 8, algorithm="fast"), "algorithm"),
         (lambda: QConv2d(8, 8, 3, output_padding=1), "transposed"),
+        (lambda: QConv2d(8, 8, 3, output_padding=(0, 1)), "transposed"),
         (lambda: QConv2d(8, 8, 3, stride=0), "stride must be at least 1, got 0"),
         (lambda: QConv2d(8, 8, 0), "kernel_size must be at least 1"),
         (lambda: QConv2d(8, 8, 3, dilation=(1, 0)), "dilation must be at least 1"),
@@ -458,6 +459,10 @@ def test_constructor_errors(make, match):
         make()
 
 
+def test_zero_output_padding_is_the_default_in_any_form():
+    assert QConv2d(8, 8, 3, output_padding=(0, 0)).output_padding == (0, 0)
+
+
 def test_sizes_may_be_numpy_integers():
     """As in torch.nn (sizes read from arrays); stored as Python ints."""
     sizes = np.arange(4, 20, 4)  # int64
@@ -472,8 +477,41 @@ def test_forward_shape_errors():
         QLinear(8, 4)(torch.randn(2, 12))
     with pytest.raises(ValueError, match="12 channels.*in_channels=8"):
         QConv2d(8, 4, 3)(torch.randn(2, 12, 5, 5))
-    with pytest.raises(ValueError, match="4-d input"):
-        QConv2d(8, 4, 3)(torch.randn(8, 5, 5))
+    with pytest.raises(ValueError, match="4-d input.*3-d unbatched"):
+        QConv2d(8, 4, 3)(torch.randn(8, 5))
+    with pytest.raises(ValueError, match="unbatched"):
+        QMaxPool2d(2)(torch.randn(6, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "layer,shape",
+    [
+        (QConv1d(8, 12, 3, padding=1, padding_mode="reflect"), (8, 7)),
+        (QConv2d(8, 8, 3, stride=2, groups=2), (8, 7, 6)),
+        (QConv3d(8, 4, 2, padding="same"), (8, 3, 4, 3)),
+        (QConvTranspose2d(8, 12, 3, stride=2, output_padding=1), (8, 4, 5)),
+        (QMaxPool2d(2, return_indices=True), (8, 4, 6)),
+        (QAdaptiveMaxPool2d((2, 3)), (12, 5, 5)),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v),
+)
+def test_unbatched_input_as_in_torch(layer, shape):
+    """An input without its batch axis gives the batch-of-one output without it, as torch's
+    convolutions and pools do."""
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    layer = layer.double()
+    one, batched = layer(x), layer(x.unsqueeze(0))
+    for y, want in zip(*(t if isinstance(t, tuple) else (t,) for t in (one, batched)), strict=True):
+        assert torch.equal(y, want.squeeze(0))
+
+
+def test_unbatched_transposed_output_size():
+    layer = QConvTranspose2d(8, 4, 3, stride=2)
+    x = torch.randn(8, 4, 5)
+    y = layer(x, output_size=(10, 12))
+    assert y.shape == (4, 10, 12)
+    assert torch.equal(y, layer(x.unsqueeze(0), output_size=(1, 4, 10, 12)).squeeze(0))
 
 
 @pytest.mark.parametrize(
@@ -749,6 +787,16 @@ def test_max_pool_indices_unpool_whole_quaternions(pool):
     assert torch.equal(nn.MaxUnpool2d(2)(y, where), x * keep)
 
 
+@pytest.mark.parametrize("return_indices", [False, True])
+def test_max_pool_keeps_channels_last(return_indices):
+    """As torch's pools: a channels_last input gives channels_last outputs (same values)."""
+    x = torch.randn(2, 12, 6, 4).to(memory_format=torch.channels_last)
+    pool = QMaxPool2d(2, return_indices=return_indices)
+    got, want = pool(x), pool(x.contiguous())
+    for y, ref in zip(*(t if return_indices else (t,) for t in (got, want)), strict=True):
+        assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, ref)
+
+
 def test_max_pool_options_follow_torch():
     args, kwargs = (3, 2, 1), {"dilation": 2, "ceil_mode": True, "return_indices": True}
     assert repr(QMaxPool2d(*args, **kwargs)) == "Q" + repr(nn.MaxPool2d(*args, **kwargs))
@@ -787,9 +835,15 @@ def test_dropout_drops_whole_quaternions():
     assert torch.equal(per_channel.amin((2, 3, 4)), per_channel.amax((2, 3, 4)))
     with pytest.raises(ValueError, match="spatial=True.*axis 2 is the last"):  # nothing to span
         QDropout(0.5, dim=-1, spatial=True).eval()(torch.ones(3, 5, 8))
+    x = torch.randn(3, 8, requires_grad=True)  # p=1: zeros that keep the graph, as torch
+    all_dropped = QDropout(1.0)(x)
+    all_dropped.sum().backward()
+    assert torch.equal(all_dropped, torch.zeros_like(x))
+    assert torch.equal(x.grad, torch.zeros_like(x))
 
 
 def test_modrelu():
+    assert repr(QModReLU(8, dim=-1, eps=1e-4)) == "QModReLU(8, dim=-1, eps=0.0001)"
     act = QModReLU(8).double()
     x = torch.randn(5, 8, 3, dtype=torch.float64)
     torch.testing.assert_close(act(x), x)  # b = 0: identity

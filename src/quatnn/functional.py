@@ -478,6 +478,7 @@ def _chunks(x: Tensor, *others: Tensor) -> Iterator[slice]:
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
+    """``x``'s channels_last format where it is in one (and not also plain contiguous)."""
     channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
     if channels_last and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
         return channels_last
@@ -673,7 +674,8 @@ def quaternion_conv(
     algorithm: str = "auto",
     folded: _Folded = None,
 ) -> Tensor:
-    """N-d quaternion (transposed) convolution of a blocked ``x (N, 4I, *spatial)``.
+    """N-d quaternion (transposed) convolution of a blocked ``x (N, 4I, *spatial)`` (or an
+    unbatched ``(4I, *spatial)``, as torch's convolutions take).
 
     ``weight`` is ``(4, O, I/g, *k)``, or ``(4, I, O/g, *k)`` when ``transposed`` (the
     ``torch.nn`` orders). ``padding`` may be ``"same"``/``"valid"`` (not transposed).
@@ -689,9 +691,15 @@ def quaternion_conv(
             f"groups must be a positive int dividing weight.shape[1]={weight.shape[1]}, "
             f"got {groups}"
         )
+    if x.dim() == nd + 1:  # unbatched
+        options = {"transposed": transposed, "output_padding": output_padding}
+        options.update(algorithm=algorithm, folded=folded)
+        args = (weight, bias, stride, padding, dilation, groups)
+        return quaternion_conv(x.unsqueeze(0), *args, **options).squeeze(0)
     if x.dim() != nd + 2:
         raise ValueError(
-            f"expected a {nd + 2}-d input (N, C, *spatial), got shape {tuple(x.shape)}"
+            f"expected a {nd + 2}-d input (N, C, *spatial) or a {nd + 1}-d unbatched one "
+            f"(C, *spatial), got shape {tuple(x.shape)}"
         )
     n_in = 4 * (weight.shape[1] if transposed else weight.shape[2] * groups)
     if x.shape[1] != n_in:

@@ -58,4 +58,4 @@ class QModReLU(nn.Module):
         return (q * scale).flatten(dim, dim + 1)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, dim={self.dim}"
+        return f"{self.num_features}, dim={self.dim}, eps={self.eps}"

@@ -63,7 +63,7 @@ class _QConvNd(QuaternionLayer):
             )
         if self._transposed and (padding_mode != "zeros" or isinstance(padding, str)):
             raise ValueError(f"{name}: only padding_mode='zeros' and numeric padding are supported")
-        if not self._transposed and output_padding != 0:
+        if not self._transposed and any(QF._tuple(output_padding, self._nd, "output_padding")):
             raise ValueError(f"{name}: output_padding applies to transposed convolutions only")
         if isinstance(padding, str) and padding not in ("same", "valid"):
             raise ValueError(
@@ -194,15 +194,15 @@ class _QConvTransposeNd(_QConvNd):
         if output_size is None:
             return self._conv(x, self.output_padding)
         size, nd = list(output_size)[-self._nd :], self._nd
-        if len(output_size) not in (nd, nd + 2) or x.dim() != nd + 2:
+        if len(output_size) not in (nd, x.dim()) or x.dim() not in (nd + 1, nd + 2):
             raise ValueError(
-                f"{type(self).__name__}: output_size must have {nd} or {nd + 2} entries for "
-                f"a {nd + 2}-d input, got {list(output_size)} for shape {tuple(x.shape)}"
+                f"{type(self).__name__}: output_size must have {nd} or {x.dim()} entries for "
+                f"a {x.dim()}-d input, got {list(output_size)} for shape {tuple(x.shape)}"
             )
         pads = []
         for d in range(nd):
             stride, dilation = self.stride[d], self.dilation[d]
-            least = (x.shape[2 + d] - 1) * stride - 2 * self.padding[d]
+            least = (x.shape[x.dim() - nd + d] - 1) * stride - 2 * self.padding[d]
             least += dilation * (self.kernel_size[d] - 1) + 1
             if not least <= size[d] < least + max(stride, dilation):
                 raise ValueError(

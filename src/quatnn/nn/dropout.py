@@ -41,8 +41,8 @@ class QDropout(nn.Module):
         shape[dim] = 1
         if self.spatial:
             shape[dim + 2 :] = [1] * len(shape[dim + 2 :])
-        if self.p == 1.0:
-            return torch.zeros_like(x)
+        if self.p == 1.0:  # zeros that keep the graph (zero gradients), as nn.Dropout(1)
+            return x * 0.0
         keep = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
         return (q * keep / (1 - self.p)).flatten(dim, dim + 1)
 

@@ -21,24 +21,33 @@ from collections.abc import Callable, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quatnn.functional import _memory_format
+
 
 def _pick_by_norm(
     x: Tensor, pool: Callable[[Tensor], tuple[Tensor, Tensor]], nd: int, return_indices: bool
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Pool the squared norms with ``pool`` (returning indices) and gather every component
     at the winning positions; with ``return_indices``, also those positions for each
-    component ``(N, 4C, *out)``."""
+    component ``(N, 4C, *out)``. Unbatched inputs and channels_last layouts as torch's."""
+    if x.dim() == nd + 1 and x.shape[0] % 4 == 0:  # unbatched (4C, *spatial)
+        picked = _pick_by_norm(x.unsqueeze(0), pool, nd, return_indices)
+        return tuple(t.squeeze(0) for t in picked) if return_indices else picked.squeeze(0)
     if x.dim() != nd + 2 or x.shape[1] % 4:
         raise ValueError(
-            f"expected an (N, 4C, *{nd} spatial) input with C quaternion channels, "
-            f"got shape {tuple(x.shape)}"
+            f"expected an (N, 4C, *{nd} spatial) or unbatched (4C, *{nd} spatial) input with "
+            f"C quaternion channels, got shape {tuple(x.shape)}"
         )
     q = x.unflatten(1, (4, -1))  # (N, 4, C, *spatial)
     _, idx = pool(q.square().sum(1))  # (N, C, *out)
     flat = q.flatten(3)  # (N, 4, C, L)
     where = idx.flatten(2).unsqueeze(1).expand(-1, 4, -1, -1)
+    layout = _memory_format(x)
     out = flat.gather(3, where).view(x.shape[0], x.shape[1], *idx.shape[2:])
-    return (out, where.reshape(out.shape)) if return_indices else out
+    out = out.contiguous(memory_format=layout)
+    if not return_indices:
+        return out
+    return out, where.reshape(out.shape).contiguous(memory_format=layout)
 
 
 class _QMaxPoolNd(nn.Module):
