@@ -478,6 +478,15 @@ def test_gradcheck(mode, training):
         return torch.func.functional_call(bn, {"weight": w, "bias": b}, (x,))
 
     assert torch.autograd.gradcheck(f, (x, w, b))
+    # double backward (gradient penalties): the recorded gradient is the kernels' gradient
+    # and differentiates correctly
+    g = torch.randn_like(x)
+    first = torch.autograd.grad(f(x, w, b), (x, w, b), g)
+    recorded = torch.autograd.grad(f(x, w, b), (x, w, b), g, create_graph=True)
+    for want, got in zip(first, recorded, strict=True):
+        torch.testing.assert_close(got, want)
+    small = x.detach()[:3, :, :, :1].clone().requires_grad_()  # keeps the check quick
+    assert torch.autograd.gradgradcheck(f, (small, w, b))
 
 
 def test_whiten_gradient_matches_autograd_reference():

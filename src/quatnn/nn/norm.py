@@ -31,7 +31,8 @@ input) raises :class:`NonFiniteStatistics` (a ``ValueError``) in the whiten and 
 modes in eager mode; ``"split"`` is exactly ``nn.BatchNorm`` and, like it, does not check.
 An empty batch gives an empty output and leaves the running statistics as they are; one
 value per channel raises ``ValueError``.
-Gradients are first order only (no double backward).
+Double backward (``create_graph=True``: gradient penalties) differentiates the same map
+written in plain tensor ops (the fused kernels' backward is first order).
 
 ``torch.compile`` and ``torch.func``: under torch.compile every mode (training and eval)
 is traced as plain tensor ops, which Inductor fuses into a few loops: one graph, no break
@@ -475,20 +476,20 @@ class _WhitenBatch(torch.autograd.Function):
                 y, mu, cov, saved, bad = kernels.whiten_forward(x, gmc, betac, eps)
                 if _flagged(bad):  # one sync, as the chunked check
                     raise NonFiniteStatistics()
-        ctx.save_for_backward(x, gmc, *saved)
+        ctx.save_for_backward(x, gmc, gm, beta, *saved)
         ctx.kernels = kernels
-        ctx.gm_dtype = gm.dtype
-        ctx.beta_dtype = beta.dtype
+        ctx.eps = eps
         ctx.mark_non_differentiable(mu, cov)
         ctx.set_materialize_grads(False)  # no zero-filled gradients of the statistics
         return y, mu, cov
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor | None, *_stats: Tensor | None):  # type: ignore[override]
         if dy is None:  # only the statistics had gradients: zero
             return None, None, None, None
-        x, gm, *saved = ctx.saved_tensors
+        x, gm, gm_in, beta_in, *saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return _recorded_grads(_whiten_batch.__wrapped__, ctx, (x, gm_in, beta_in), dy)
         need_x, need_gm, need_beta, _ = ctx.needs_input_grad
         with autocast_disabled(x.device.type):
             dx = dgm = None
@@ -498,8 +499,8 @@ class _WhitenBatch(torch.autograd.Function):
                 dx, dgm, dbeta = _whiten_chunked_grad(x, dy, tuple(saved), gm, need_x)
             else:
                 dx, dgm, dbeta = ctx.kernels.whiten_backward(x, dy, tuple(saved), gm)
-            dgm = dgm.to(ctx.gm_dtype) if need_gm else None
-            dbeta = dbeta.to(ctx.beta_dtype) if need_beta else None
+            dgm = dgm.to(gm_in.dtype) if need_gm else None
+            dbeta = dbeta.to(beta_in.dtype) if need_beta else None
         return dx if need_x else None, dgm, dbeta, None
 
 
@@ -521,14 +522,14 @@ class _Affine4(torch.autograd.Function):
                 y = torch.empty_like(x)
                 ch = _Chunks(x, mm.shape[0], mm.dtype, 1)
                 _apply_4x4(ch, y, mm, x, center, shift.to(mm.dtype))
-        ctx.save_for_backward(x, mm, center)
-        ctx.shift_dtype = shift.dtype
+        ctx.save_for_backward(x, mm, center, shift)
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor):  # type: ignore[override]
-        x, mm, center = ctx.saved_tensors
+        x, mm, center, shift = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return _recorded_grads(_affine4_ops, ctx, (x, mm, center, shift), dy)
         c = mm.shape[0]
         need_x, need_m, _, need_shift = ctx.needs_input_grad
         dx = dm = dshift = None
@@ -540,7 +541,7 @@ class _Affine4(torch.autograd.Function):
             if need_m:
                 dm = _cross_gram(_Chunks(x, c, mm.dtype, 2), dy, x, center)[0]
             if need_shift:
-                dshift = dy.sum(_reduce_dims(dy), dtype=mm.dtype).to(ctx.shift_dtype)
+                dshift = dy.sum(_reduce_dims(dy), dtype=mm.dtype).to(shift.dtype)
         return dx, dm, None, dshift
 
 
@@ -616,11 +617,39 @@ def _affine4(x: Tensor, mm: Tensor, center: Tensor, shift: Tensor) -> Tensor:
     support."""
     if not (torch.compiler.is_compiling() or transforming()):
         return _Affine4.apply(x, mm, center, shift)
+    return _affine4_ops(x, mm, center, shift)
+
+
+def _affine4_ops(x: Tensor, mm: Tensor, center: Tensor, shift: Tensor) -> Tensor:
+    """:func:`_affine4` in plain autograd ops."""
     c, ones = mm.shape[0], (1,) * (x.dim() - 2)
     with autocast_disabled(x.device.type):
         planes = x.to(mm.dtype).unflatten(1, (4, c)).unbind(1)
         d = [p - ctr for p, ctr in zip(planes, center.view(4, c, *ones), strict=True)]
         return _mix(mm, d, shift).to(x.dtype)
+
+
+def _recorded_grads(
+    ops: Callable[..., Tensor | tuple[Tensor, ...]],
+    ctx: torch.autograd.function.FunctionCtx,
+    inputs: tuple[Tensor, ...],
+    dy: Tensor,
+) -> tuple[Tensor | None, ...]:
+    """A norm's gradients when its backward is asked for a graph (``create_graph=True``:
+    double backward, gradient penalties): those of ``ops``, the same map in plain
+    differentiable ops of ``inputs`` (and ``ctx.eps`` where the map takes one), recorded.
+    The kernels' closed-form backward is not differentiable itself."""
+    need = ctx.needs_input_grad[: len(inputs)]
+    wanted = [t for t, n in zip(inputs, need, strict=True) if n]
+    grads = iter(())
+    if wanted:
+        extra = (ctx.eps,) if hasattr(ctx, "eps") else ()
+        with torch.enable_grad(), autocast_disabled(dy.device.type):
+            y = ops(*inputs, *extra)
+            y = y[0] if isinstance(y, tuple) else y
+            grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
+    out = tuple(next(grads) if n else None for n in need)
+    return out + (None,) * (len(ctx.needs_input_grad) - len(out))
 
 
 def _channel_sums(grad: Tensor, inp: Tensor, center: Tensor) -> tuple[Tensor, Tensor]:
@@ -690,27 +719,28 @@ class _VarianceBatch(torch.autograd.Function):
                 y = torch.addcmul(
                     (betac - mu * scale).view(shape), x, scale.view(shape), out=torch.empty_like(x)
                 )
-        ctx.save_for_backward(x, mu, inv, gammac)
+        ctx.save_for_backward(x, mu, inv, gammac, gamma, beta)
         ctx.kernels = kernels
-        ctx.dtypes = (gamma.dtype, beta.dtype)
+        ctx.eps = eps
         ctx.mark_non_differentiable(mu, sigma2)
         ctx.set_materialize_grads(False)  # no zero-filled gradients of the statistics
         return y, mu, sigma2
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor | None, *_stats: Tensor | None):  # type: ignore[override]
         if dy is None:  # only the statistics had gradients: zero
             return None, None, None, None
-        x, mu, inv, gamma = ctx.saved_tensors
+        x, mu, inv, gamma, gamma_in, beta_in = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            return _recorded_grads(_variance_batch.__wrapped__, ctx, (x, gamma_in, beta_in), dy)
         need_x, need_gamma, need_beta, _ = ctx.needs_input_grad
         with autocast_disabled(x.device.type):
             if ctx.kernels is not None:
                 dx, dgamma, dbeta = ctx.kernels.variance_backward(x, dy, mu, inv, gamma)
             else:
                 dx, dgamma, dbeta = _variance_chunked_grad(x, dy, mu, inv, gamma, need_x)
-            dgamma = dgamma.to(ctx.dtypes[0]) if need_gamma else None
-            dbeta = dbeta.to(ctx.dtypes[1]) if need_beta else None
+            dgamma = dgamma.to(gamma_in.dtype) if need_gamma else None
+            dbeta = dbeta.to(beta_in.dtype) if need_beta else None
         return dx if need_x else None, dgamma, dbeta, None
 
 

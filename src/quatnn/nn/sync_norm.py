@@ -104,7 +104,8 @@ class _SyncFused(torch.autograd.Function):
     it: ``sum_k M2_k + n_k (m_k - mu)(m_k - mu)^T``); one program does the 4x4 algebra and
     one map sweep writes the output. Backward: one cross-sums sweep, one all-reduce, one
     program for the gradient's matrices, one map sweep. The parameter gradients are this
-    process's own share (DDP sums them up), as in ``nn.SyncBatchNorm``.
+    process's own share (DDP sums them up), as in ``nn.SyncBatchNorm``. First order only
+    (the PyTorch-ops path, taken under torch.compile, also gives double backward).
 
     ``weight`` is ``Gamma`` ``(C, 4, 4)`` (whiten) or ``gamma`` ``(C,)``; returns
     ``(y, mean blocked (4C,), statistic (biased covariance or E|x - mu|^2), global count)``.
