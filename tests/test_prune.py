@@ -529,13 +529,19 @@ class InterruptOnce(Callback):
             raise KeyboardInterrupt
 
 
-def test_an_interrupted_level_resumes_and_late_rewinding(tmp_path):
+def test_an_interrupted_level_resumes_and_late_rewinding(tmp_path, capsys):
     lottery = LotteryConfig(levels=1, prune=PruneSpec(rate=0.5), rewind="5it")
     kw = {"variants": ("real",), "seeds": (1,), "progress": "off"}
     with pytest.raises(Interrupted, match="run the same quatnn lottery command again"):
         run_lottery(CFG, tmp_path, lottery, callbacks=[InterruptOnce()], **kw)
     level1 = level_dir(tmp_path, "real", 1, 1)
     masks = load_masks(level1 / "masks.pt")
+    # the level's log names the lottery's command, and quatnn train refuses the level, whose
+    # masks it would drop
+    command = f"quatnn lottery --config {tmp_path / 'lottery.toml'} --out {tmp_path}"
+    assert f"resume with: {command}" in (level1 / "train.log").read_text()
+    assert cli.main(["train", "--resume", str(level1)]) == 2
+    assert "is a lottery level" in capsys.readouterr().err
     recorder = StartRecorder()
     rows = run_lottery(CFG, tmp_path, lottery, callbacks=[recorder], **kw)
     assert [r["trained"] for r in rows] == [False, True]

@@ -165,6 +165,7 @@ def _add_jobs_flag(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from quatnn.prune import lottery as prune_lottery
     from quatnn.train import distributed
 
     overrides = _overrides(args)
@@ -178,6 +179,12 @@ def _train(args: argparse.Namespace) -> int:
         if clashes:
             flags = ", ".join(clashes)
             raise UsageError(f"--resume RUN_DIR continues that run as it is; drop {flags}")
+        lottery = prune_lottery.lottery_of_level(args.resume)
+        if lottery is not None:
+            raise UsageError(
+                f"{args.resume} is a lottery level: quatnn train would resume it without its "
+                f"pruning masks; continue its lottery: {prune_lottery.continue_command(lottery)}"
+            )
         cfg, out, if_exists = train.resume_config(args.resume, overrides), args.resume, "resume"
     with distributed.session(cfg.backend, cfg.device):
         train.train(cfg, out, if_exists=if_exists, **_run_options(args))

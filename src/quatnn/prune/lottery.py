@@ -72,8 +72,10 @@ from quatnn.train.seeding import mix
 __all__ = [
     "CONTROLS",
     "LotteryConfig",
+    "continue_command",
     "level_dir",
     "load_recipe",
+    "lottery_of_level",
     "parse_rewind",
     "reference_variant",
     "run_lottery",
@@ -210,6 +212,25 @@ def level_dir(
     """
     suffix = f"-{control}" if control else ""
     return Path(out) / f"{variant}-s{seed}" / f"level-{level:02d}{suffix}"
+
+
+def lottery_of_level(folder: str | Path) -> Path | None:
+    """The lottery folder whose level ``folder`` is (it holds pruning masks), or None.
+
+    >>> lottery_of_level("runs/x/real-s0") is None  # no masks.pt there
+    True
+    """
+    folder = Path(folder)
+    return folder.parent.parent if (folder / "masks.pt").is_file() else None
+
+
+def continue_command(out: str | Path) -> str:
+    """The command that continues the lottery in ``out`` (from its recipe).
+
+    >>> continue_command("runs/x")
+    'quatnn lottery --config runs/x/lottery.toml --out runs/x'
+    """
+    return f"quatnn lottery --config {Path(out) / RECIPE} --out {out}"
 
 
 def _toml_table(name: str, values: Mapping[str, object]) -> str:
@@ -554,13 +575,19 @@ def _train_level(
         if step.is_main:
             print(f"[lottery] {cfg.variant} seed {cfg.seed} {name} -> {folder}", flush=True)
         try:
+            command = continue_command(folder.parent.parent)
             summary = train(
-                cfg, folder, if_exists="continue", callbacks=[step, *callbacks], **options
+                cfg,
+                folder,
+                if_exists="continue",
+                callbacks=[step, *callbacks],
+                resume_command=command,
+                **options,
             )
         except Interrupted:
             raise Interrupted(
                 f"interrupted while training {folder}; finished levels and its last epoch "
-                "are kept: run the same quatnn lottery command again to continue"
+                f"are kept: run the same quatnn lottery command again to continue ({command})"
             ) from None
     else:
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))

@@ -461,13 +461,15 @@ def train(
     download: bool = True,
     callbacks: Sequence[Callback] = (),
     is_main: bool = True,
+    resume_command: str | None = None,
 ) -> dict:
     """Train the run ``cfg`` in folder ``out`` and return its summary.
 
     ``if_exists`` says what to do with a run already in ``out`` (:data:`IF_EXISTS`).
     ``progress`` is ``auto``, ``on`` or ``off`` (bars; log lines are always printed).
     ``callbacks`` run before the folder is written at each epoch end. ``is_main=False``
-    writes nothing and prints nothing.
+    writes nothing and prints nothing. ``resume_command`` is what the interrupt message
+    tells to run (default ``quatnn train --resume OUT``; a lottery level names its lottery).
 
     Inside a process group (:func:`quatnn.train.distributed.session` under torchrun) every
     process calls this with the same arguments: they train one run with
@@ -577,7 +579,8 @@ def train(
                 if trainer.epoch > saved
                 else f"after epoch {saved}, which {out / 'checkpoint.pt'} holds"
             )
-            message = f"interrupted {where}; resume with: quatnn train --resume {out}"
+            command = resume_command or f"quatnn train --resume {out}"
+            message = f"interrupted {where}; resume with: {command}"
             view.log(message)  # the caller prints it
             raise Interrupted(message) from None
         except NonFiniteLoss as err:
