@@ -446,6 +446,7 @@ def test_argument_errors_exit_2_before_anything_runs(capsys, argv, message):
         (["train", "--device", "tpu"], "unknown device 'tpu'"),
         (["train", "--option", "width"], "must look like KEY=VALUE"),
         (["train", "--option", "depth=3"], "unknown option(s) depth"),
+        (["train", "--option", "quaternion_first=False"], "booleans are true or false"),
         (["train", "--resume", "X", "--overwrite"], "drop --overwrite"),
         (["train", "--resume", "X", "--config", "c.toml"], "drop --config"),
         (["export", "run", "--sparse"], "--sparse applies to --format safetensors only"),

@@ -231,6 +231,12 @@ def test_unknown_model_and_variant_list_the_valid_ones():
         models.create("resnet20", norm="layer")
     with pytest.raises(TypeError, match="valid options: small_input=True"):
         models.create("resnet20", width_mult=0.5)
+    # option values have their default's type: a string "False" would pass as true
+    with pytest.raises(TypeError, match="quaternion_first must be of type bool"):
+        models.create("conv2", quaternion_first="False")
+    with pytest.raises(TypeError, match="dim must be of type int"):
+        models.create("vit", dim=64.0)
+    assert models.create("mobilenet_v1", width_mult=1) is not None  # an int for a float
 
 
 def test_quaternion_input_channels_must_be_divisible_by_4():

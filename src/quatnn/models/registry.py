@@ -131,6 +131,21 @@ def default_in_channels(name: str, variant: str) -> int:
     return _VARIANT_CHANNELS[variant]
 
 
+def _check_option_type(name: str, key: str, value: object, default: object) -> None:
+    """TypeError unless ``value`` has the type of the option's ``default`` (an int for a
+    float is fine): a string such as ``"False"`` would otherwise pass as true."""
+    kind = type(default)
+    fits = isinstance(value, kind) and isinstance(value, bool) == (kind is bool)
+    if kind is float:
+        fits = isinstance(value, int | float) and not isinstance(value, bool)
+    if default is not None and not fits:
+        hint = " (booleans are true or false)" if kind is bool else ""
+        raise TypeError(
+            f"{name}: option {key} must be of type {kind.__name__}, as its default "
+            f"{default!r}, got {value!r}{hint}"
+        )
+
+
 def _check_variant(variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
@@ -176,6 +191,8 @@ def create(
             f"{name}: unknown option(s) {', '.join(unknown)}; valid options: "
             f"{', '.join(f'{k}={v!r}' for k, v in model_spec.options.items())}"
         )
+    for key, value in options.items():
+        _check_option_type(name, key, value, model_spec.options[key])
     if variant == "quaternion" and options.get("quaternion_first", True):
         flat = model_spec.input_kind == "flat"
         real_inputs = in_channels * size[0] * size[1] if flat else in_channels
