@@ -549,3 +549,25 @@ def test_ctrl_c_while_the_command_loads_is_one_line(monkeypatch, capsys):
     code = "import sys, quatnn; print('torch' in sys.modules, quatnn.__version__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split()[0] == "False"
+
+
+def test_ctrl_c_while_a_command_imports_torch_is_one_line(monkeypatch, capsys):
+    """An interrupt inside a handler is reported before the bad-input errors are looked up
+    (their lookup imports torch, which the interrupt may have left half-loaded)."""
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_models", interrupted)
+    monkeypatch.setitem(sys.modules, "quatnn.data.registry", None)  # importing it fails
+    assert cli.main(["models"]) == 130
+    assert capsys.readouterr().err == "quatnn: interrupted\n"
+
+
+def test_a_path_that_cannot_be_written_is_one_line(tmp_path, capsys, digits_run):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    line = _error_line(capsys, ["report", str(digits_run), "--out", str(afile / "report")])
+    assert "Not a directory" in line and str(afile) in line
+    line = _error_line(capsys, ["evaluate", str(digits_run), "--json", str(afile / "x.json")])
+    assert "Not a directory" in line

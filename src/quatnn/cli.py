@@ -767,6 +767,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     who = f"quatnn (rank {rank})" if rank else "quatnn"
     try:
         return args.handler(args)
+    except KeyboardInterrupt:  # (first: _user_errors imports torch, which may be half-loaded)
+        print(f"{who}: interrupted", file=sys.stderr)
+        return 130
     except _user_errors() as err:
         print(f"{who}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
@@ -778,10 +781,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not rank:
             print(f"quatnn: {err}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print(f"{who}: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # the reader of stdout left (quatnn evaluate ... | head)
         with contextlib.suppress(OSError, ValueError):  # no second error at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as a command killed by SIGPIPE
+    except OSError as err:  # a path that cannot be written (or read): not a directory, ...
+        print(f"{who}: error: {err}", file=sys.stderr)
+        return 2

@@ -68,7 +68,8 @@ def write_atomic(path: str | Path, write: Callable[[object], None], mode: str = 
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (a missing folder: no temporary file)
+                tmp.unlink(missing_ok=True)
             raise
 
 
