@@ -66,12 +66,13 @@ def _state(run: Path) -> dict:
     return torch.load(run / "checkpoint.pt", weights_only=True)
 
 
-def _assert_same_run(run: Path, reference: Path, atol: float = 1e-5) -> None:
-    """Same epochs and steps, metrics and final weights up to float rounding."""
+def _assert_same_run(run: Path, reference: Path, atol: float = 1e-5, rel: float = 1e-5) -> None:
+    """Same epochs and steps, metrics (``rel``) and final weights (``atol``) up to float
+    rounding."""
     rows, expected = _untimed(_metrics(run)), _untimed(_metrics(reference))
     assert [(r["epoch"], r["step"]) for r in rows] == [(r["epoch"], r["step"]) for r in expected]
     for row, want in zip(rows, expected, strict=True):
-        assert row == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert row == pytest.approx(want, rel=rel, abs=1e-6)
     got, want = _state(run), _state(reference)
     assert (got["epoch"], got["step"]) == (want["epoch"], want["step"])
     assert got["model"].keys() == want["model"].keys()  # no DDP "module." prefix
@@ -281,7 +282,10 @@ def test_sync_bn_run_under_torchrun_matches_one_process(tmp_path):
     done = _torchrun([*argv, "--sync-bn", "--out", str(tmp_path / "two")], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     # (Without --sync-bn the running variances differ by about 0.1, the weights by 1e-3.)
-    _assert_same_run(tmp_path / "two", tmp_path / "one", atol=1e-5)
+    # After 2 steps the running statistics are still mostly their init, so evaluation
+    # through the norms gives chance-level logits of a large loss (4.2) that amplify the
+    # rounding of the summation order: its metrics match to 1e-4 (the weights to 1e-5).
+    _assert_same_run(tmp_path / "two", tmp_path / "one", atol=1e-5, rel=1e-4)
     assert any("running_var" in name for name in _state(tmp_path / "one")["model"])
 
 

@@ -777,6 +777,30 @@ def test_overwrite_replaces_a_different_run(tmp_path):
     assert "lr = 0.0005" in (tmp_path / "run" / "config.toml").read_text()
 
 
+@pytest.mark.skipif(runner.fcntl is None, reason="run folders are locked with fcntl.flock")
+@pytest.mark.parametrize("if_exists", ["resume", "overwrite"])
+def test_a_run_folder_in_use_is_refused_and_left_alone(tmp_path, if_exists):
+    """While a process trains in a folder (its lock held), a second one that would resume or
+    overwrite the run there stops with a RunError and changes nothing."""
+    import fcntl
+
+    cfg = TrainConfig(variant="real", epochs=1, max_steps=1, device="cpu")
+    out = tmp_path / "run"
+    train.train(cfg, out, progress="off")
+    (out / "summary.json").unlink()  # unfinished, as while it trains
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the training process holds it
+        with pytest.raises(train.RunError, match="another process is training in"):
+            train.train(cfg, out, if_exists=if_exists, progress="off")
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    finally:
+        os.close(fd)
+    train.train(cfg, out, if_exists=if_exists, progress="off")  # once free, it goes on
+    assert (out / "summary.json").is_file()
+
+
 def test_a_stale_best_pt_is_removed_when_a_run_restarts_from_epoch_0(tmp_path):
     """A run whose checkpoint holds epoch 0 starts over: no best.pt of a lost epoch stays."""
     cfg = TrainConfig(variant="real", epochs=1, device="cpu")

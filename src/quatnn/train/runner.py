@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import shutil
 import signal
@@ -33,6 +34,11 @@ import statistics
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # (not on Windows: run folders are not locked there)
+    fcntl = None
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -369,14 +375,40 @@ def _summary(cfg: TrainConfig, trainer: Trainer, device: torch.device, world_siz
     }
 
 
+@contextlib.contextmanager
+def _folder_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on run folder ``out`` (created if need be) meanwhile: a second
+    process training in it (a ``--resume`` while the run still trains) gets a RunError
+    instead of writing its epochs into the same files. Released when the process ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(
+                f"another process is training in {out}; wait for it to finish, or stop it "
+                "and resume"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def _prepare_folder(
     out: Path, cfg: TrainConfig, encoding: str, plan: str, trainer: Trainer, classes: list[str]
 ) -> None:
-    """Create, clear or bring up to date the run folder before the first epoch;
+    """Clear or bring up to date the (locked) run folder before the first epoch;
     ``config.toml`` gets the ``encoding`` asked for."""
-    if plan == "overwrite":
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if plan == "overwrite":  # its contents: the folder itself holds the lock
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     checkpoint.remove_leftovers(out)  # of a process killed while writing
     if trainer.epoch == 0:
         asked = dataclasses.replace(cfg, encoding=encoding).to_dict()
@@ -496,7 +528,7 @@ def train(
         return json.loads((out / "summary.json").read_text(encoding="utf-8"))
     writer_class = _tensorboard_writer_class() if tensorboard and is_main else None
     device = distributed.process_device(cfg.device, ctx.local_rank, ctx.world_size)
-    with devices.deterministic():
+    with devices.deterministic(), contextlib.ExitStack() as held:
         seed_everything(cfg.seed)
         info, train_set, test_set, val_set = distributed.in_turn(
             ctx, lambda: _datasets(cfg, download)
@@ -543,6 +575,7 @@ def train(
         tensorboard_writer = None
         if is_main:
             classes = [str(c) for c in test_set.classes]
+            held.enter_context(_folder_lock(out))
             _prepare_folder(out, cfg, encoding, plan, trainer, classes)
             view.log_file = out / "train.log"
             if writer_class is not None:
