@@ -236,10 +236,11 @@ def test_compare_trains_every_variant_and_seed_then_reports(tmp_path, capsys):
 
 
 def test_models_prints_the_zoo_table(capsys):
-    assert cli.main(["models", "--names", "lenet_300_100"]) == 0
+    assert cli.main(["models", "--names", "lenet_300_100,lenet_300_100"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "| model | variant | params | ratio to real | MACs |"  # as in the README
     assert out[3] == "| lenet_300_100 | quaternion | 67,710 | 0.2540 | 266,200 |"
+    assert len(out) == 4  # a name given twice: its rows once
 
 
 def test_evaluate_prints_each_class_and_writes_every_number(tmp_path, capsys):

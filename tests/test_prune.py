@@ -120,6 +120,8 @@ def test_layerwise_rates_per_layer_type_and_skips():
         prune(model, dense_masks(model), PruneSpec(skip=("conv9",)))
     with pytest.raises(ValueError, match="layerwise"):
         PruneSpec(rates=rates)
+    with pytest.raises(ValueError, match="to values in \\[0, 1\\), got conv='abc'"):
+        PruneSpec(scope="layerwise", rates={"conv": "abc"})
 
 
 def test_quaternion_granularity_prunes_whole_quaternions_by_norm():

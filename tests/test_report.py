@@ -198,6 +198,12 @@ def _damaged(tmp_path: Path) -> Path:
     return run
 
 
+def _not_an_object(tmp_path: Path) -> Path:
+    run = _write_run(tmp_path / "r", "real", 0, [0.5])
+    (run / "metrics.jsonl").write_text("[1, 2]\n")
+    return run
+
+
 def _lacking(tmp_path: Path) -> Path:
     run = _write_run(tmp_path / "r", "real", 0, [0.5, 0.6])
     rows = (run / "metrics.jsonl").read_text().splitlines()
@@ -212,6 +218,7 @@ def _lacking(tmp_path: Path) -> Path:
         (lambda p: p, "holds no quatnn runs"),
         (_damaged, "cannot read run folder"),
         (_lacking, "metrics.jsonl, line 2, lacks train_acc, test_acc, train_loss"),
+        (_not_an_object, "metrics.jsonl, line 1: not a metrics row (a JSON object)"),
     ],
 )
 def test_report_errors_are_one_line(tmp_path, capsys, setup, message):

@@ -74,8 +74,9 @@ def test_config_toml_round_trip_and_precedence(tmp_path):
     with pytest.raises(train.RunError, match="compare recipe"):
         load_config(recipe, {})
     shipped = Path(__file__).parents[1] / "experiments" / "lottery_conv4_cifar10.toml"
-    with pytest.raises(train.RunError, match="lottery recipe.*run it with quatnn lottery"):
-        load_config(shipped, {}, compare=True)
+    for compare in (True, False):  # quatnn compare and quatnn train both name lottery
+        with pytest.raises(train.RunError, match="lottery recipe.*run it with quatnn lottery"):
+            load_config(shipped, {}, compare=compare)
     assert "lottery" in load_config(shipped, {}, compare=True, keep=("lottery",))[1]
     assert parse_option("small_input=false") == ("small_input", False)
 

@@ -101,11 +101,12 @@ def table(names: Sequence[str] | None = None, variants: Sequence[str] | None = N
     [266610, 67710]
     """
     rows = []
-    for name in registry.names() if names is None else names:
+    for name in dict.fromkeys(registry.names() if names is None else names):
         model_spec = registry.spec(name)
         flat = model_spec.input_kind == "flat"
         reference = model_spec.real_variant
         chosen = variants or (("real", "quaternion") if flat else ("real3", "real4", "quaternion"))
+        chosen = tuple(dict.fromkeys(chosen))  # each row once
         counts: dict[str, tuple[int, int]] = {}
         for variant in dict.fromkeys((*chosen, reference)):
             with torch.device("meta"):  # shapes only: no memory, init or arithmetic

@@ -290,8 +290,8 @@ def _write_recipe(
         if changed:
             shown = ", ".join(f"{k} = {saved[k]!r} there, {wanted[k]!r} here" for k in changed[:3])
             raise RunError(
-                f"{out} holds a different lottery ({shown}); use another --out, or continue "
-                f"that one with: quatnn lottery --config {out / RECIPE} --out {out}"
+                f"{out} holds a different lottery ({shown}); use another --out or "
+                f"--overwrite, or continue that one with: {continue_command(out)}"
             )
     elif out.is_dir() and any(out.iterdir()):
         raise RunError(f"{out} is not empty and holds no lottery (no {RECIPE}); use another --out")

@@ -83,7 +83,8 @@ class PruneSpec:
         if self.rates and self.scope != "layerwise":
             raise ValueError("per-type rates need scope='layerwise' (global uses one rate)")
         for kind, value in self.rates.items():
-            if kind not in LAYER_TYPES or not 0 <= value < 1:
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if kind not in LAYER_TYPES or not number or not 0 <= value < 1:
                 raise ValueError(
                     f"rates must map layer types ({', '.join(LAYER_TYPES)}) to values in "
                     f"[0, 1), got {kind}={value!r}"

@@ -127,7 +127,9 @@ def _metrics(path: Path) -> list[dict]:
             row = json.loads(line)
         except ValueError as err:
             raise ValueError(f"{path.name}, line {number}: {err}") from None
-        missing = [k for k in METRIC_KEYS if k not in row] if isinstance(row, dict) else ["all"]
+        if not isinstance(row, dict):
+            raise ValueError(f"{path.name}, line {number}: not a metrics row (a JSON object)")
+        missing = [k for k in METRIC_KEYS if k not in row]
         if missing:
             raise ValueError(f"{path.name}, line {number}, lacks {', '.join(missing)}")
         rows.append(row)

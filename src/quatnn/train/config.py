@@ -325,6 +325,11 @@ def load_config(
     (0.001, {'seeds': [0, 1]})
     """
     values = load_toml(path) if path is not None else {}
+    if "lottery" in values and "lottery" not in keep:  # (a lottery recipe has compare keys)
+        raise RunError(
+            f"{path} is a lottery recipe (it has a [lottery] table); run it with "
+            f"quatnn lottery --config {path}"
+        )
     extra = {k: values.pop(k) for k in COMPARE_KEYS if k in values}
     if extra and not compare:
         raise RunError(
@@ -334,11 +339,6 @@ def load_config(
     if compare:
         values.pop("variant", None)
         values.pop("seed", None)
-    if "lottery" in values and "lottery" not in keep:
-        raise RunError(
-            f"{path} is a lottery recipe (it has a [lottery] table); run it with "
-            f"quatnn lottery --config {path}"
-        )
     extra |= {k: values.pop(k) for k in keep if k in values}
     extra |= {k: overrides[k] for k in (*COMPARE_KEYS, *keep) if k in overrides}
     for key, kind in (("variants", str), ("seeds", int)):
