@@ -676,3 +676,14 @@ def test_convert_sync_batchnorm_keeps_eps_and_the_training_mode(mode, training):
     converted = convert_sync_batchnorm(plain)
     assert converted.eps == 0.5 and converted.training == training
     torch.testing.assert_close(converted(x), want)
+
+
+def test_a_job_whose_parent_has_gone_ends_quietly(monkeypatch, capsys):
+    """After a second Ctrl-C the parent no longer listens: the job's result goes nowhere,
+    without a traceback of the broken pipe."""
+    ours, theirs = mp.Pipe()
+    ours.close()
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # the job silences its stdout
+    job = distributed.Job("real seed 0", math.sqrt, (4.0,))
+    distributed._job_main(job, {}, torch.get_num_threads(), theirs)
+    assert capsys.readouterr().err == ""

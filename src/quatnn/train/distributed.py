@@ -406,8 +406,11 @@ def _job_main(job: Job, env: dict, threads: int, conn: object) -> None:
         outcome = (False, RunError(f"{job.name} failed: {type(err).__name__}: {err}"))
     try:
         conn.send(outcome)
+    except OSError:  # the parent has gone (a second Ctrl-C): nobody is left to tell
+        pass
     except Exception as err:  # noqa: BLE001 - an unpicklable result or error
-        conn.send((False, RunError(f"{job.name}: cannot send its result back: {err}")))
+        with contextlib.suppress(OSError):
+            conn.send((False, RunError(f"{job.name}: cannot send its result back: {err}")))
     conn.close()
 
 
