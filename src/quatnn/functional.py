@@ -692,10 +692,20 @@ def quaternion_conv(
             f"got {groups}"
         )
     if x.dim() == nd + 1:  # unbatched
-        options = {"transposed": transposed, "output_padding": output_padding}
-        options.update(algorithm=algorithm, folded=folded)
-        args = (weight, bias, stride, padding, dilation, groups)
-        return quaternion_conv(x.unsqueeze(0), *args, **options).squeeze(0)
+        y = quaternion_conv(
+            x.unsqueeze(0),
+            weight,
+            bias,
+            stride,
+            padding,
+            dilation,
+            groups,
+            transposed=transposed,
+            output_padding=output_padding,
+            algorithm=algorithm,
+            folded=folded,
+        )
+        return y.squeeze(0)
     if x.dim() != nd + 2:
         raise ValueError(
             f"expected a {nd + 2}-d input (N, C, *spatial) or a {nd + 1}-d unbatched one "

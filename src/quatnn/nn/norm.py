@@ -489,7 +489,8 @@ class _WhitenBatch(torch.autograd.Function):
             return None, None, None, None
         x, gm, gm_in, beta_in, *saved = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
-            return _recorded_grads(_whiten_batch.__wrapped__, ctx, (x, gm_in, beta_in), dy)
+            ops = functools.partial(_whiten_batch.__wrapped__, eps=ctx.eps)  # the plain ops
+            return _recorded_grads(ops, ctx, (x, gm_in, beta_in), dy)
         need_x, need_gm, need_beta, _ = ctx.needs_input_grad
         with autocast_disabled(x.device.type):
             dx = dgm = None
@@ -636,16 +637,15 @@ def _recorded_grads(
     dy: Tensor,
 ) -> tuple[Tensor | None, ...]:
     """A norm's gradients when its backward is asked for a graph (``create_graph=True``:
-    double backward, gradient penalties): those of ``ops``, the same map in plain
-    differentiable ops of ``inputs`` (and ``ctx.eps`` where the map takes one), recorded.
-    The kernels' closed-form backward is not differentiable itself."""
+    double backward, gradient penalties): those of ``ops(*inputs)`` (its first output),
+    the same map in plain differentiable ops, recorded. The kernels' closed-form backward
+    is not differentiable itself."""
     need = ctx.needs_input_grad[: len(inputs)]
     wanted = [t for t, n in zip(inputs, need, strict=True) if n]
     grads = iter(())
     if wanted:
-        extra = (ctx.eps,) if hasattr(ctx, "eps") else ()
         with torch.enable_grad(), autocast_disabled(dy.device.type):
-            y = ops(*inputs, *extra)
+            y = ops(*inputs)
             y = y[0] if isinstance(y, tuple) else y
             grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
     out = tuple(next(grads) if n else None for n in need)
@@ -732,7 +732,8 @@ class _VarianceBatch(torch.autograd.Function):
             return None, None, None, None
         x, mu, inv, gamma, gamma_in, beta_in = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
-            return _recorded_grads(_variance_batch.__wrapped__, ctx, (x, gamma_in, beta_in), dy)
+            ops = functools.partial(_variance_batch.__wrapped__, eps=ctx.eps)  # the plain ops
+            return _recorded_grads(ops, ctx, (x, gamma_in, beta_in), dy)
         need_x, need_gamma, need_beta, _ = ctx.needs_input_grad
         with autocast_disabled(x.device.type):
             if ctx.kernels is not None:
