@@ -498,6 +498,10 @@ def test_run_folder_errors(tmp_path, capsys, digits_run):
         (lambda path: path.write_bytes(b""), "is corrupt or not a checkpoint"),
         (lambda path: path.write_bytes(b"garbage\n"), "not a checkpoint (Unsupported operand"),
         (lambda path: path.unlink(), "no checkpoint.pt to resume from"),
+        (  # half a file: the cause, without torch's advice after it
+            lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+            "(PytorchStreamReader failed reading zip archive: failed finding central directory)",
+        ),
     ],
 )
 def test_damaged_checkpoint_is_refused_on_resume(tmp_path, capsys, damage, message):

@@ -99,6 +99,11 @@ def test_lr_schedules():
     cosine = train.lr_schedule("cosine", 1.0, 4)
     assert [cosine(e) for e in (1, 3)] == [1.0, pytest.approx(0.5)]
     assert train.lr_schedule("none", 0.1, 4)(4) == 0.1
+    for epochs in range(1, 13):  # x0.1 for epochs that start at or after 50% and 75%
+        step = train.lr_schedule("step", 1.0, epochs)
+        for e in range(1, epochs + 1):
+            cuts = sum((e - 1) / epochs >= f for f in (0.5, 0.75))
+            assert step(e) == pytest.approx(0.1**cuts), (epochs, e)
 
 
 def test_top5_accuracy_counts_the_labels_among_the_five_highest_logits():
@@ -713,6 +718,14 @@ def test_a_validation_split_is_held_out_of_training_and_chooses_best_pt(tmp_path
     assert f"val acc {best['val_acc']:.2%}" in log
     images = f"{len(plain) - len(held):,} training, {len(held)} validation, {len(test)} test"
     assert images in log
+
+
+def test_evaluate_run_of_an_amp_run_evaluates_under_its_autocast(tmp_path):
+    cfg = TrainConfig(epochs=1, max_steps=6, amp=True, device="cpu")
+    summary = train.train(cfg, tmp_path / "run", progress="off")
+    result = evaluate_run(tmp_path / "run")
+    assert result["acc"] == summary["final_test_acc"]
+    assert result["loss"] == pytest.approx(_metrics(tmp_path / "run")[0]["test_loss"], rel=1e-5)
 
 
 def test_evaluate_run_measures_what_training_measured_and_more(tmp_path):

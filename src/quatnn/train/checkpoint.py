@@ -99,7 +99,7 @@ def load(path: str | Path, run: dict) -> dict:
         reason = " ".join(str(err).split())
         if _UNPICKLER in reason:  # not torch's advice to load it unsafely: just the cause
             reason = reason.split(_UNPICKLER)[1].split(" Check the documentation")[0].strip()
-        reason = reason[:200] or type(err).__name__
+        reason = reason.split(". ")[0][:200] or type(err).__name__  # its first sentence
         raise RunError(f"{path} is corrupt or not a checkpoint ({reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RunError(f"{path} is not a quatnn checkpoint (no {FORMAT!r} format tag)")

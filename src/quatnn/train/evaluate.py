@@ -4,7 +4,8 @@ confusion matrix (what ``quatnn evaluate RUN_DIR`` prints).
 
 The model and the data are rebuilt from the run's ``config.toml`` as training built them:
 the same encoding, the same held-out validation images, no augmentation (``train``: the
-images the run trained on, unaugmented).
+images the run trained on, unaugmented); a run trained with ``--amp`` is evaluated under
+the same autocast, as its training evaluated it.
 
 Example:
     >>> import tempfile
@@ -88,7 +89,8 @@ def evaluate_run(
     confusion = torch.zeros(k * k, dtype=torch.long)
     loss_sum, top5 = 0.0, 0
     loader = DataLoader(dataset, batch_size=batch_size or cfg.eval_batch_size)
-    with torch.no_grad():
+    amp = devices.amp_dtype(target) if cfg.amp else None
+    with torch.no_grad(), torch.autocast(target.type, dtype=amp, enabled=amp is not None):
         for x, y in loader:
             logits = model(x.to(target)).float().cpu()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()

@@ -74,17 +74,24 @@ class Callback:
 
 def lr_schedule(name: str, lr: float, epochs: int) -> Callable[[int], float]:
     """The learning rate of each epoch (counted from 1): ``none`` keeps ``lr``, ``cosine``
-    anneals from ``lr`` towards 0, ``step`` multiplies by 0.1 after 50% and 75% of the
-    epochs. A pure function of the epoch, so a resumed run needs no scheduler state.
+    anneals from ``lr`` towards 0, ``step`` multiplies by 0.1 for the epochs that start
+    once 50% and again once 75% of the epochs are done. A pure function of the epoch, so a
+    resumed run needs no scheduler state.
 
     >>> [round(lr_schedule("step", 1.0, 4)(e), 3) for e in (1, 2, 3, 4)]
     [1.0, 1.0, 0.1, 0.01]
+    >>> [round(lr_schedule("step", 1.0, 6)(e), 3) for e in range(1, 7)]
+    [1.0, 1.0, 1.0, 0.1, 0.1, 0.01]
     """
     if name == "cosine":
         return lambda epoch: lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
     if name == "step":
-        milestones = (epochs // 2, (3 * epochs) // 4)
-        return lambda epoch: lr * 0.1 ** sum(epoch > m for m in milestones)
+
+        def step(epoch: int) -> float:
+            done = epoch - 1  # epochs done before this one: cuts at done/E >= 1/2 and 3/4
+            return lr * 0.1 ** ((2 * done >= epochs) + (4 * done >= 3 * epochs))
+
+        return step
     if name == "none":
         return lambda epoch: lr
     raise ValueError(f"unknown schedule {name!r}")

@@ -528,7 +528,7 @@ def train(
         return json.loads((out / "summary.json").read_text(encoding="utf-8"))
     writer_class = _tensorboard_writer_class() if tensorboard and is_main else None
     device = distributed.process_device(cfg.device, ctx.local_rank, ctx.world_size)
-    with devices.deterministic(), contextlib.ExitStack() as held:
+    with devices.deterministic(), contextlib.ExitStack() as locks:
         seed_everything(cfg.seed)
         info, train_set, test_set, val_set = distributed.in_turn(
             ctx, lambda: _datasets(cfg, download)
@@ -575,7 +575,7 @@ def train(
         tensorboard_writer = None
         if is_main:
             classes = [str(c) for c in test_set.classes]
-            held.enter_context(_folder_lock(out))
+            locks.enter_context(_folder_lock(out))
             _prepare_folder(out, cfg, encoding, plan, trainer, classes)
             view.log_file = out / "train.log"
             if writer_class is not None:
