@@ -30,3 +30,17 @@ def test_lottery_ticket_example_prunes_rewinds_and_learns():
     assert "pruned to 10.0% of its weights" in out
     ticket = float(out.split("ticket ")[1].split(",")[0])
     assert ticket > 0.85  # ten classes: chance is 0.1
+
+
+def test_readme_python_snippets_run_on_their_own():
+    """Each ```python block of the README runs as a file of its own, with the shapes its
+    comments give."""
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    blocks = [part.split("```")[0] for part in readme.split("```python\n")[1:]]
+    results: dict = {}
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+        results.update(namespace)
+    assert tuple(results["logits"].shape) == (8, 10)  # the layers' example
+    assert tuple(results["tokens"].shape) == (8, 100, 256)  # the attention example
