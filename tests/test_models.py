@@ -399,8 +399,9 @@ def test_imagenet_resnets_compute_what_torchvisions_compute(name):
 @pytest.mark.parametrize("name", VGGS)
 def test_vgg_features_compute_what_torchvisions_vgg_bn_features_compute(name):
     """The same configuration of convolutions, batch norms and pools as torchvision's
-    ``vgg*_bn`` (whose convolutions have biases: zero here, as ours have none); the head
-    is the CIFAR one (Frankle & Carbin 2019): VGG-19 has 20M parameters."""
+    ``vgg*_bn`` (whose convolutions have biases: zero here, as ours have none) but for its
+    last max pool; the head is the CIFAR one (Frankle & Carbin 2019: the last stage's map
+    averaged): VGG-19 has 20M parameters."""
     import torchvision
 
     torch.manual_seed(0)
@@ -423,7 +424,10 @@ def test_vgg_features_compute_what_torchvisions_vgg_bn_features_compute(name):
             else:
                 mine.load_state_dict(theirs.state_dict())
         x = torch.randn(2, 3, 32, 32)
-        torch.testing.assert_close(ours.features(x), reference.features(x), rtol=1e-4, atol=1e-5)
+        last_stage = ours.features(x)
+        assert last_stage.shape[-2:] == (2, 2)  # averaged by the head's pool, not max-pooled
+        torch.testing.assert_close(last_stage, reference.features[:-1](x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.pool(last_stage), last_stage.mean((2, 3), keepdim=True))
     assert ours.head.in_features == 512
     if name == "vgg19":
         assert round(models.count_parameters(ours), -6) == 20_000_000
@@ -435,7 +439,7 @@ def test_vgg_pools_round_up_so_that_28x28_images_reach_the_head():
     for pool in (m for m in model.features if isinstance(m, QMaxPool2d)):
         pool.register_forward_hook(lambda _m, _x, y: sizes.append(y.shape[-1]))
     _forward_backward(model, (4, 28, 28))
-    assert sizes == [14, 7, 4, 2, 1]
+    assert sizes == [14, 7, 4, 2]  # four pools; the head averages the last 2x2
 
 
 @pytest.mark.parametrize("width_mult", [0.5, 1.0])

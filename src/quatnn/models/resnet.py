@@ -1,7 +1,10 @@
 """Residual networks (He et al. 2016): CIFAR ResNet-20/56 and ImageNet ResNet-18/34/50/101/152.
 
 Every residual branch ends in a batch norm; shortcuts are the identity, or a 1x1
-convolution and a batch norm (projection) where the shape changes. The bottleneck block
+convolution and a batch norm (projection) where the shape changes, also in the CIFAR
+networks: He et al.'s option B, as in Frankle & Carbin's lottery code (their ResNet-20:
+"271K" parameters), where He et al.'s CIFAR table used zero-padded identity shortcuts
+(option A: ResNet-20 real3 would have 269,722 parameters, not 272,474). The bottleneck block
 strides in its 3x3 convolution (as torchvision's ResNet-50 does). With
 ``small_input=True`` (default, for 32x32 images) the stem is a 3x3 convolution of stride 1
 without max pool; with ``False`` it is the ImageNet stem (7x7 stride 2, 3x3 max pool

@@ -59,8 +59,10 @@ def count_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     A quaternion layer counts what its ``"block"`` algorithm computes: the real layer of
     the same real sizes, i.e. 16 real MACs per quaternion weight use (``16 * O * I/g * k``
     per output position, sizes in quaternions). A quaternion model therefore reports the
-    MACs of the real model of the same widths; the ``"rank8"`` algorithm needs half of the
-    layer MACs (8 real products per quaternion product) plus O(size) additions.
+    MACs of the real model of the same widths, but for depthwise layers: a quaternion
+    depthwise convolution mixes the 4 components of each channel, 4x the real one's MACs.
+    The ``"rank8"`` algorithm needs half of the layer MACs (8 real products per quaternion
+    product) plus O(size) additions.
     """
     macs = 0
 

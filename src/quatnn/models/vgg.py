@@ -1,14 +1,15 @@
 """VGG-11/13/16/19 (Simonyan & Zisserman 2015, configurations A, B, D, E) with batch norm,
-in the CIFAR form that Frankle & Carbin (2019) prune: the 3x3 convolution stack of the
-ImageNet networks (stride 1, padding 1, each followed by a batch norm and ReLU; five 2x2
-max pools), then global average pooling and one real ``nn.Linear`` head on its 512
-channels instead of the 4096-wide classifier. At 32x32 the last pool leaves 1x1, so the
-average pool only flattens; larger inputs are averaged. The pools round up (``ceil_mode``:
-an odd side keeps its last row or column), which changes nothing for sides that are
-multiples of 32 and lets 28x28 digits through (28, 14, 7, 4, 2, 1).
+in the CIFAR form that Frankle & Carbin (2019, Figure 2) prune: the 3x3 convolution stack
+of the ImageNet networks (stride 1, padding 1, each followed by a batch norm and ReLU) with
+a 2x2 max pool after each of the first four stages, then the last stage's map averaged
+(global average pooling: 2x2 at 32x32) into one real ``nn.Linear`` head on its 512
+channels instead of the 4096-wide classifier. The pools round up (``ceil_mode``: an odd
+side keeps its last row or column), which changes nothing for sides that are multiples of
+16 and lets 28x28 digits through (28, 14, 7, 4, 2).
 
-The convolutions have no bias (the batch norm after each has one). The quaternion variant
-pools with :class:`~quatnn.nn.QMaxPool2d`, which keeps whole quaternions.
+The convolutions have no bias (the batch norm after each has one; torchvision's and
+Frankle & Carbin's have one, which the norm's shift makes redundant). The quaternion
+variant pools with :class:`~quatnn.nn.QMaxPool2d`, which keeps whole quaternions.
 
 Example:
     >>> import torch
@@ -33,7 +34,8 @@ CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
     "vgg16": ((64, 64), (128, 128), (256,) * 3, (512,) * 3, (512,) * 3),
     "vgg19": ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4),
 }
-"""Name -> the convolution widths (real channels) of each stage; a max pool ends each."""
+"""Name -> the convolution widths (real channels) of each stage; a max pool ends each but
+the last."""
 
 
 def vgg(
@@ -61,12 +63,13 @@ def vgg(
     layers = Layers.for_variant(variant, norm)
     features: list[nn.Module] = []
     channels = in_channels
-    for widths in stages:
+    for i, widths in enumerate(stages):
+        if i:
+            features.append(layers.max_pool(2, ceil_mode=True))
         for width in widths:
             factory = layers.first(quaternion_first) if not features else layers
             features += factory.conv_norm_act(channels, width, 3, padding=1, norm=layers)
             channels = width
-        features.append(layers.max_pool(2, ceil_mode=True))
     return nn.Sequential(
         OrderedDict(
             features=nn.Sequential(*features),
