@@ -358,6 +358,24 @@ def test_bench_train_builds_the_models_with_the_options_given(capsys):
     assert rows[0]["steps_per_s"] > 0 and rows[0]["speed_x"] == 1.0
 
 
+def test_bench_train_times_exactly_the_steps_asked_for(monkeypatch):
+    from quatnn import models
+    from quatnn.bench import train
+
+    calls: dict[str, int] = {}
+    create = models.create
+
+    def counted(name, variant, **options):
+        model = create(name, variant, **options)
+        calls[variant] = 0
+        model.register_forward_pre_hook(lambda *_: calls.__setitem__(variant, calls[variant] + 1))
+        return model
+
+    monkeypatch.setattr(train.models, "create", counted)
+    train.run("lenet_300_100", batch=2, steps=25, chunk=20)  # a round of 20, then one of 5
+    assert calls == {"real": 4 + 25, "quaternion": 4 + 25}  # 3 warm-up steps, 1 for memory
+
+
 @pytest.mark.parametrize(
     ("flag", "mode"),
     [

@@ -65,8 +65,9 @@ def interleaved_seconds(
     """Median wall time of each ``fn``, timing them round-robin so that a change in machine
     load during the measurement hits every contender alike; the order is shuffled every
     round (seeded), so none always runs after the same one (what a predecessor leaves in
-    the caches and the allocator changes the next one's time). Fast functions get more
-    repeats: enough for each to run about ``min_seconds`` in total."""
+    the caches and the allocator changes the next one's time). Every function runs the same
+    number of times: ``repeats``, or more where the slowest would run under ``min_seconds``
+    in total."""
     slowest = 0.0
     for fn in fns.values():
         for _ in range(warmup):

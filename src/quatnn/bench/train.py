@@ -30,10 +30,12 @@ from quatnn.train.errors import RunError
 COLUMNS = ("variant", "params", "steps_per_s", "samples_per_s", "peak_mem_MB", "speed_x")
 
 
-def _peak_memory_mb(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return None
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def run(
@@ -50,7 +52,9 @@ def run(
     algorithm: str = "auto",
 ) -> list[dict]:
     """Steps/s and peak memory per variant (rows), ``speed_x`` relative to the first
-    (default variants: the model's real variant, real4 or real, then quaternion);
+    (default variants: the model's real variant, real4 or real, then quaternion). The peak
+    memory (CUDA) is a variant's own: its parameters and input, and what its warm-up and
+    one training step allocate on top of the other variants' state;
     ``compile`` is a :data:`COMPILE_MODES` mode to ``torch.compile`` the models with;
     ``options`` are the model's own (:func:`quatnn.models.create`); ``algorithm`` is
     forced on every quaternion layer (:func:`quatnn.functional.use_algorithm`)."""
@@ -88,25 +92,28 @@ def run(
             opt.step()
 
     seconds = dict.fromkeys(variants, 0.0)
-    peaks: dict[str, float | None] = {}
+    peaks: dict[str, float | None] = dict.fromkeys(variants)
     for variant in variants:  # warm-up (and compilation), then the peak memory of one step
+        sync(dev)
+        others = _allocated(dev) - _bytes([*nets[variant].parameters(), inputs[variant]])
         steps_of(variant, 3)
         sync(dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         steps_of(variant, 1)
         sync(dev)
-        peaks[variant] = _peak_memory_mb(dev)
-    for _ in range(max(1, steps // chunk)):
+        if dev.type == "cuda":
+            peaks[variant] = (torch.cuda.max_memory_allocated(dev) - others) / 2**20
+    rounds = [chunk] * (steps // chunk) + ([steps % chunk] if steps % chunk else [])
+    for n in rounds:
         for variant in variants:
             start = time.perf_counter()
-            steps_of(variant, chunk)
+            steps_of(variant, n)
             sync(dev)
             seconds[variant] += time.perf_counter() - start
-    done = max(1, steps // chunk) * chunk
     rows = []
     for variant in variants:
-        rate = done / seconds[variant]
+        rate = steps / seconds[variant]
         rows.append(
             {
                 "variant": variant,
@@ -114,7 +121,7 @@ def run(
                 "steps_per_s": rate,
                 "samples_per_s": rate * batch,
                 "peak_mem_MB": peaks[variant] if peaks[variant] is not None else "",
-                "speed_x": rate / (done / seconds[variants[0]]),
+                "speed_x": rate / (steps / seconds[variants[0]]),
             }
         )
     return rows
