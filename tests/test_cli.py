@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from quatnn import cli, report
+from quatnn.train.config import tomllib
 
 METRIC_KEYS = {
     "epoch",
@@ -233,6 +234,11 @@ def test_compare_trains_every_variant_and_seed_then_reports(tmp_path, capsys):
     assert command == f"quatnn compare --config {out / 'compare.toml'} --out {out}"
     assert cli.main([*command.split()[1:], *QUIET]) == 0
     assert (out / "real-s0" / "checkpoint.pt").stat().st_mtime_ns == mtime
+
+    # another seed into the same folder: its recipe names every variant and seed it holds
+    assert cli.main([*argv[:4], "2", *argv[5:], "--variants", "real"]) == 0
+    recipe = tomllib.loads((out / "compare.toml").read_text())
+    assert (recipe["variants"], recipe["seeds"]) == (["real", "quaternion"], [0, 1, 2])
 
 
 def test_models_prints_the_zoo_table(capsys):

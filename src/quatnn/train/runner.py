@@ -705,7 +705,11 @@ def compare(
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         recipe = {k: v for k, v in base.to_dict().items() if k not in ("variant", "seed")}
-        recipe |= {"variants": list(variants), "seeds": list(seeds)}
+        had = {}  # a continued comparison keeps the variants and seeds it had, the new added
+        if saved is not None and not overwrite:
+            had = load_toml(out / "compare.toml")
+        for key, given in (("variants", variants), ("seeds", seeds)):
+            recipe[key] = list(dict.fromkeys([*had.get(key, []), *given]))
         (out / "compare.toml").write_text(dumps_toml(recipe), encoding="utf-8")
     ctx.barrier()
     options = {"progress": progress, "tensorboard": tensorboard, "download": download}
