@@ -445,6 +445,15 @@ def test_running_a_lottery_again_trains_nothing(lottery):
     assert mtimes == {r["path"]: (r["path"] / "summary.json").stat().st_mtime_ns for r in again}
 
 
+def test_a_lottery_continued_with_another_seed_keeps_every_seed_in_its_recipe(tmp_path):
+    cfg = dataclasses.replace(CFG, epochs=1, max_steps=2)
+    lottery = LotteryConfig(levels=1, prune=PruneSpec(rate=0.5))
+    for seed in (0, 1):
+        run_lottery(cfg, tmp_path, lottery, variants=("real",), seeds=(seed,), progress="off")
+    _, extra, _ = load_recipe(tmp_path / "lottery.toml")
+    assert extra == {"variants": ["real"], "seeds": [0, 1]}
+
+
 def test_min_acc_stops_each_chain_and_says_so(lottery, capsys):
     out, _, _ = lottery
     strict = dataclasses.replace(LOTTERY, min_acc=1.0)

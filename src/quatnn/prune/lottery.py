@@ -277,13 +277,15 @@ def _write_recipe(
     out: Path, base: TrainConfig, lottery: LotteryConfig, variants, seeds, write: bool = True
 ) -> None:
     """Write ``out/lottery.toml`` (or, with ``write=False``, only check that it could be),
-    refusing a folder that holds another lottery."""
+    refusing a folder that holds another lottery. A continued lottery's recipe keeps the
+    variants and seeds it had and adds the new ones."""
     recipe = {k: v for k, v in base.to_dict().items() if k not in ("variant", "seed")}
     path = out / RECIPE
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} is a file, not a lottery folder; use another --out")
+    had: dict = {}
     if path.is_file():
-        saved_cfg, _, saved_lottery = load_recipe(path)
+        saved_cfg, had, saved_lottery = load_recipe(path)
         saved = {**saved_cfg.identity(), **saved_lottery.identity()}
         wanted = {**base.identity(), **lottery.identity()}
         changed = [k for k in saved if k not in ("variant", "seed") and saved[k] != wanted[k]]
@@ -297,7 +299,9 @@ def _write_recipe(
         raise RunError(f"{out} is not empty and holds no lottery (no {RECIPE}); use another --out")
     if not write:
         return
-    text = dumps_toml({**recipe, "variants": list(variants), "seeds": list(seeds)})
+    for key, given in (("variants", variants), ("seeds", seeds)):
+        recipe[key] = list(dict.fromkeys([*had.get(key, []), *given]))
+    text = dumps_toml(recipe)
     text += "\n" + _toml_table("lottery", lottery.to_dict())
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_atomic(path, lambda f: f.write(text), mode="w")
