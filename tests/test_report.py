@@ -388,6 +388,8 @@ def test_lottery_levels_controls_and_recipes_are_never_pooled(tmp_path):
         (PARAMS["real4"], 1.0), (round(0.8 * PARAMS["real4"]), 0.8),
         (round(0.8 * PARAMS["real4"]), 0.8), (PARAMS["real4"], 1.0)
     ]  # fmt: skip
+    note = "Ratio to real: parameters (lottery levels: the parameters left after pruning)"
+    assert note in (tmp_path / "out" / "report.md").read_text()
     chain = summarize(report.find_runs([tmp_path / "a" / "real4-s0"]))
     assert [row["label"] for row in chain] == [
         "real4 (level=0, control=ticket)",

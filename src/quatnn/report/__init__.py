@@ -64,7 +64,8 @@ def _notes(runs: Sequence[Run], rows: Sequence[dict]) -> list[str]:
             "scores (measured on datasets of more than 10 classes)."
         )
     if references:
-        notes.append(f"Ratio to real: parameters over those of {' / '.join(references)}.")
+        left = " (lottery levels: the parameters left after pruning)" if lottery else ""
+        notes.append(f"Ratio to real: parameters{left} over those of {' / '.join(references)}.")
     for r in rows:
         if r["repeated_seeds"]:
             seeds = ", ".join(map(str, r["repeated_seeds"]))
