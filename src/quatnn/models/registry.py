@@ -134,11 +134,10 @@ def default_in_channels(name: str, variant: str) -> int:
 def _check_option_type(name: str, key: str, value: object, default: object) -> None:
     """TypeError unless ``value`` has the type of the option's ``default`` (an int for a
     float is fine): a string such as ``"False"`` would otherwise pass as true."""
+    if default is None:
+        return
     kind = type(default)
-    fits = isinstance(value, kind) and isinstance(value, bool) == (kind is bool)
-    if kind is float:
-        fits = isinstance(value, int | float) and not isinstance(value, bool)
-    if default is not None and not fits:
+    if type(value) not in ((int, float) if kind is float else (kind,)):  # (a bool no int)
         hint = " (booleans are true or false)" if kind is bool else ""
         raise TypeError(
             f"{name}: option {key} must be of type {kind.__name__}, as its default "

@@ -52,6 +52,7 @@ from quatnn.train.config import (
     COMPARE_KEYS,
     DEFAULT_SEEDS,
     TrainConfig,
+    continued_runs,
     dumps_toml,
     load_toml,
     merge,
@@ -299,9 +300,7 @@ def _write_recipe(
         raise RunError(f"{out} is not empty and holds no lottery (no {RECIPE}); use another --out")
     if not write:
         return
-    for key, given in (("variants", variants), ("seeds", seeds)):
-        recipe[key] = list(dict.fromkeys([*had.get(key, []), *given]))
-    text = dumps_toml(recipe)
+    text = dumps_toml({**recipe, **continued_runs(had, variants, seeds)})
     text += "\n" + _toml_table("lottery", lottery.to_dict())
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_atomic(path, lambda f: f.write(text), mode="w")

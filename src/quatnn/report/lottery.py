@@ -37,7 +37,14 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLoca
 
 from quatnn.models import VARIANTS
 from quatnn.report.runs import ReportError, read_run
-from quatnn.report.table import IGNORED_KEYS, Report, markdown_table, percent, shown_setting
+from quatnn.report.table import (
+    IGNORED_KEYS,
+    Report,
+    differing_keys,
+    markdown_table,
+    percent,
+    shown_settings,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -351,14 +358,9 @@ def write_lotteries_report(
          if k not in ("lottery", "variants", "seeds", *IGNORED_KEYS)}
         for lot in lotteries
     ]  # fmt: skip
-    keys = [
-        k
-        for k in dict.fromkeys(k for values in settings for k in values)
-        if len({json.dumps(values.get(k), sort_keys=True) for values in settings}) > 1
-    ]
+    keys = differing_keys(settings)
     for lot, values in zip(lotteries, settings, strict=True):
-        shown = ", ".join(f"{k}={shown_setting(values[k])}" for k in keys if k in values)
-        lot.label = shown or lot.path.name
+        lot.label = shown_settings(values, keys) or lot.path.name
     return _write(lotteries, Path(out), metric)
 
 
@@ -373,9 +375,11 @@ def _write(lotteries: Sequence[_Lottery], out: Path, metric: str | None) -> Repo
     ]
     out.mkdir(parents=True, exist_ok=True)
     recipe = lotteries[0].recipe
-    title = _title(recipe)
-    if len(lotteries) > 1:
-        title = f"{recipe.get('model', '?')} on {recipe.get('dataset', '?')}: lotteries compared"
+    title = (
+        _title(recipe)
+        if len(lotteries) == 1
+        else (f"{recipe.get('model', '?')} on {recipe.get('dataset', '?')}: lotteries compared")
+    )
     plot_lottery(summary, out / "lottery.png", title)
     layers = layer_levels(rows)
     plot_layers(layers, out / "lottery_layers.png", title)

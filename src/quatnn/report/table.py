@@ -30,7 +30,7 @@ import itertools
 import json
 import statistics
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,15 +122,45 @@ def _canon(value: object) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def shown_setting(value: object) -> str:
+def _shown(value: object) -> str:
     """A setting's value in a label, TOML-like."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}={shown_setting(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{k}={_shown(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
-        return "[" + ", ".join(map(shown_setting, value)) + "]"
+        return "[" + ", ".join(map(_shown, value)) + "]"
     return str(value)
+
+
+def shown_settings(values: Mapping, keys: Sequence[str]) -> str:
+    """``k=v, ...`` for those of ``keys`` that ``values`` has, TOML-like (a row's label)."""
+    return ", ".join(f"{k}={_shown(values[k])}" for k in keys if k in values)
+
+
+def differing_keys(
+    items: Sequence,
+    values: Callable[[object], Mapping] = lambda item: item,
+    compared: Callable[[str, object, object], bool] | None = None,
+) -> list[str]:
+    """The keys whose values differ between two of ``items`` (``values(item)``: its
+    settings), in order of appearance; ``compared(key, a, b)`` may leave a key out of a
+    pair's comparison.
+
+    >>> differing_keys([{"lr": 1, "epochs": 2}, {"lr": 1, "epochs": 3}])
+    ['epochs']
+    """
+    settings = [values(item) for item in items]
+    keys = dict.fromkeys(k for v in settings for k in v)
+    pairs = list(itertools.combinations(zip(items, settings, strict=True), 2))
+    return [
+        k
+        for k in keys
+        if any(
+            (compared is None or compared(k, a, b)) and _canon(va.get(k)) != _canon(vb.get(k))
+            for (a, va), (b, vb) in pairs
+        )
+    ]
 
 
 def _values(group: Group) -> dict:
@@ -148,19 +178,6 @@ def _compared(key: str, a: Group, b: Group) -> bool:
     return a.lottery is not None and b.lottery is not None
 
 
-def _differing(groups: Sequence[Group]) -> list[str]:
-    """The keys whose values differ between two of ``groups`` (see :func:`_compared`)."""
-    keys = dict.fromkeys(k for g in groups for k in _values(g))
-    return [
-        k
-        for k in keys
-        if any(
-            _compared(k, a, b) and _canon(_values(a).get(k)) != _canon(_values(b).get(k))
-            for a, b in itertools.combinations(groups, 2)
-        )
-    ]
-
-
 def group_runs(runs: Sequence[Run]) -> list[Group]:
     """Runs with at least one epoch grouped into labelled rows (see the module
     docstring), by model and dataset, then in variant order, then in order of appearance.
@@ -176,10 +193,9 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     several = len({(g.model, g.dataset) for g in ordered}) > 1
     for (model, dataset), same in itertools.groupby(ordered, lambda g: (g.model, g.dataset)):
         same = list(same)
-        keys = _differing(same)
+        keys = differing_keys(same, _values, _compared)
         for g in same:
-            values = _values(g)
-            shown = ", ".join(f"{k}={shown_setting(values[k])}" for k in keys if k in values)
+            shown = shown_settings(_values(g), keys)
             g.label = f"{model} {dataset} {g.variant}" if several else g.variant
             g.label += f" ({shown})" if shown else ""
     return ordered

@@ -207,6 +207,19 @@ def _typed(name: str, value: object, source: str) -> object:
     return dict(value) if kind == "dict" else value
 
 
+def continued_runs(
+    had: Mapping[str, object], variants: Sequence[str], seeds: Sequence[int]
+) -> dict:
+    """The ``variants`` and ``seeds`` of a recipe (compare, lottery) continued with these:
+    those it ``had`` (its saved recipe's), then the new ones.
+
+    >>> continued_runs({"seeds": [0, 1]}, ["real"], [1, 2])
+    {'variants': ['real'], 'seeds': [0, 1, 2]}
+    """
+    given = {"variants": variants, "seeds": seeds}
+    return {k: list(dict.fromkeys([*had.get(k, []), *v])) for k, v in given.items()}
+
+
 def merge(base: TrainConfig, values: Mapping[str, object], source: str = "config") -> TrainConfig:
     """``base`` with ``values`` applied (model ``options`` are merged key by key).
 

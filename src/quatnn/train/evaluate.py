@@ -118,15 +118,8 @@ def evaluate_run(
 def _split(cfg: TrainConfig, split: str, download: bool) -> tuple[data.DatasetInfo, Dataset]:
     """The dataset's info and the images of ``split`` as ``cfg`` trains on them (the test
     split alone reads no training files)."""
-    if split != "test":
-        info, train_set, _, val_set = _datasets(cfg, download)
-        return info, train_set if split == "train" else val_set
-    try:
-        info = data.info(cfg.dataset, cfg.data_dir)
-        common = {"encoding": cfg.encoding, "download": download}
-        return info, data.load(cfg.dataset, cfg.data_dir, train=False, augment=False, **common)
-    except (ValueError, data.DatasetMissingError) as err:
-        raise RunError(str(err)) from None
+    info, train_set, test_set, val_set = _datasets(cfg, download, training=split != "test")
+    return info, {"train": train_set, "test": test_set, "val": val_set}[split]
 
 
 def _per_class(confusion: torch.Tensor, t: int, classes: list[str]) -> dict:

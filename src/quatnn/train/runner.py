@@ -54,6 +54,7 @@ from quatnn.train.config import (
     DEFAULT_SEEDS,
     RUNTIME_FIELDS,
     TrainConfig,
+    continued_runs,
     dumps_toml,
     load_toml,
     merge,
@@ -184,15 +185,17 @@ def _plan(out: Path, cfg: TrainConfig, if_exists: str) -> str:
 
 
 def _datasets(
-    cfg: TrainConfig, download: bool
-) -> tuple[data.DatasetInfo, Dataset, Dataset, Dataset | None]:
+    cfg: TrainConfig, download: bool, training: bool = True
+) -> tuple[data.DatasetInfo, Dataset | None, Dataset, Dataset | None]:
     """The dataset's info and its train, test and validation sets (None without
-    ``val_split``)."""
+    ``val_split``; ``training=False``: the test set alone, no training file read)."""
     try:
         info = data.info(cfg.dataset, cfg.data_dir)
         common = {"encoding": cfg.encoding, "download": download}
-        train_set = data.load(cfg.dataset, cfg.data_dir, train=True, augment=cfg.augment, **common)
         test_set = data.load(cfg.dataset, cfg.data_dir, train=False, augment=False, **common)
+        if not training:
+            return info, None, test_set, None
+        train_set = data.load(cfg.dataset, cfg.data_dir, train=True, augment=cfg.augment, **common)
         val_set = None
         if cfg.val_split:
             plain = data.load(  # the same images, read once
@@ -705,11 +708,8 @@ def compare(
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         recipe = {k: v for k, v in base.to_dict().items() if k not in ("variant", "seed")}
-        had = {}  # a continued comparison keeps the variants and seeds it had, the new added
-        if saved is not None and not overwrite:
-            had = load_toml(out / "compare.toml")
-        for key, given in (("variants", variants), ("seeds", seeds)):
-            recipe[key] = list(dict.fromkeys([*had.get(key, []), *given]))
+        had = load_toml(out / "compare.toml") if saved is not None and not overwrite else {}
+        recipe |= continued_runs(had, variants, seeds)
         (out / "compare.toml").write_text(dumps_toml(recipe), encoding="utf-8")
     ctx.barrier()
     options = {"progress": progress, "tensorboard": tensorboard, "download": download}
